@@ -1,0 +1,40 @@
+# Two commands matter: `make run` and `make test`. Everything else serves them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint test-faults bench clean redis-server
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The tests start their own redis-server process; install one when the machine has none.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server not on PATH: installing Debian's redis-server package"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
+	  { echo "could not install redis-server: install it and retry" >&2; exit 1; }; }
+
+run: $(STAMP) redis-server
+	$(BIN)/hrflow-webhooks run
+
+test: $(STAMP) redis-server lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test-faults: $(STAMP) redis-server
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

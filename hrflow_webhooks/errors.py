@@ -1,0 +1,63 @@
+"""One exception tree for everything a handler can raise, and how the worker treats it.
+
+::
+
+    HandlerError                 carries the event and handler it belongs to
+    ├── TransientError           retry later (with backoff, honouring retry_after_s)
+    └── PermanentError           dead-letter now: retrying cannot help
+
+The HrFlow client's ``ApiError`` family (``hrflow_webhooks.client.errors``)
+slots under these two, so a 429 is a ``TransientError`` and a 404 a
+``PermanentError`` without the worker knowing about HTTP. Anything else a
+handler raises is classified by :func:`is_transient`: infrastructure hiccups
+and unknown exceptions are retried up to the try limit; the worker never
+swallows an error silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.exceptions
+
+
+class HandlerError(Exception):
+    """Base of the errors a handler raises on purpose."""
+
+    retry_after_s: float | None = None
+
+
+class TransientError(HandlerError):
+    """Try again later; ``retry_after_s`` is a floor for the next delay."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentError(HandlerError):
+    """Retrying cannot help (bad input, missing keys, 400/401/404): dead-letter at once."""
+
+
+_TRANSIENT_INFRASTRUCTURE: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a retry may succeed. Unknown exceptions count as transient, up to the try limit."""
+    if isinstance(error, PermanentError):
+        return False
+    if isinstance(error, TransientError | _TRANSIENT_INFRASTRUCTURE):
+        return True
+    return not isinstance(error, ValueError | TypeError | KeyError | LookupError)
+
+
+def retry_after_of(error: BaseException) -> float | None:
+    return error.retry_after_s if isinstance(error, HandlerError) else None

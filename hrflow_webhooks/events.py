@@ -1,0 +1,135 @@
+"""The event model and HrFlow's event names.
+
+An :class:`Event` is what travels from the receiver to the workers. It behaves
+as a read-only mapping over the payload HrFlow signed, so SDK-style callbacks
+written as ``webhook_data["profile"]["key"]`` keep working, and it carries what
+the SDK never had: a stable id, the canonical type and the time we received it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+_STEPS = ("parsing", "storing", "searching", "scoring", "revealing", "reasoning", "embedding")
+_STATUSES = ("success", "update", "error")
+
+CURRENT_EVENT_NAMES: frozenset[str] = frozenset(
+    {
+        f"{obj}.{step}.{status}"
+        for obj in ("profile", "job")
+        for step in _STEPS
+        for status in _STATUSES
+    }
+    | {f"action.{step}.{status}" for step in ("stage", "rating") for status in ("success", "error")}
+    | {f"agent.{step}.{status}" for step in ("training", "scoring") for status in _STATUSES}
+)
+
+# Older names HrFlow (and its Python SDK v4) still uses, mapped to today's names.
+LEGACY_STEP_NAMES: Mapping[str, str] = {
+    "profile.parse": "profile.parsing",
+    "profile.indexing": "profile.storing",
+    "profile.score": "profile.scoring",
+    "job.parse": "job.parsing",
+    "job.indexing": "job.storing",
+    "job.score": "job.scoring",
+    "job.train": "agent.training",
+}
+_LEGACY_STATUSES = (*_STATUSES, "start")
+LEGACY_EVENT_NAMES: Mapping[str, str] = {
+    f"{old}.{status}": f"{new}.{status}"
+    for old, new in LEGACY_STEP_NAMES.items()
+    for status in _LEGACY_STATUSES
+}
+KNOWN_EVENT_NAMES: frozenset[str] = CURRENT_EVENT_NAMES | frozenset(LEGACY_EVENT_NAMES)
+
+
+class UnknownEventNameError(ValueError):
+    """A handler was registered for a name HrFlow never sends."""
+
+
+def canonical_event_name(name: str) -> str:
+    """Today's name for ``name``; unknown names are kept as sent (they may gain a handler)."""
+    return LEGACY_EVENT_NAMES.get(name, name)
+
+
+def checked_event_name(name: str) -> str:
+    """The canonical name of a known event, or an error that suggests the closest names."""
+    if name in KNOWN_EVENT_NAMES:
+        return canonical_event_name(name)
+    close = difflib.get_close_matches(name, sorted(KNOWN_EVENT_NAMES), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownEventNameError(
+        f"{name!r} is not an HrFlow event name (expected '<object>.<step>.<status>' such as "
+        f"'profile.parsing.success'){hint} Pass allow_unknown=True to register it anyway."
+    )
+
+
+def event_id_of(payload: Mapping[str, Any]) -> str:
+    """A stable id: the sha256 of the event's canonical JSON (sorted keys, no spaces).
+
+    The same event signed by any scheme, with any key order or whitespace, has
+    one id, which is what deduplication and replay protection need.
+    """
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Mapping[str, Any]):
+    id: str
+    type: str
+    canonical_type: str
+    payload: Mapping[str, Any] = field(repr=False)
+    received_at: float
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], received_at: float | None = None) -> Event:
+        event_type = str(payload["type"])
+        return cls(
+            id=event_id_of(payload),
+            type=event_type,
+            canonical_type=canonical_event_name(event_type),
+            payload=payload,
+            received_at=time.time() if received_at is None else received_at,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "canonical_type": self.canonical_type,
+            "payload": self.payload,
+            "received_at": self.received_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        return cls(
+            id=data["id"],
+            type=data["type"],
+            canonical_type=data["canonical_type"],
+            payload=data["payload"],
+            received_at=data["received_at"],
+        )
+
+    # Mapping over the payload, so SDK-style callbacks read it like the SDK's dict.
+    def __getitem__(self, key: str) -> Any:
+        return self.payload[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.payload)
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Event) and other.id == self.id

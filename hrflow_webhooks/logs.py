@@ -1,0 +1,89 @@
+"""Logging as one JSON object per line, with the stdlib only.
+
+The stdlib's ``logging`` already carries structured fields (``extra=``), and
+arq and uvicorn log through it, so a small formatter gives every line of the
+process one shape without adding structlog. Only allow-listed fields are
+written: a caller cannot leak a profile by passing it in ``extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+# Fields a log call may attach. Keys and ids only, never profile contents or secrets.
+LOGGED_FIELDS = (
+    "event_id",
+    "event_type",
+    "canonical_type",
+    "handler",
+    "job_try",
+    "outcome",
+    "duration_ms",
+    "request_id",
+    "status",
+    "reason",
+    "queued",
+    "duplicates",
+    "dead_letter_id",
+    "retry_in_s",
+    "profile_key",
+    "source_key",
+    "endpoint",
+    "error_type",
+)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in LOGGED_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error_type"] = record.exc_info[0].__name__
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(
+            f"{name}={record.__dict__[name]}"
+            for name in LOGGED_FIELDS
+            if record.__dict__.get(name) is not None
+        )
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        return (
+            f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {fields}".rstrip()
+        )
+
+
+class DropJobArguments(logging.Filter):
+    """arq logs each job's arguments when it starts; ours are events: keep them out of logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "→" not in str(record.msg)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Route every logger of the process (ours, arq's, uvicorn's) to stderr in one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    handler.addFilter(DropJobArguments())
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "arq.worker"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -1,0 +1,125 @@
+"""The queue seam: the only module that knows how events sit on Redis.
+
+The receiver calls :func:`enqueue_events`; the workers are arq workers whose
+job function is :data:`JOB_FUNCTION`. Jobs use arq's own layout (a job key
+``arq:job:<id>`` plus a member of the queue's sorted set) serialised as JSON,
+but are written by one Lua script, so a delivery costs one round trip however
+many events it carries, and the dedup check and the enqueue are atomic: an
+event is either marked seen *and* queued, or neither.
+
+Key layout (``<p>`` is the queue name, ``hrflow:queue`` by default):
+
+============================= ==============================================
+``<p>``                        arq's queue (sorted set of job ids by run time)
+``arq:job:<event id>``         the job: ``{"f", "a": [event], "k", "t", "et"}``
+``<p>:seen:<event id>``        dedup marker, expires after the dedup window
+``<p>:done:<event id>``        hash handler → outcome, one per event
+``<p>:dead:<dead-letter id>``  one dead letter (JSON), no expiry
+``<p>:dead-letters``           sorted set of dead-letter ids by time
+``<p>:unrouted``               hash canonical type → events with no handler
+============================= ==============================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from hrflow_webhooks.events import Event
+
+JOB_FUNCTION = "handle_event"
+JOB_KEY_PREFIX = "arq:job:"  # arq's own prefix: its worker reads jobs from there
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """Every Redis key the service owns, derived from the queue name."""
+
+    queue: str
+
+    def seen(self, event_id: str) -> str:
+        return f"{self.queue}:seen:{event_id}"
+
+    def done(self, event_id: str) -> str:
+        return f"{self.queue}:done:{event_id}"
+
+    def dead_letter(self, dead_letter_id: str) -> str:
+        return f"{self.queue}:dead:{dead_letter_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.queue}:dead-letters"
+
+    @property
+    def unrouted(self) -> str:
+        return f"{self.queue}:unrouted"
+
+    @property
+    def health_check(self) -> str:
+        return f"{self.queue}:health-check"  # arq's default for a queue name
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        return JOB_KEY_PREFIX + job_id
+
+
+# KEYS: queue, then (seen key, job key) per event. ARGV: window s, score ms, then job per event.
+# Returns 1 per queued event, 0 per duplicate.
+_ENQUEUE_SCRIPT = """
+local window, score = ARGV[1], ARGV[2]
+local queued = {}
+for i = 2, #KEYS, 2 do
+  local n = i / 2
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', window) then
+    redis.call('SET', KEYS[i + 1], ARGV[n + 2])
+    redis.call('ZADD', KEYS[1], score, string.sub(KEYS[i + 1], #'arq:job:' + 1))
+    queued[n] = 1
+  else
+    queued[n] = 0
+  end
+end
+return queued
+"""
+
+
+def serialize_job(event: Event, enqueue_time_ms: int, job_try: int | None = None) -> bytes:
+    """arq's job layout, as JSON rather than arq's default pickle."""
+    job: dict[str, Any] = {
+        "t": job_try,
+        "f": JOB_FUNCTION,
+        "a": [event.to_dict()],
+        "k": {},
+        "et": enqueue_time_ms,
+    }
+    return orjson.dumps(job)
+
+
+def deserialize_job(data: bytes) -> dict[str, Any]:
+    job: dict[str, Any] = orjson.loads(data)
+    return job
+
+
+class EventQueue:
+    """Enqueue events on Redis with deduplication, in one atomic round trip."""
+
+    def __init__(self, redis: Redis, queue_name: str, dedup_window_s: int) -> None:
+        self.redis = redis
+        self.keys = QueueKeys(queue_name)
+        self.dedup_window_s = dedup_window_s
+        self._script = redis.register_script(_ENQUEUE_SCRIPT)
+
+    async def enqueue_events(self, events: Sequence[Event]) -> list[bool]:
+        """Queue each event not seen within the dedup window; True where it was queued."""
+        now_ms = int(time.time() * 1000)
+        keys: list[str] = [self.keys.queue]
+        jobs: list[bytes] = []
+        for event in events:
+            keys += (self.keys.seen(event.id), self.keys.job(event.id))
+            jobs.append(serialize_job(event, now_ms))
+        results = await self._script(keys=keys, args=[self.dedup_window_s, now_ms, *jobs])
+        return [bool(flag) for flag in results]

@@ -1,0 +1,111 @@
+"""One settings object, read from the environment once, at start-up.
+
+Every knob of the service is a field here and a row of README's configuration
+table. Nothing deeper in the code reads ``os.environ``: the receiver, the
+workers and the CLI each build a ``Settings`` at their edge and pass it down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SignatureScheme = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
+
+
+class MissingSecretError(RuntimeError):
+    """The receiver cannot start without a webhook secret."""
+
+
+def _split_items(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _split_csv(value: object) -> object:
+    return _split_items(value) if isinstance(value, str) else value
+
+
+def _parse_tags(value: object) -> object:
+    """``name=value,name2=value2`` → ``{"name": "value", "name2": "value2"}``."""
+    if not isinstance(value, str):
+        return value
+    tags: dict[str, str] = {}
+    for item in _split_items(value):
+        name, sep, tag_value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"HRFLOW_EDIT_TAGS item {item!r} is not name=value")
+        tags[name.strip()] = tag_value.strip()
+    return tags
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HRFLOW_", case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    # --- receiver -----------------------------------------------------------------------------
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("HRFLOW_WEBHOOK_SECRET", "webhook_secrets"),
+    )
+    signature_scheme: SignatureScheme = "auto"
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    dedup_window_s: int = Field(default=86_400, ge=1)
+
+    # --- Redis and the queue ------------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://localhost:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "HRFLOW_REDIS_URL", "redis_url"),
+    )
+    queue_name: str = "hrflow:queue"
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+    # --- workers ------------------------------------------------------------------------------
+    handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    worker_max_jobs: int = Field(default=100, ge=1)
+    worker_poll_delay_s: float = Field(default=0.01, gt=0)
+    job_timeout_s: int = Field(default=20, ge=2)
+    max_tries: int = Field(default=8, ge=1)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    shutdown_grace_s: int = Field(default=25, ge=0)
+    health_check_interval_s: int = Field(default=10, ge=1)
+
+    # --- HrFlow API ---------------------------------------------------------------------------
+    api_url: str = "https://api.hrflow.ai/v1"
+    api_key: SecretStr | None = None
+    api_user: str | None = None
+    api_timeout_s: float = Field(default=10.0, gt=0)
+    api_rate_per_s: float | None = Field(default=None, gt=0)
+
+    # --- built-in handlers --------------------------------------------------------------------
+    index_source_key: str | None = None
+    edit_tags: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    require_consent: bool = False
+    write_echo_ttl_s: int = Field(default=3_600, ge=1)
+
+    # --- operations ---------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("webhook_secrets", "handlers", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("edit_tags", mode="before")
+    @classmethod
+    def _tags(cls, value: object) -> object:
+        return _parse_tags(value)
+
+    def secret_bytes(self) -> tuple[bytes, ...]:
+        """The webhook secrets as bytes, newest first; raises when none is set."""
+        if not self.webhook_secrets:
+            raise MissingSecretError(
+                "HRFLOW_WEBHOOK_SECRET is not set: the receiver refuses to start without it "
+                "(comma-separate several secrets to rotate: HRFLOW_WEBHOOK_SECRET=new,old)"
+            )
+        return tuple(s.get_secret_value().encode() for s in self.webhook_secrets)

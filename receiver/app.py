@@ -1,0 +1,189 @@
+"""The HTTP edge: verify, decode, enqueue, answer. Nothing else happens here.
+
+``uvicorn receiver.app:app`` serves it. Settings come from the environment
+once, when the module is imported; the lifespan refuses to start without a
+webhook secret and opens (and closes) the one Redis connection pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Scope
+
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.logs import configure_logging
+from hrflow_webhooks.queue import EventQueue
+from hrflow_webhooks.redis_setup import connect_redis, warn_on_unsafe_redis_config
+from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
+from receiver import metrics
+from receiver.decoding import BadPayloadError, decode_events
+
+logger = logging.getLogger("hrflow_webhooks.receiver")
+
+# Header names HrFlow and its older SDKs use, as ASGI servers hand them over (lower case).
+SIGNATURE_HEADERS = (
+    b"http-hrflow-signature",
+    b"http-riminder-signature",
+    b"hrflow-signature",
+    b"riminder-signature",
+    b"http_hrflow_signature",
+    b"http_riminder_signature",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Receiver:
+    """What the webhook endpoint needs, built once in the lifespan."""
+
+    queue: EventQueue
+    secrets: tuple[bytes, ...]
+    scheme: SchemeChoice
+    max_header_bytes: int
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error(status: int, error: str, reason: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
+
+
+def signature_header(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name in SIGNATURE_HEADERS:
+            return bytes(value)
+    return None
+
+
+async def receive_webhook(request: Request) -> Response:
+    receiver: Receiver = request.app.state.receiver
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    with metrics.IN_FLIGHT.track_inprogress():
+        response = await _handle_delivery(request, receiver, request_id)
+    response.headers["x-request-id"] = request_id
+    return response
+
+
+async def _handle_delivery(request: Request, receiver: Receiver, request_id: str) -> Response:
+    header = signature_header(request.scope)
+    if header is not None and len(header) > receiver.max_header_bytes:
+        metrics.delivery("too_large")
+        return _error(413, "too_large", "signature header exceeds HRFLOW_MAX_BODY_BYTES")
+    body = await request.body()  # the route's max_body_size answers 413 past the limit
+    received_at = time.time()
+    try:
+        verified = verify_signature(header, body, receiver.secrets, receiver.scheme)
+        events = decode_events(verified.payload, received_at)
+    except SignatureError as error:
+        metrics.delivery("bad_signature", error.reason)
+        logger.warning(
+            "rejected delivery", extra={"request_id": request_id, "reason": error.reason}
+        )
+        return _error(401, "invalid_signature", error.reason)
+    except BadPayloadError as error:
+        metrics.delivery("bad_request")
+        logger.warning("rejected payload", extra={"request_id": request_id, "reason": error.reason})
+        return _error(400, "bad_payload", error.reason)
+    return await _enqueue(receiver, events, request_id, received_at)
+
+
+async def _enqueue(
+    receiver: Receiver, events: list[Event], request_id: str, received_at: float
+) -> Response:
+    try:
+        queued_flags = await receiver.queue.enqueue_events(events)
+    except (RedisError, OSError) as error:
+        metrics.delivery("unavailable")
+        logger.error(
+            "queue unavailable",
+            extra={"request_id": request_id, "error_type": type(error).__name__},
+        )
+        return _error(
+            503,
+            "unavailable",
+            "the event queue is unavailable; retry later",
+            **{"retry-after": "5"},
+        )
+    metrics.ENQUEUE_SECONDS.observe(time.time() - received_at)
+    queued = sum(queued_flags)
+    metrics.delivery("queued" if queued else "duplicate")
+    metrics.events(events, queued_flags)
+    logger.info(
+        "delivery queued",
+        extra={
+            "request_id": request_id,
+            "queued": queued,
+            "duplicates": len(events) - queued,
+            "event_id": events[0].id if len(events) == 1 else None,
+        },
+    )
+    body = {
+        "queued": queued,
+        "duplicates": len(events) - queued,
+        "event_ids": [event.id for event in events],
+    }
+    return JSONResponse(body, status_code=202)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Redis answers and accepts a write (a read-only replica is not ready)."""
+    receiver: Receiver = request.app.state.receiver
+    try:
+        await receiver.queue.redis.set(f"{receiver.queue.keys.queue}:readyz", "1", ex=10)
+    except (RedisError, OSError) as error:
+        return _error(503, "unavailable", f"redis: {type(error).__name__}")
+    return JSONResponse({"status": "ready"})
+
+
+def create_app(settings: Settings | None = None, *, own_logging: bool = True) -> Starlette:
+    """The receiver app; ``own_logging=False`` leaves logging to the host (tests, embedding)."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if own_logging:
+            configure_logging(settings.log_level, settings.log_format)
+        secrets = settings.secret_bytes()  # no secret: refuse to start, with the reason
+        redis: Redis = connect_redis(settings)
+        await warn_on_unsafe_redis_config(redis, logger)
+        queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
+        app.state.receiver = Receiver(
+            queue, secrets, settings.signature_scheme, settings.max_body_bytes
+        )
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    routes = [
+        Route("/webhook", receive_webhook, methods=["POST"], max_body_size=settings.max_body_bytes),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics.endpoint),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+app = create_app()

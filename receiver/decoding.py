@@ -1,0 +1,48 @@
+"""Signed payload bytes → events. Pure: no I/O, one typed error with a reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from hrflow_webhooks.events import Event
+
+MAX_EVENTS_PER_DELIVERY = 1_000
+
+
+class BadPayloadError(ValueError):
+    """The signature is valid but the payload is not one event or an array of events."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _checked_event(item: Any, position: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise BadPayloadError(f"{position} is not a JSON object")
+    event_type = item.get("type")
+    if not isinstance(event_type, str) or not event_type.strip():
+        raise BadPayloadError(f"{position} has no 'type' string")
+    return item
+
+
+def decode_events(payload: bytes, received_at: float) -> list[Event]:
+    """One JSON object, or an array of them, each with a ``type``."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise BadPayloadError("signed payload is not valid JSON") from None
+    if isinstance(data, dict):
+        return [Event.from_payload(_checked_event(data, "payload"), received_at)]
+    if not isinstance(data, list):
+        raise BadPayloadError("signed payload is neither a JSON object nor an array of objects")
+    if not data:
+        raise BadPayloadError("signed payload is an empty array")
+    if len(data) > MAX_EVENTS_PER_DELIVERY:
+        raise BadPayloadError(f"more than {MAX_EVENTS_PER_DELIVERY} events in one delivery")
+    return [
+        Event.from_payload(_checked_event(item, f"element {i}"), received_at)
+        for i, item in enumerate(data)
+    ]

@@ -1,0 +1,56 @@
+"""What a handler gets: the event and the worker's shared clients, created once per process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.settings import Settings
+from workers.registry import Registry
+
+
+@dataclass(slots=True)
+class WorkerServices:
+    """Built in the worker's ``on_startup``, closed in ``on_shutdown``."""
+
+    settings: Settings
+    registry: Registry
+    redis: Redis
+    http: aiohttp.ClientSession
+    keys: QueueKeys
+    extras: dict[str, Any] = field(default_factory=dict)  # plugins' own shared clients
+
+
+class EventLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Adds the event id, type, handler and try to every line a handler logs."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    event: Event
+    handler: str
+    job_try: int
+    logger: EventLogger
+    services: WorkerServices
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    @property
+    def redis(self) -> Redis:
+        return self.services.redis
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        return self.services.http

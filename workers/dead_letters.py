@@ -1,0 +1,129 @@
+"""Dead letters: events a handler could not process, kept in Redis with the reason until a
+person replays or purges them. They never expire, unlike arq's result keys.
+
+One dead letter per (event, handler); its id is derived from both, so failing
+again after a replay overwrites the same entry instead of piling up copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys, serialize_job
+
+# KEYS: index, done hash, job key, queue, letter. ARGV: letter id, handler, job, score, job id.
+_REPLAY_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+DEAD = "dead"  # the completion-marker value of a dead-lettered handler: retries skip it
+
+
+def dead_letter_id(event_id: str, handler: str) -> str:
+    return hashlib.sha256(f"{event_id}\n{handler}".encode()).hexdigest()[:20]
+
+
+def describe_error(error: BaseException) -> dict[str, Any]:
+    """The error as stored: type, message and, for HrFlow API errors, status and message."""
+    return {
+        "type": type(error).__name__,
+        "message": str(error)[:1_000],
+        "status": getattr(error, "status", None),
+        "hrflow_message": getattr(error, "hrflow_message", None),
+        "transient": getattr(error, "transient", None),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetters:
+    redis: Redis
+    keys: QueueKeys
+
+    async def add(
+        self, event: Event, handler: str, error: BaseException, tries: int, reason: str
+    ) -> str:
+        letter_id = dead_letter_id(event.id, handler)
+        now = time.time()
+        letter = {
+            "id": letter_id,
+            "event": event.to_dict(),
+            "handler": handler,
+            "reason": reason,
+            "error": describe_error(error),
+            "tries": tries,
+            "received_at": event.received_at,
+            "dead_at": now,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.dead_letter(letter_id), orjson.dumps(letter))
+            pipe.zadd(self.keys.dead_letters, {letter_id: now})
+            pipe.hset(self.keys.done(event.id), handler, DEAD)
+            await pipe.execute()
+        return letter_id
+
+    async def get(self, letter_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.keys.dead_letter(letter_id))
+        return None if raw is None else dict(orjson.loads(raw))
+
+    async def ids(self, since: float | None = None) -> list[str]:
+        members = await self.redis.zrangebyscore(
+            self.keys.dead_letters, "-inf" if since is None else since, "+inf"
+        )
+        return [m.decode() for m in members]
+
+    async def iter(
+        self, event_type: str | None = None, since: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        for letter_id in await self.ids(since):
+            letter = await self.get(letter_id)
+            if letter is None:
+                continue
+            event = letter["event"]
+            if event_type in (None, event["type"], event["canonical_type"]):
+                yield letter
+
+    async def count(self) -> int:
+        return int(await self.redis.zcard(self.keys.dead_letters))
+
+    async def replay(self, letter_id: str) -> bool:
+        """Queue the event again for this handler, through the normal job path.
+
+        One script claims the letter, clears the handler's marker and queues the
+        job, so replaying twice (or from two terminals at once) queues it once,
+        and a crash cannot leave it half replayed. False: nothing to replay.
+        """
+        letter = await self.get(letter_id)
+        if letter is None:
+            return False
+        event = Event.from_dict(letter["event"])
+        now_ms = int(time.time() * 1000)
+        job_id = f"{event.id}:replay:{letter_id}:{now_ms}"
+        keys = [
+            self.keys.dead_letters,
+            self.keys.done(event.id),
+            self.keys.job(job_id),
+            self.keys.queue,
+            self.keys.dead_letter(letter_id),
+        ]
+        args = [letter_id, letter["handler"], serialize_job(event, now_ms), now_ms, job_id]
+        return bool(await self.redis.eval(_REPLAY_SCRIPT, len(keys), *keys, *args))  # type: ignore[misc]
+
+    async def purge(self, letter_id: str) -> bool:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.dead_letters, letter_id)
+            pipe.delete(self.keys.dead_letter(letter_id))
+            removed, deleted = await pipe.execute()
+        return bool(removed or deleted)

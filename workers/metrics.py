@@ -1,0 +1,34 @@
+"""Prometheus metrics of a worker process. Labels: event type, handler name, outcome only."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+HANDLER_RUNS = Counter(
+    "hrflow_worker_handler_runs",
+    "Handler runs by canonical event type, handler and outcome (ok, retry, failed, unrouted).",
+    ["canonical_type", "handler", "outcome"],
+)
+HANDLER_SECONDS = Histogram(
+    "hrflow_worker_handler_seconds",
+    "Handler run time.",
+    ["canonical_type", "handler"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+RETRIES = Counter("hrflow_worker_retries", "Events scheduled for a retry.", ["canonical_type"])
+DEAD_LETTERS = Counter(
+    "hrflow_worker_dead_letters", "Handlers dead-lettered.", ["canonical_type", "handler"]
+)
+PICKUP_SECONDS = Histogram(
+    "hrflow_worker_pickup_seconds",
+    "Time from an event being queued to its first try starting.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+)
+
+
+def handler_outcome(
+    canonical_type: str, handler: str, outcome: str, duration_s: float | None = None
+) -> None:
+    HANDLER_RUNS.labels(canonical_type, handler, outcome).inc()
+    if duration_s is not None:
+        HANDLER_SECONDS.labels(canonical_type, handler).observe(duration_s)

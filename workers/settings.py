@@ -1,0 +1,114 @@
+"""arq worker settings: ``arq workers.settings.WorkerSettings`` runs a worker.
+
+arq's defaults are tuned away from, on purpose:
+
+- ``poll_delay`` 0.5 s → 10 ms, and ``max_jobs`` 10 → 100: the defaults cap a
+  worker near 20 jobs/s with up to half a second of pick-up delay;
+- ``job_timeout`` 300 s → 20 s: arq re-runs a killed worker's job only after
+  ``job_timeout`` + 10 s, so this bounds crash recovery at 30 s. Our job
+  stops its handlers 2 s before, because arq treats its own timeout as final;
+- ``max_tries`` is ours plus one: the extra try only dead-letters a job whose
+  earlier tries never finished, instead of arq dropping it silently;
+- ``health_check_interval`` 3600 s → 10 s, so the health key means something;
+- ``job_completion_wait``: on SIGTERM stop taking jobs, let running ones finish
+  within the grace period, and cancel (re-queue) the rest;
+- jobs are JSON, not pickle; no result keys are kept (dead letters hold failures);
+- the Redis connection retries forever, so a Redis restart pauses the worker
+  instead of killing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+from arq import Worker, func
+from arq.connections import RedisSettings
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from hrflow_webhooks.logs import configure_logging
+from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
+from hrflow_webhooks.settings import Settings
+from workers.context import WorkerServices
+from workers.jobs import handle_event
+from workers.plugins import build_registry
+from workers.registry import Registry
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    base = RedisSettings.from_dsn(settings.redis_url)
+    base.conn_timeout = max(1, int(settings.redis_timeout_s))
+    base.conn_retries = 120  # wait up to ~2 minutes for Redis at start-up
+    base.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError, OSError]
+    base.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1)
+    return base
+
+
+def _make_startup(settings: Settings, registry: Registry | None) -> Any:
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        timeout = aiohttp.ClientTimeout(total=settings.api_timeout_s)
+        ctx["services"] = WorkerServices(
+            settings=settings,
+            registry=registry if registry is not None else build_registry(settings),
+            redis=ctx["redis"],
+            http=aiohttp.ClientSession(timeout=timeout, json_serialize=_json_dumps),
+            keys=QueueKeys(settings.queue_name),
+        )
+
+    return on_startup
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    services: WorkerServices | None = ctx.get("services")
+    if services is not None:
+        await services.http.close()
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def worker_options(settings: Settings, registry: Registry | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker``; ``registry`` overrides plugin loading (tests)."""
+    return {
+        "functions": [
+            func(
+                handle_event,  # type: ignore[arg-type]
+                name=JOB_FUNCTION,
+                timeout=settings.job_timeout_s,
+                max_tries=settings.max_tries + 1,
+            )
+        ],
+        "queue_name": settings.queue_name,
+        "redis_settings": redis_settings(settings),
+        "max_jobs": settings.worker_max_jobs,
+        "poll_delay": settings.worker_poll_delay_s,
+        "queue_read_limit": settings.worker_max_jobs,
+        "job_timeout": settings.job_timeout_s,
+        "keep_result": 0,
+        "max_tries": settings.max_tries + 1,
+        "health_check_interval": settings.health_check_interval_s,
+        "job_completion_wait": settings.shutdown_grace_s,
+        "retry_jobs": True,
+        "job_serializer": orjson.dumps,
+        "job_deserializer": orjson.loads,
+        "on_startup": _make_startup(settings, registry),
+        "on_shutdown": on_shutdown,
+    }
+
+
+def create_worker(settings: Settings, registry: Registry | None = None, **overrides: Any) -> Worker:
+    return Worker(**{**worker_options(settings, registry), **overrides})
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerSettings`` is built on first use, so importing this module reads no environment."""
+    if name != "WorkerSettings":
+        raise AttributeError(name)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return type("WorkerSettings", (), worker_options(settings))
