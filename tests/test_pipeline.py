@@ -1,0 +1,203 @@
+"""End to end: signed delivery → uvicorn → Redis → arq worker → registered handler."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from hrflow_webhooks.queue import QueueKeys
+from tests.redis_server import RedisServer
+from tests.service import drain, make_settings, parsing_event, receiver, recorder, signed_headers
+from workers.registry import Registry
+
+
+@pytest.fixture
+async def session() -> aiohttp.ClientSession:
+    async with aiohttp.ClientSession() as client:
+        yield client  # type: ignore[misc]
+
+
+async def test_a_signed_delivery_reaches_its_handler_exactly_once(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    seen = recorder(registry, "profile.parsing.success")
+    event = parsing_event()
+    async with receiver(settings) as server:
+        status, body = await server.post(session, event)
+    assert status == 202
+    assert body["queued"] == 1
+    assert body["duplicates"] == 0
+    await drain(settings, registry)
+    assert [dict(e) for e in seen] == [event]
+    assert seen[0].id == body["event_ids"][0]
+    assert seen[0].canonical_type == "profile.parsing.success"
+
+
+async def test_an_array_of_three_events_runs_three_times(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    seen = recorder(registry, "profile.parsing.success")
+    events = [parsing_event(f"pk-{i}") for i in range(3)]
+    async with receiver(settings) as server:
+        status, body = await server.post(session, events)
+    assert (status, body["queued"], len(body["event_ids"])) == (202, 3, 3)
+    await drain(settings, registry)
+    assert sorted(e["profile"]["key"] for e in seen) == ["pk-0", "pk-1", "pk-2"]
+
+
+async def test_a_duplicate_delivery_is_acknowledged_and_not_run_twice(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    seen = recorder(registry, "profile.parsing.success")
+    event = parsing_event()
+    async with receiver(settings) as server:
+        first = await server.post(session, event)
+        # Same event, other key order: the same event id.
+        reordered = dict(reversed(list(event.items())))
+        second = await server.post(session, reordered)
+    assert first[0] == second[0] == 202
+    assert (first[1]["queued"], second[1]["queued"], second[1]["duplicates"]) == (1, 0, 1)
+    assert first[1]["event_ids"] == second[1]["event_ids"]
+    await drain(settings, registry)
+    assert len(seen) == 1
+    ttl = await redis.ttl(QueueKeys(settings.queue_name).seen(first[1]["event_ids"][0]))
+    assert 0 < ttl <= settings.dedup_window_s
+
+
+async def test_legacy_names_reach_handlers_of_the_current_name(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    seen = recorder(registry, "profile.storing.success")
+    async with receiver(settings) as server:
+        await server.post(session, parsing_event(type="profile.indexing.success"))
+    await drain(settings, registry)
+    assert [(e.type, e.canonical_type) for e in seen] == [
+        ("profile.indexing.success", "profile.storing.success")
+    ]
+
+
+async def test_unknown_types_are_queued_and_recorded_as_unrouted(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    async with receiver(settings) as server:
+        status, body = await server.post(session, {"type": "profile.teleporting.success"})
+    assert (status, body["queued"]) == (202, 1)
+    await drain(settings, Registry())
+    keys = QueueKeys(settings.queue_name)
+    assert await redis.hget(keys.unrouted, "profile.teleporting.success") == b"1"
+    assert await redis.zcard(keys.dead_letters) == 0
+    assert await redis.zcard(keys.queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, "missing"),
+        ({"HTTP-HRFLOW-SIGNATURE": ""}, "empty"),
+        ({"HTTP-HRFLOW-SIGNATURE": "garbage"}, "hex"),
+        (
+            {
+                "http-hrflow-signature": signed_headers({"type": "x"}, "wrong")[
+                    "HTTP-HRFLOW-SIGNATURE"
+                ]
+            },
+            "does not match",
+        ),
+    ],
+)
+async def test_bad_signatures_get_401_with_a_reason_and_queue_nothing(
+    redis: Redis,
+    redis_server: RedisServer,
+    session: aiohttp.ClientSession,
+    headers: dict[str, str],
+    reason: str,
+) -> None:
+    settings = make_settings(redis_server.url)
+    async with receiver(settings) as server:
+        status, body = await server.post(session, parsing_event(), headers=headers)
+    assert status == 401
+    assert body["error"] == "invalid_signature"
+    assert reason in body["reason"]
+    assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ([1, 2], "element 0 is not a JSON object"),
+        ({"no": "type"}, "no 'type'"),
+        ([], "empty array"),
+        ("just a string", "neither"),
+        ([parsing_event(), {"type": ""}], "element 1 has no 'type'"),
+    ],
+)
+async def test_signed_but_malformed_payloads_get_400(
+    redis: Redis,
+    redis_server: RedisServer,
+    session: aiohttp.ClientSession,
+    payload: object,
+    reason: str,
+) -> None:
+    settings = make_settings(redis_server.url)
+    async with receiver(settings) as server:
+        status, body = await server.post(session, payload)
+    assert (status, body["error"]) == (400, "bad_payload")
+    assert reason in body["reason"]
+    assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 0
+
+
+async def test_oversized_body_and_header_get_413(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url, max_body_bytes=4096)
+    big = parsing_event(message="x" * 5000)
+    async with receiver(settings) as server:
+        status, _ = await server.post(session, big)
+        assert status == 413
+        headers = {**signed_headers(parsing_event()), "Content-Type": "application/json"}
+        async with session.post(f"{server.url}/webhook", data=b"y" * 5000, headers=headers) as r:
+            assert r.status == 413
+    assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 0
+
+
+async def test_redis_down_gives_503_and_recovers_by_itself(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url, redis_timeout_s=0.5)
+    registry = Registry()
+    seen = recorder(registry, "profile.parsing.success")
+    async with receiver(settings) as server:
+        redis_server.stop()
+        try:
+            status, body = await server.post(session, parsing_event("while-down"))
+            assert (status, body["error"]) == (503, "unavailable")
+            async with session.get(f"{server.url}/readyz") as ready:
+                assert ready.status == 503
+        finally:
+            redis_server.start()
+        status, body = await server.post(session, parsing_event("while-down"))
+        assert (status, body["queued"]) == (202, 1)  # not marked seen by the failed try
+        async with session.get(f"{server.url}/readyz") as ready:
+            assert ready.status == 200
+    await drain(settings, registry)
+    assert [e["profile"]["key"] for e in seen] == ["while-down"]
+
+
+async def test_health_endpoints(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    async with receiver(make_settings(redis_server.url)) as server:
+        async with session.get(f"{server.url}/healthz") as health:
+            assert (health.status, await health.json()) == (200, {"status": "ok"})
+        async with session.get(f"{server.url}/readyz") as ready:
+            assert ready.status == 200
