@@ -1,0 +1,57 @@
+"""The deployment's health as an operator sees it: ``hrflow-webhooks check`` prints these
+problems and exits non-zero when there is any.
+
+Healthy means: Redis answers, at least one worker has reported recently, and
+no queued event has been due for longer than ``max_queue_age_s``. "Recently"
+is arq's own rule: every worker rewrites ``<queue name>:health-check`` each
+``HRFLOW_HEALTH_CHECK_INTERVAL_S`` with a time-to-live one second longer, so
+the key exists exactly while some worker is alive and polling.
+
+Messages name keys and numbers only: never the Redis URL, which may hold a password.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.queue_stats import QueueStats, read_queue_stats
+from hrflow_webhooks.redis_setup import connect_redis
+from hrflow_webhooks.settings import Settings
+
+
+async def check(settings: Settings, max_queue_age_s: float) -> list[str]:
+    """Every problem found, as one sentence each; an empty list means healthy."""
+    redis = connect_redis(settings)
+    try:
+        return await _problems(redis, QueueKeys(settings.queue_name), settings, max_queue_age_s)
+    except (RedisError, OSError) as error:
+        return [f"redis is unreachable ({type(error).__name__})"]
+    finally:
+        await redis.aclose()
+
+
+async def _problems(
+    redis: Redis, keys: QueueKeys, settings: Settings, max_queue_age_s: float
+) -> list[str]:
+    worker_reported = bool(await redis.exists(keys.health_check))
+    stats = await read_queue_stats(redis, keys)
+    problems = [] if worker_reported else [_no_worker(keys, settings)]
+    return problems + _queue_problems(stats, max_queue_age_s)
+
+
+def _no_worker(keys: QueueKeys, settings: Settings) -> str:
+    return (
+        f"no worker has reported in the last {settings.health_check_interval_s + 1} s "
+        f"(arq's key {keys.health_check} is missing)"
+    )
+
+
+def _queue_problems(stats: QueueStats, max_queue_age_s: float) -> list[str]:
+    if stats.oldest_ready_age_s <= max_queue_age_s:
+        return []
+    return [
+        f"the oldest queued event has waited {stats.oldest_ready_age_s:.0f} s, "
+        f"over the {max_queue_age_s:g} s limit ({stats.ready} events due)"
+    ]
