@@ -75,6 +75,13 @@ class DropJobArguments(logging.Filter):
         return "→" not in str(record.msg)
 
 
+# For ``arq --custom-log-dict hrflow_webhooks.logs.ARQ_LOG_CONFIG``: arq's command line
+# imports the worker settings (which call configure_logging) and then applies its own
+# logging config, which adds a plain-text handler to the "arq" logger and so prints arq's
+# lines twice, once not as JSON. An incremental config that names nothing changes nothing.
+ARQ_LOG_CONFIG: dict[str, Any] = {"version": 1, "incremental": True}
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route every logger of the process (ours, arq's, uvicorn's) to stderr in one format."""
     handler = logging.StreamHandler(sys.stderr)

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    check_max_queue_age_s: float = Field(default=300.0, gt=0)  # `check` fails past this
 
     @field_validator("webhook_secrets", "handlers", mode="before")
     @classmethod

@@ -122,7 +122,8 @@ async def _enqueue(
             "the event queue is unavailable; retry later",
             **{"retry-after": "5"},
         )
-    metrics.ENQUEUE_SECONDS.observe(time.time() - received_at)
+    enqueue_s = time.time() - received_at
+    metrics.ENQUEUE_SECONDS.observe(enqueue_s)
     queued = sum(queued_flags)
     metrics.delivery("queued" if queued else "duplicate")
     metrics.events(events, queued_flags)
@@ -133,6 +134,8 @@ async def _enqueue(
             "queued": queued,
             "duplicates": len(events) - queued,
             "event_id": events[0].id if len(events) == 1 else None,
+            "canonical_type": events[0].canonical_type if len(events) == 1 else None,
+            "duration_ms": round(enqueue_s * 1000, 2),
         },
     )
     body = {
@@ -160,11 +163,11 @@ async def readyz(request: Request) -> Response:
 def create_app(settings: Settings | None = None, *, own_logging: bool = True) -> Starlette:
     """The receiver app; ``own_logging=False`` leaves logging to the host (tests, embedding)."""
     settings = settings or Settings()
+    if own_logging:  # now, not in the lifespan: uvicorn's start-up lines are JSON too
+        configure_logging(settings.log_level, settings.log_format)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if own_logging:
-            configure_logging(settings.log_level, settings.log_format)
         secrets = settings.secret_bytes()  # no secret: refuse to start, with the reason
         redis: Redis = connect_redis(settings)
         await warn_on_unsafe_redis_config(redis, logger)
@@ -186,4 +189,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-app = create_app()
+def __getattr__(name: str) -> Starlette:
+    """``app`` is built when uvicorn asks for it, so importing this module (tests, the CLI)
+    neither reads the environment nor reconfigures the host's logging."""
+    if name != "app":
+        raise AttributeError(name)
+    return create_app()

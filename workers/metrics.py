@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from hrflow_webhooks.events import KNOWN_EVENT_NAMES
+
 HANDLER_RUNS = Counter(
     "hrflow_worker_handler_runs",
     "Handler runs by canonical event type, handler and outcome (ok, retry, failed, unrouted).",
@@ -26,9 +28,15 @@ PICKUP_SECONDS = Histogram(
 )
 
 
+def bounded_type(canonical_type: str) -> str:
+    """Unknown types (unrouted events) are whatever a signed sender wrote: one label for all."""
+    return canonical_type if canonical_type in KNOWN_EVENT_NAMES else "other"
+
+
 def handler_outcome(
     canonical_type: str, handler: str, outcome: str, duration_s: float | None = None
 ) -> None:
-    HANDLER_RUNS.labels(canonical_type, handler, outcome).inc()
+    event_type = bounded_type(canonical_type)
+    HANDLER_RUNS.labels(event_type, handler, outcome).inc()
     if duration_s is not None:
-        HANDLER_SECONDS.labels(canonical_type, handler).observe(duration_s)
+        HANDLER_SECONDS.labels(event_type, handler).observe(duration_s)

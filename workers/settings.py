@@ -35,6 +35,7 @@ from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers.context import WorkerServices
 from workers.jobs import handle_event
+from workers.metrics_server import start_worker_metrics, stop_worker_metrics
 from workers.plugins import build_registry
 from workers.registry import Registry
 
@@ -58,11 +59,13 @@ def _make_startup(settings: Settings, registry: Registry | None) -> Any:
             http=aiohttp.ClientSession(timeout=timeout, json_serialize=_json_dumps),
             keys=QueueKeys(settings.queue_name),
         )
+        ctx["metrics_server"] = start_worker_metrics(settings)
 
     return on_startup
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
+    stop_worker_metrics(ctx.get("metrics_server"))
     services: WorkerServices | None = ctx.get("services")
     if services is not None:
         await services.http.close()
