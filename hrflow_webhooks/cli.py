@@ -1,0 +1,441 @@
+"""The ``hrflow-webhooks`` command: thin commands over the receiver, workers, queue and sandbox.
+
+::
+
+    hrflow-webhooks run            everything on one machine (what `make run` does)
+    hrflow-webhooks worker         one arq worker that survives Redis outages
+    hrflow-webhooks sandbox        the HrFlow-compatible sandbox API on its own
+    hrflow-webhooks send TYPE      sign and post an event the way HrFlow does
+    hrflow-webhooks dead-letters   list | show ID | replay ID | replay --all | purge ID
+    hrflow-webhooks erase          remove every trace of a profile from Redis
+
+Each command builds one ``Settings`` from the environment at its edge. Nothing
+here prints profile contents: dead letters are shown with their keys only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import aiohttp
+import orjson
+import typer
+
+from hrflow_webhooks import runner
+from hrflow_webhooks.erasure import erase_profile
+from hrflow_webhooks.events import canonical_event_name
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.redis_setup import connect_redis
+from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.signatures import Scheme, sign
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Receive HrFlow.ai webhooks safely and act on them reliably.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dead_letters_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+DEFAULT_WEBHOOK_URL = "http://127.0.0.1:8000/webhook"
+SIGNATURE_HEADER = "HTTP-HRFLOW-SIGNATURE"
+StateDir = Annotated[
+    Path, typer.Option(help="Where `run` keeps its webhook secret and Redis data.")
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+# --- run, worker, sandbox ---------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    port: Annotated[int, typer.Option(help="Receiver port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Receiver interface.")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    sandbox: Annotated[
+        bool | None,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="Sandbox HrFlow API [default: on if HRFLOW_API_KEY unset]",
+        ),
+    ] = None,
+    sandbox_port: Annotated[int, typer.Option(help="Sandbox API port.")] = 8001,
+    redis_port: Annotated[int, typer.Option(help="Embedded Redis port (REDIS_URL unset).")] = 6390,
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+) -> None:
+    """Run Redis (unless REDIS_URL is set), the sandbox API, the receiver and workers."""
+    options = runner.RunOptions(host, port, workers, sandbox, sandbox_port, redis_port, state_dir)
+    try:
+        code = runner.run(Settings(), options)
+    except runner.RunError as error:
+        raise fail(str(error)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def worker() -> None:
+    """Run one arq worker; it restarts itself after a Redis outage instead of dying."""
+    from hrflow_webhooks.logs import configure_logging
+    from hrflow_webhooks.worker_process import serve_worker
+    from workers.settings import create_worker
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve_worker(settings, lambda: create_worker(settings, handle_signals=False)))
+
+
+@app.command("sandbox")
+def sandbox_command(
+    port: Annotated[int, typer.Option()] = 8001,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Load the seed profiles.")] = True,
+    latency_ms: Annotated[int, typer.Option(min=0, help="Added to every API answer.")] = 0,
+    fail_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of API calls answered with --status.")
+    ] = 0.0,
+    status: Annotated[int, typer.Option(help="Status of injected failures.")] = 503,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="POST a signed profile.parsing.success here on each add.")
+    ] = None,
+    webhook_secret: Annotated[str | None, typer.Option(help="Secret that signs it.")] = None,
+) -> None:
+    """Run the sandbox HrFlow API (api key sandbox-api-key, user sandbox@hrflow.local)."""
+    import sandbox
+
+    sandbox.run_sandbox(
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        fail_rate=fail_rate,
+        status=status,
+        seed=seed,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+    )
+
+
+# --- send -------------------------------------------------------------------------------------
+
+
+def event_payload(
+    event_type: str, profile_key: str, source_key: str, message: str | None = None
+) -> dict[str, Any]:
+    """An event as HrFlow sends it: the object's key and its source (or board) key."""
+    obj = canonical_event_name(event_type).split(".", 1)[0]
+    default = f"{obj.capitalize()} {event_type.split('.', 1)[-1].replace('.', ' ')}"
+    payload: dict[str, Any] = {"type": event_type, "origin": "api", "message": message or default}
+    if obj == "job":
+        payload["job"] = {"key": profile_key, "reference": None, "board": {"key": source_key}}
+    else:
+        payload["profile"] = {"key": profile_key, "reference": None, "source": {"key": source_key}}
+    return payload
+
+
+def delivery_bodies(
+    event_type: str, profile_key: str, source_key: str, count: int, as_array: bool
+) -> list[bytes]:
+    """``count`` distinct events (their messages differ, so dedup keeps them apart)."""
+    if count == 1:
+        events = [event_payload(event_type, profile_key, source_key)]
+    else:
+        events = [
+            event_payload(event_type, profile_key, source_key, f"delivery {n} of {count}")
+            for n in range(1, count + 1)
+        ]
+    if as_array:
+        return [orjson.dumps(events)]
+    return [orjson.dumps(event) for event in events]
+
+
+def resolve_secret(secret: str | None, state_dir: Path) -> str:
+    if secret:
+        return secret
+    settings = Settings()
+    if settings.webhook_secrets:
+        return settings.webhook_secrets[0].get_secret_value()
+    path = state_dir / runner.SECRET_FILE_NAME
+    if path.exists():
+        return path.read_text().strip()
+    raise fail(f"no secret: pass --secret, set HRFLOW_WEBHOOK_SECRET, or start `run` ({path})")
+
+
+async def post_signed(url: str, body: bytes, secret: str, scheme: Scheme) -> tuple[int, str]:
+    headers = {SIGNATURE_HEADER: sign(body, secret.encode(), scheme)}
+    headers["Content-Type"] = "application/json"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as response,
+    ):
+        return response.status, await response.text()
+
+
+@app.command()
+def send(
+    event_type: Annotated[str, typer.Argument(help="e.g. profile.parsing.success")],
+    profile_key: Annotated[str, typer.Option(help="The profile's (or job's) key.")] = "",
+    source_key: Annotated[str, typer.Option(help="Its source (or board) key.")] = "",
+    url: Annotated[str, typer.Option(help="The receiver's webhook URL.")] = DEFAULT_WEBHOOK_URL,
+    secret: Annotated[
+        str | None,
+        typer.Option(help="Default: HRFLOW_WEBHOOK_SECRET, else the secret `run` saved."),
+    ] = None,
+    scheme: Annotated[
+        str, typer.Option(help="python-sdk | js-sdk | docs | body-hex")
+    ] = "python-sdk",
+    count: Annotated[int, typer.Option(min=1, help="How many distinct events.")] = 1,
+    array: Annotated[bool, typer.Option("--array", help="All events in one delivery.")] = False,
+    file: Annotated[
+        Path | None, typer.Option(help="Send this JSON file's bytes, signed, as they are.")
+    ] = None,
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+) -> None:
+    """Sign an event the way HrFlow does and POST it; exits 1 on a non-2xx answer."""
+    if scheme not in ("python-sdk", "js-sdk", "docs", "body-hex"):
+        raise fail(f"unknown --scheme {scheme!r}: python-sdk, js-sdk, docs or body-hex", 2)
+    if file is None and not (profile_key and source_key):
+        raise fail("pass --profile-key and --source-key (or --file)", 2)
+    key = resolve_secret(secret, state_dir)
+    if file is not None:
+        bodies = [file.read_bytes()]
+    else:
+        bodies = delivery_bodies(event_type, profile_key, source_key, count, array)
+    worst = 0
+    for body in bodies:
+        worst = max(worst, _post_one(url, body, key, scheme))  # type: ignore[arg-type]
+    raise typer.Exit(worst)
+
+
+def _post_one(url: str, body: bytes, secret: str, scheme: Scheme) -> int:
+    try:
+        status, answer = asyncio.run(post_signed(url, body, secret, scheme))
+    except aiohttp.ClientError as error:
+        raise fail(f"could not reach {url}: {error}", 2) from None
+    typer.echo(f"{status} {answer}")
+    return 0 if 200 <= status < 300 else 1
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_since(value: str, now: float) -> float:
+    """``2h``/``30m``/``1d``/``90s`` ago, or an ISO 8601 time (UTC when no zone): a timestamp."""
+    match = _DURATION.fullmatch(value.strip())
+    if match:
+        return now - float(match[1]) * _UNIT_S[match[2]]
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a duration (2h) nor ISO 8601") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+_KEY_FIELDS = ("key", "reference", "profile_key", "profile_reference", "job_key")
+
+
+def redacted_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The event with keys only: a dead letter may hold more than HrFlow's envelope."""
+    shown: dict[str, Any] = {name: payload[name] for name in ("type", "origin") if name in payload}
+    for obj in ("profile", "job"):
+        value = payload.get(obj)
+        if isinstance(value, Mapping):
+            shown[obj] = _keys_of(value)
+    hidden = sorted(set(payload) - set(shown) - {"message"})
+    if hidden:
+        shown["omitted_fields"] = hidden
+    return shown
+
+
+def _keys_of(obj: Mapping[str, Any]) -> dict[str, Any]:
+    keys = {name: obj[name] for name in _KEY_FIELDS if name in obj}
+    for parent in ("source", "board"):
+        inner = obj.get(parent)
+        if isinstance(inner, Mapping) and "key" in inner:
+            keys[parent] = {"key": inner["key"]}
+    return keys
+
+
+def redacted_letter(letter: Mapping[str, Any]) -> dict[str, Any]:
+    event = letter["event"]
+    error = {k: v for k, v in letter["error"].items() if k != "message"}
+    return {
+        **{k: letter[k] for k in ("id", "handler", "reason", "tries", "received_at", "dead_at")},
+        # Error messages may quote the profile (a validation error, say): type and status only.
+        "error": error,
+        "event": {
+            "id": event["id"],
+            "type": event["type"],
+            "canonical_type": event["canonical_type"],
+            "payload": redacted_payload(event["payload"]),
+        },
+    }
+
+
+def _letter_row(letter: Mapping[str, Any]) -> list[str]:
+    payload = letter["event"]["payload"]
+    subject = payload.get("profile") or payload.get("job") or {}
+    error = letter["error"]
+    status = f" {error['status']}" if error.get("status") is not None else ""
+    dead_at = datetime.fromtimestamp(letter["dead_at"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [
+        letter["id"],
+        dead_at,
+        letter["event"]["canonical_type"],
+        letter["handler"],
+        str(letter["tries"]),
+        f"{error['type']}{status}",
+        str(subject.get("key", "-")),
+        letter["reason"],
+    ]
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+LETTER_COLUMNS = ["ID", "DEAD AT", "TYPE", "HANDLER", "TRIES", "ERROR", "KEY", "REASON"]
+
+
+@asynccontextmanager
+async def dead_letter_store() -> AsyncIterator[Any]:
+    from workers.dead_letters import DeadLetters
+
+    settings = Settings()
+    redis = connect_redis(settings)
+    try:
+        yield DeadLetters(redis, QueueKeys(settings.queue_name))
+    finally:
+        await redis.aclose()
+
+
+def with_store(work: Callable[[Any], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with dead_letter_store() as store:
+            return await work(store)
+
+    return asyncio.run(main())
+
+
+async def _collect(store: Any, event_type: str | None, since: float | None) -> list[Any]:
+    return [letter async for letter in store.iter(event_type, since)]
+
+
+def _since(value: str | None) -> float | None:
+    return None if value is None else parse_since(value, datetime.now(UTC).timestamp())
+
+
+TypeOption = Annotated[str | None, typer.Option("--type", help="Only this event type.")]
+SinceOption = Annotated[str | None, typer.Option(help="Only since: 2h, 30m, 1d, or ISO 8601.")]
+
+
+@dead_letters_app.command("list")
+def list_letters(
+    event_type: TypeOption = None,
+    since: SinceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Dead letters, oldest first (keys only, never profile contents)."""
+    letters = with_store(lambda store: _collect(store, event_type, _since(since)))
+    if as_json:
+        for letter in letters:
+            typer.echo(orjson.dumps(redacted_letter(letter)).decode())
+        return
+    if not letters:
+        typer.echo("no dead letters")
+        return
+    typer.echo(format_table(LETTER_COLUMNS, [_letter_row(letter) for letter in letters]))
+
+
+@dead_letters_app.command()
+def show(letter_id: str) -> None:
+    """One dead letter as JSON (keys only)."""
+    letter = with_store(lambda store: store.get(letter_id))
+    if letter is None:
+        raise fail(f"no dead letter {letter_id}")
+    typer.echo(orjson.dumps(redacted_letter(letter), option=orjson.OPT_INDENT_2).decode())
+
+
+@dead_letters_app.command()
+def replay(
+    letter_id: Annotated[str | None, typer.Argument()] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Every matching letter.")] = False,
+    event_type: TypeOption = None,
+    since: SinceOption = None,
+) -> None:
+    """Queue a dead letter's event again for its handler (idempotent)."""
+    if (letter_id is None) == (not replay_all):
+        raise fail("pass one dead-letter ID, or --all", 2)
+    if letter_id is not None:
+        if not with_store(lambda store: store.replay(letter_id)):
+            raise fail(f"no dead letter {letter_id} (already replayed or purged?)")
+        typer.echo(f"replayed {letter_id}")
+        return
+    replayed = with_store(lambda store: _replay_all(store, event_type, _since(since)))
+    typer.echo(f"replayed {len(replayed)} dead letter(s)")
+    for done_id in replayed:
+        typer.echo(done_id)
+
+
+async def _replay_all(store: Any, event_type: str | None, since: float | None) -> list[str]:
+    letters = await _collect(store, event_type, since)
+    return [letter["id"] for letter in letters if await store.replay(letter["id"])]
+
+
+@dead_letters_app.command()
+def purge(letter_id: str) -> None:
+    """Delete one dead letter for good."""
+    if not with_store(lambda store: store.purge(letter_id)):
+        raise fail(f"no dead letter {letter_id}")
+    typer.echo(f"purged {letter_id}")
+
+
+# --- erase ------------------------------------------------------------------------------------
+
+
+@app.command()
+def erase(profile_key: Annotated[str, typer.Option(help="The profile to forget.")]) -> None:
+    """Remove every trace of a profile from Redis: queued jobs, dead letters, markers."""
+
+    async def main() -> Any:
+        settings = Settings()
+        redis = connect_redis(settings)
+        try:
+            return await erase_profile(redis, QueueKeys(settings.queue_name), profile_key)
+        finally:
+            await redis.aclose()
+
+    report = asyncio.run(main())
+    typer.echo(
+        f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
+        f"{report.markers} marker(s)"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

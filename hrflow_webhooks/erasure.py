@@ -1,0 +1,122 @@
+"""Erasing a profile from Redis, for personal-data requests (``hrflow-webhooks erase``).
+
+What can name a profile key in Redis, and what goes:
+
+- queued jobs (``arq:job:<id>``, their member of the queue sorted set, and
+  arq's ``arq:retry:``, ``arq:in-progress:`` and ``arq:result:`` keys) whose
+  event payload names the profile;
+- dead letters whose stored event names it;
+- the dedup and completion markers of those events (``<q>:seen:<id>``,
+  ``<q>:done:<id>``): they hold no personal data, but they tie an event to the
+  profile while its job or letter exists.
+
+Markers of events whose job already finished and left no letter carry only the
+sha256 of the event, not the profile key, and expire with the dedup window.
+A job a worker is running at the moment of erasure may still finish and write
+its effects: stop the workers first, or run ``erase`` again afterwards.
+
+Like the CLI, this sits above the workers and uses their dead-letter store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from arq.constants import in_progress_key_prefix, result_key_prefix, retry_key_prefix
+from redis.asyncio import Redis
+
+from hrflow_webhooks.queue import JOB_KEY_PREFIX, QueueKeys, deserialize_job
+from workers.dead_letters import DeadLetters
+
+SCAN_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureReport:
+    jobs: int
+    dead_letters: int
+    markers: int
+
+    @property
+    def total(self) -> int:
+        return self.jobs + self.dead_letters + self.markers
+
+
+def names_profile(payload: Mapping[str, Any], profile_key: str) -> bool:
+    """Whether an event payload is about ``profile_key`` (current or legacy field names)."""
+    profile = payload.get("profile")
+    if not isinstance(profile, Mapping):
+        return False
+    return profile_key in (profile.get("key"), profile.get("profile_key"))
+
+
+def _job_event(raw: bytes) -> Mapping[str, Any] | None:
+    """The event a job carries, or None for a job that is not ours (another format)."""
+    try:
+        job = deserialize_job(raw)
+        event = job["a"][0]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    return event if isinstance(event, Mapping) else None
+
+
+class ProfileEraser:
+    def __init__(self, redis: Redis, keys: QueueKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.dead_letters = DeadLetters(redis, keys)
+
+    async def erase(self, profile_key: str) -> ErasureReport:
+        jobs, job_events = await self._erase_jobs(profile_key)
+        letters, letter_events = await self._erase_dead_letters(profile_key)
+        markers = await self._erase_markers(job_events | letter_events)
+        return ErasureReport(jobs, letters, markers)
+
+    async def _erase_jobs(self, profile_key: str) -> tuple[int, set[str]]:
+        """(jobs deleted, their event ids); a replayed event may have several jobs."""
+        jobs = 0
+        event_ids: set[str] = set()
+        async for job_key in self.redis.scan_iter(match=JOB_KEY_PREFIX + "*", count=SCAN_BATCH):
+            raw = await self.redis.get(job_key)
+            event = None if raw is None else _job_event(raw)
+            if event is None or not names_profile(event.get("payload") or {}, profile_key):
+                continue
+            await self._delete_job(job_key.decode()[len(JOB_KEY_PREFIX) :])
+            event_ids.add(str(event["id"]))
+            jobs += 1
+        return jobs, event_ids
+
+    async def _delete_job(self, job_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.queue, job_id)
+            pipe.delete(
+                self.keys.job(job_id),
+                retry_key_prefix + job_id,
+                in_progress_key_prefix + job_id,
+                result_key_prefix + job_id,
+            )
+            await pipe.execute()
+
+    async def _erase_dead_letters(self, profile_key: str) -> tuple[int, set[str]]:
+        # Letters are per (event, handler): several may share one event.
+        erased: list[tuple[str, str]] = [
+            (letter["id"], letter["event"]["id"])
+            async for letter in self.dead_letters.iter()
+            if names_profile(letter["event"].get("payload") or {}, profile_key)
+        ]
+        for letter_id, _ in erased:
+            await self.dead_letters.purge(letter_id)
+        return len(erased), {event_id for _, event_id in erased}
+
+    async def _erase_markers(self, event_ids: set[str]) -> int:
+        if not event_ids:
+            return 0
+        keys = [key for eid in event_ids for key in (self.keys.seen(eid), self.keys.done(eid))]
+        return int(await self.redis.delete(*keys))
+
+
+async def erase_profile(redis: Redis, keys: QueueKeys, profile_key: str) -> ErasureReport:
+    return await ProfileEraser(redis, keys).erase(profile_key)

@@ -1,0 +1,92 @@
+"""``hrflow-webhooks worker``: one arq worker that outlives Redis outages.
+
+The worker's Redis client already retries a dropped connection forever, but
+arq gives up at start-up after ``conn_retries`` and a few failures surface as
+exceptions out of ``Worker.main``. Instead of dying (and relying on a process
+manager to notice), the loop logs why, waits with backoff and builds a fresh
+worker. SIGINT/SIGTERM stop it the way arq does: no new jobs, running ones get
+``HRFLOW_SHUTDOWN_GRACE_S`` to finish, the rest are re-queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from arq import Worker
+from redis.exceptions import RedisError
+
+from hrflow_webhooks.settings import Settings
+
+logger = logging.getLogger("hrflow_webhooks.worker")
+
+WorkerFactory = Callable[[], Worker]
+RESTART_DELAY_MAX_S = 30.0
+
+
+class WorkerLoop:
+    def __init__(self, settings: Settings, factory: WorkerFactory, restart_delay_s: float = 1.0):
+        self.settings = settings
+        self.factory = factory
+        self.restart_delay_s = restart_delay_s
+        self.restarts = 0
+        self.worker: Worker | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Finish running jobs within the grace period, then return from :meth:`run`."""
+        self._stop.set()
+        if self.worker is None:
+            return
+        if self.settings.shutdown_grace_s > 0:
+            self.worker.handle_sig_wait_for_completion(signal.Signals(signum))
+        else:
+            self.worker.handle_sig(signal.Signals(signum))
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            error = await self._run_once()
+            if self._stop.is_set():
+                return
+            delay = min(RESTART_DELAY_MAX_S, self.restart_delay_s * 2 ** min(self.restarts, 5))
+            self.restarts += 1
+            logger.error(
+                "worker stopped: Redis unavailable; restarting",
+                extra={"error_type": type(error).__name__, "retry_in_s": delay},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _run_once(self) -> BaseException | None:
+        """One worker's life; the Redis error that ended it, or None after a stop."""
+        self.worker = worker = self.factory()
+        try:
+            await worker.async_run()
+        except asyncio.CancelledError:
+            # arq cancels its main task when it is told to stop: that is our normal exit.
+            if not self._stop.is_set():
+                raise
+        except (RedisError, OSError) as error:
+            return error
+        finally:
+            await self._close(worker)
+            self.worker = None
+        return None
+
+    @staticmethod
+    async def _close(worker: Worker) -> None:
+        # Closing talks to Redis (it deletes the health key); during an outage that fails too.
+        with contextlib.suppress(RedisError, OSError):
+            await worker.close()
+
+
+async def serve_worker(settings: Settings, factory: WorkerFactory) -> None:
+    """Run the loop until SIGINT or SIGTERM."""
+    loop = WorkerLoop(settings, factory)
+    running = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        running.add_signal_handler(signum, loop.stop, signum)
+    await loop.run()
