@@ -8,6 +8,8 @@ from redis.asyncio import Redis
 
 from tests.redis_server import RedisServer
 
+pytest_plugins = ["tests.sandbox_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from hrflow_webhooks.client.api import HrflowClient
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -24,6 +25,7 @@ class WorkerServices:
     redis: Redis
     http: aiohttp.ClientSession
     keys: QueueKeys
+    hrflow: HrflowClient | None = None  # None without HRFLOW_API_KEY/HRFLOW_API_USER
     extras: dict[str, Any] = field(default_factory=dict)  # plugins' own shared clients
 
 

@@ -30,6 +30,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from hrflow_webhooks.client.api import client_if_configured
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -56,8 +57,9 @@ def _make_startup(settings: Settings, registry: Registry | None) -> Any:
             settings=settings,
             registry=registry if registry is not None else build_registry(settings),
             redis=ctx["redis"],
-            http=aiohttp.ClientSession(timeout=timeout, json_serialize=_json_dumps),
+            http=(http := aiohttp.ClientSession(timeout=timeout, json_serialize=_json_dumps)),
             keys=QueueKeys(settings.queue_name),
+            hrflow=client_if_configured(settings, http, ctx["redis"]),
         )
         ctx["metrics_server"] = start_worker_metrics(settings)
 

@@ -233,3 +233,12 @@ def _error(status: int, message: str | None, endpoint: str, headers: Mapping[str
     return error_for_status(
         status, message, endpoint, parse_retry_after(headers.get("Retry-After"))
     )
+
+
+def client_if_configured(
+    settings: Settings, session: aiohttp.ClientSession, redis: Redis
+) -> HrflowClient | None:
+    """The worker's client, or None when no API credentials are set (no handler needs one)."""
+    if settings.api_key is None or not settings.api_user:
+        return None
+    return HrflowClient.from_settings(settings, session, redis)
