@@ -8,6 +8,7 @@
     hrflow-webhooks send TYPE      sign and post an event the way HrFlow does
     hrflow-webhooks dead-letters   list | show ID | replay ID | replay --all | purge ID
     hrflow-webhooks erase          remove every trace of a profile from Redis
+    hrflow-webhooks check          exit 1 when Redis, workers or the queue are unhealthy
 
 Each command builds one ``Settings`` from the environment at its edge. Nothing
 here prints profile contents: dead letters are shown with their keys only.
@@ -416,7 +417,7 @@ def purge(letter_id: str) -> None:
 
 @app.command()
 def erase(profile_key: Annotated[str, typer.Option(help="The profile to forget.")]) -> None:
-    """Remove every trace of a profile from Redis: queued jobs, dead letters, markers."""
+    """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints."""
 
     async def main() -> Any:
         settings = Settings()
@@ -429,8 +430,28 @@ def erase(profile_key: Annotated[str, typer.Option(help="The profile to forget."
     report = asyncio.run(main())
     typer.echo(
         f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
-        f"{report.markers} marker(s)"
+        f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s)"
     )
+
+
+# --- check ------------------------------------------------------------------------------------
+
+
+@app.command()
+def check(
+    max_queue_age_s: Annotated[
+        float, typer.Option(help="Oldest queued event allowed, in seconds.")
+    ] = 60.0,
+) -> None:
+    """Exit 1, listing the problems, when Redis, the workers or the queue are unhealthy."""
+    from hrflow_webhooks.health import check as health_check
+
+    problems = asyncio.run(health_check(Settings(), max_queue_age_s))
+    for problem in problems:
+        typer.echo(f"problem: {problem}")
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("ok")
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ What can name a profile key in Redis, and what goes:
 - dead letters whose stored event names it;
 - the dedup and completion markers of those events (``<q>:seen:<id>``,
   ``<q>:done:<id>``): they hold no personal data, but they tie an event to the
-  profile while its job or letter exists.
+  profile while its job or letter exists;
+- the write fingerprints the built-in handlers keep to skip the echo of their
+  own writes (``<q>:written:<handler>:<source key>:<profile key>``, see
+  ``workers.handlers.common.WriteEchoes``).
 
 Markers of events whose job already finished and left no letter carry only the
 sha256 of the event, not the profile key, and expire with the dedup window.
@@ -20,6 +23,7 @@ Like the CLI, this sits above the workers and uses their dead-letter store.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +43,11 @@ class ErasureReport:
     jobs: int
     dead_letters: int
     markers: int
+    fingerprints: int
 
     @property
     def total(self) -> int:
-        return self.jobs + self.dead_letters + self.markers
+        return self.jobs + self.dead_letters + self.markers + self.fingerprints
 
 
 def names_profile(payload: Mapping[str, Any], profile_key: str) -> bool:
@@ -73,7 +78,8 @@ class ProfileEraser:
         jobs, job_events = await self._erase_jobs(profile_key)
         letters, letter_events = await self._erase_dead_letters(profile_key)
         markers = await self._erase_markers(job_events | letter_events)
-        return ErasureReport(jobs, letters, markers)
+        fingerprints = await self._erase_fingerprints(profile_key)
+        return ErasureReport(jobs, letters, markers, fingerprints)
 
     async def _erase_jobs(self, profile_key: str) -> tuple[int, set[str]]:
         """(jobs deleted, their event ids); a replayed event may have several jobs."""
@@ -116,6 +122,21 @@ class ProfileEraser:
             return 0
         keys = [key for eid in event_ids for key in (self.keys.seen(eid), self.keys.done(eid))]
         return int(await self.redis.delete(*keys))
+
+    async def _erase_fingerprints(self, profile_key: str) -> int:
+        pattern = f"{glob_escape(self.keys.queue)}:written:*:{glob_escape(profile_key)}"
+        suffix = f":{profile_key}".encode()
+        found = [
+            key
+            async for key in self.redis.scan_iter(match=pattern, count=SCAN_BATCH)
+            if key.endswith(suffix)
+        ]
+        return int(await self.redis.delete(*found)) if found else 0
+
+
+def glob_escape(text: str) -> str:
+    """Redis MATCH patterns treat these as wildcards; a key is matched literally."""
+    return re.sub(r"([\\*?\[\]^])", r"\\\1", text)
 
 
 async def erase_profile(redis: Redis, keys: QueueKeys, profile_key: str) -> ErasureReport:

@@ -46,8 +46,6 @@ SECRET_FILE_NAME = "webhook-secret"  # noqa: S105 (a file name, not a secret)
 SANDBOX_API_KEY = "sandbox-api-key"
 SANDBOX_API_USER = "sandbox@hrflow.local"
 DEMO_EDIT_TAGS = "processed_by=hrflow-webhooks"
-DEMO_PROFILE_KEY = "demo-profile"  # replaced by a sandbox seed key once known
-DEMO_SOURCE_KEY = "demo-source"
 
 STOP_GRACE_S = 10.0  # per group, after SIGTERM, before SIGKILL
 READY_TIMEOUT_S = 60.0
@@ -455,14 +453,17 @@ def _check_ports(plan: Plan, options: RunOptions) -> None:
 
 
 def send_command(options: RunOptions) -> str:
+    """The demo: a parsing event for a profile the sandbox is seeded with."""
+    from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+
     parts = [
         console_script(),
         "send",
         "profile.parsing.success",
         "--profile-key",
-        DEMO_PROFILE_KEY,
+        JOHN_DOE_KEY,
         "--source-key",
-        DEMO_SOURCE_KEY,
+        SAMPLE_SOURCE_KEY,
     ]
     if (options.host, options.port) != ("127.0.0.1", 8000):
         parts += ["--url", f"http://{_connect_host(options.host)}:{options.port}/webhook"]

@@ -1,0 +1,325 @@
+"""The CLI as people run it: a real `hrflow-webhooks` process against a real receiver and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from hrflow_webhooks.cli import parse_since, redacted_letter
+from hrflow_webhooks.erasure import erase_profile, glob_escape
+from hrflow_webhooks.events import Event, event_id_of
+from hrflow_webhooks.queue import EventQueue, QueueKeys
+from tests.redis_server import RedisServer
+from tests.service import WEBHOOK_SECRET, make_settings, parsing_event, receiver
+from workers.dead_letters import DeadLetters
+
+SCHEMES = ("python-sdk", "js-sdk", "docs", "body-hex")
+PERSONAL = "harry.potter@hogwarts.example"
+
+
+async def cli(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+    """Run `hrflow-webhooks ARGS` in its own process; (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hrflow_webhooks.cli",
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+# --- send: the wire format, checked independently of the product -------------------------------
+
+
+class Capture:
+    """An HTTP server that records the deliveries it gets and answers 202."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((dict(request.headers), await request.read()))
+        return web.json_response({"captured": True}, status=202)
+
+
+@pytest.fixture
+async def capture() -> AsyncIterator[tuple[Capture, str]]:
+    recorder = Capture()
+    app = web.Application()
+    app.router.add_post("/webhook", recorder.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield recorder, f"http://127.0.0.1:{port}/webhook"
+    await runner.cleanup()
+
+
+def _b64(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def independent_check(scheme: str, header: str, body: bytes, secret: bytes) -> bytes:
+    """The signed payload, if ``header`` is what HrFlow's sources say the scheme sends."""
+    if scheme == "body-hex":
+        assert header == hmac.new(secret, body, hashlib.sha256).hexdigest()
+        return body
+    signature, payload_part = header.split(".")
+    payload = _b64(payload_part)
+    if scheme == "python-sdk":
+        expected = hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
+        assert _b64(signature) == expected
+    else:
+        digest = hmac.new(secret, payload_part.encode(), hashlib.sha256).digest()
+        encode = base64.b64encode if scheme == "js-sdk" else base64.urlsafe_b64encode
+        assert signature.rstrip("=") == encode(digest).decode().rstrip("=")
+    return payload
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_send_signs_the_event_as_each_hrflow_source_describes(
+    capture: tuple[Capture, str], scheme: str
+) -> None:
+    recorder, url = capture
+    code, out, _ = await cli(
+        "send", "profile.parsing.success", "--profile-key", "pk-9", "--source-key", "sk-9",
+        "--url", url, "--secret", "s3cret", "--scheme", scheme,
+    )  # fmt: skip
+    assert code == 0
+    assert out.startswith("202 ")
+    [(headers, body)] = recorder.requests
+    payload = independent_check(scheme, headers["HTTP-HRFLOW-SIGNATURE"], body, b"s3cret")
+    assert json.loads(payload) == parsing_event("pk-9", "sk-9", message="Profile parsing success")
+    assert json.loads(body) == json.loads(payload)
+
+
+async def test_send_count_array_and_file(capture: tuple[Capture, str], tmp_path: Path) -> None:
+    recorder, url = capture
+    base = ("--url", url, "--secret", "s3cret")
+    keys = ("--profile-key", "pk", "--source-key", "sk")
+    await cli("send", "profile.storing.success", *keys, *base, "--count", "3")
+    await cli("send", "profile.storing.success", *keys, *base, "--count", "2", "--array")
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_bytes(b'{"type": "job.parsing.success",  "job": {"key": "jk"}}')
+    code, _, _ = await cli("send", "job.parsing.success", "--file", str(payload_file), *base)
+    assert code == 0
+    bodies = [json.loads(body) for _, body in recorder.requests]
+    assert len({json.dumps(b, sort_keys=True) for b in bodies[:3]}) == 3  # distinct events
+    assert isinstance(bodies[3], list)
+    assert len(bodies[3]) == 2
+    assert recorder.requests[4][1] == payload_file.read_bytes()  # sent byte for byte
+
+
+# --- send: against the real receiver -------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_send_is_queued_by_the_receiver_for_each_scheme(
+    redis: Redis, redis_server: RedisServer, scheme: str
+) -> None:
+    settings = make_settings(redis_server.url)
+    async with receiver(settings) as server:
+        code, out, _ = await cli(
+            "send", "profile.parsing.success", "--profile-key", "pk-1", "--source-key", "sk-1",
+            "--url", f"{server.url}/webhook", "--scheme", scheme,
+            env={"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET},
+        )  # fmt: skip
+    assert code == 0, out
+    status, answer = out.split(" ", 1)
+    assert status == "202"
+    expected = parsing_event("pk-1", "sk-1", message="Profile parsing success")
+    assert json.loads(answer) == {
+        "queued": 1,
+        "duplicates": 0,
+        "event_ids": [event_id_of(expected)],
+    }
+    assert await redis.zscore(settings.queue_name, event_id_of(expected)) is not None
+
+
+async def test_send_exits_non_zero_when_the_receiver_refuses(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    async with receiver(settings) as server:
+        code, out, _ = await cli(
+            "send", "profile.parsing.success", "--profile-key", "pk", "--source-key", "sk",
+            "--url", f"{server.url}/webhook", "--secret", "not-the-secret",
+        )  # fmt: skip
+    assert code == 1
+    assert out.startswith("401 ")
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_send_reads_the_secret_run_saved(
+    capture: tuple[Capture, str], tmp_path: Path
+) -> None:
+    recorder, url = capture
+    (tmp_path / "webhook-secret").write_text("saved-secret\n")
+    code, _, _ = await cli(
+        "send", "profile.parsing.success", "--profile-key", "pk", "--source-key", "sk",
+        "--url", url, "--state-dir", str(tmp_path), "--scheme", "body-hex",
+    )  # fmt: skip
+    assert code == 0
+    [(headers, body)] = recorder.requests
+    independent_check("body-hex", headers["HTTP-HRFLOW-SIGNATURE"], body, b"saved-secret")
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+
+def personal_event(profile_key: str = "pk-dead") -> Event:
+    payload = parsing_event(profile_key, "sk-dead")
+    payload["profile"]["info"] = {"email": PERSONAL}  # a sender may put more than keys
+    return Event.from_payload(payload)
+
+
+async def add_letter(redis: Redis, event: Event, handler: str = "h.edit") -> str:
+    error = ValueError(f"invalid field for {PERSONAL}")
+    return await DeadLetters(redis, QueueKeys("hrflow:queue")).add(
+        event, handler, error, 3, "permanent error"
+    )
+
+
+async def test_dead_letters_list_show_replay_purge(redis: Redis, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    event = personal_event()
+    replayed_id = await add_letter(redis, event, "h.edit")
+    purged_id = await add_letter(redis, event, "h.index")
+
+    code, table, _ = await cli("dead-letters", "list", env=env)
+    assert code == 0
+    assert replayed_id in table
+    assert purged_id in table
+    assert "pk-dead" in table
+    code, shown, _ = await cli("dead-letters", "show", replayed_id, env=env)
+    assert code == 0
+    letter = json.loads(shown)
+    assert letter["event"]["payload"]["profile"] == {
+        "key": "pk-dead",
+        "reference": None,
+        "source": {"key": "sk-dead"},
+    }
+    assert letter["error"]["type"] == "ValueError"
+    listed = (await cli("dead-letters", "list", "--json", env=env))[1]
+    assert PERSONAL not in table + shown + listed
+
+    assert (await cli("dead-letters", "replay", replayed_id, env=env))[0] == 0
+    keys = QueueKeys("hrflow:queue")
+    [job_id] = [m.decode() for m in await redis.zrange(keys.queue, 0, -1)]
+    assert job_id.startswith(f"{event.id}:replay:{replayed_id}")
+    assert (await cli("dead-letters", "replay", replayed_id, env=env))[0] == 1  # once only
+    assert (await cli("dead-letters", "purge", purged_id, env=env))[0] == 0
+    assert await redis.zcard(keys.dead_letters) == 0
+    assert (await cli("dead-letters", "show", purged_id, env=env))[0] == 1
+
+
+async def test_dead_letters_replay_all_filters_by_type(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    parsing = await add_letter(redis, personal_event("pk-a"))
+    storing_event = Event.from_payload({**parsing_event("pk-b"), "type": "profile.storing.success"})
+    storing = await add_letter(redis, storing_event)
+    code, out, _ = await cli(
+        "dead-letters", "replay", "--all", "--type", "profile.storing.success", "--since", "1h",
+        env=env,
+    )  # fmt: skip
+    assert code == 0
+    assert out.splitlines() == ["replayed 1 dead letter(s)", storing]
+    remaining = await DeadLetters(redis, QueueKeys("hrflow:queue")).ids()
+    assert remaining == [parsing]
+
+
+def test_since_takes_durations_and_iso_times() -> None:
+    assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
+    assert parse_since("90s", now=100.0) == 10.0
+    assert parse_since("2026-01-01T00:00:00", now=0.0) == 1_767_225_600.0
+    assert parse_since("2026-01-01T01:00:00+01:00", now=0.0) == 1_767_225_600.0
+
+
+def test_a_redacted_letter_keeps_keys_and_drops_the_rest() -> None:
+    event = personal_event()
+    letter = {
+        "id": "x",
+        "handler": "h",
+        "reason": "r",
+        "tries": 1,
+        "received_at": 1.0,
+        "dead_at": 2.0,
+        "error": {"type": "ValueError", "message": PERSONAL, "status": 400},
+        "event": event.to_dict(),
+    }
+    shown = json.dumps(redacted_letter(letter))
+    assert PERSONAL not in shown
+    assert '"status": 400' in shown
+    assert "pk-dead" in shown
+
+
+# --- erase ------------------------------------------------------------------------------------
+
+
+async def _traces(redis: Redis) -> set[str]:
+    return {key.decode() async for key in redis.scan_iter()}
+
+
+async def test_erase_removes_every_trace_of_one_profile_only(redis: Redis) -> None:
+    keys = QueueKeys("hrflow:queue")
+    queue = EventQueue(redis, keys.queue, dedup_window_s=60)
+    gone = [Event.from_payload(parsing_event("pk-gone", message=str(n))) for n in range(2)]
+    kept = Event.from_payload(parsing_event("pk-kept"))
+    await queue.enqueue_events([*gone, kept])
+    await add_letter(redis, Event.from_payload(parsing_event("pk-gone", message="dead")))
+    await add_letter(redis, kept)
+    await redis.hset(keys.done(gone[0].id), "h.index", "ok")  # type: ignore[misc]
+    await redis.set("arq:retry:" + gone[0].id, 1)
+    await redis.set(f"{keys.queue}:written:w.edit:sk-1:pk-gone", "fp")
+    await redis.set(f"{keys.queue}:written:w.edit:sk-1:pk-gone-not", "fp")
+    before = await _traces(redis)
+
+    report = await erase_profile(redis, keys, "pk-gone")
+
+    after = await _traces(redis)
+    assert (report.jobs, report.dead_letters, report.fingerprints) == (2, 1, 1)
+    assert not [key for key in after if any(e.id in key for e in gone)]
+    assert f"{keys.queue}:written:w.edit:sk-1:pk-gone" not in after
+    assert f"{keys.queue}:written:w.edit:sk-1:pk-gone-not" in after
+    assert await redis.zrange(keys.queue, 0, -1) == [kept.id.encode()]
+    remaining = [letter async for letter in DeadLetters(redis, keys).iter()]
+    assert [letter["event"]["id"] for letter in remaining] == [kept.id]
+    assert keys.seen(kept.id) in after
+    assert len(before) - len(after) == report.total + 1  # + arq's retry key, not counted
+
+
+async def test_erase_command_reports_what_it_removed(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    await EventQueue(redis, "hrflow:queue", 60).enqueue_events(
+        [Event.from_payload(parsing_event("pk-x"))]
+    )
+    code, out, _ = await cli("erase", "--profile-key", "pk-x", env={"REDIS_URL": redis_server.url})
+    assert code == 0
+    assert out.strip() == (
+        "erased 1 queued job(s), 0 dead letter(s), 1 marker(s), 0 write fingerprint(s)"
+    )
+    assert await redis.zcard("hrflow:queue") == 0
+
+
+def test_glob_escape_matches_keys_literally() -> None:
+    assert glob_escape("a*b?[c]") == r"a\*b\?\[c\]"
