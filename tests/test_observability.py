@@ -30,7 +30,7 @@ from hrflow_webhooks.health import check
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.service import (
     WEBHOOK_SECRET,
     ReceiverServer,
@@ -41,7 +41,11 @@ from tests.service import (
     signed_headers,
 )
 from workers.context import HandlerContext
-from workers.metrics_server import WorkerMetricsServer
+from workers.metrics_server import (
+    WorkerMetricsServer,
+    start_worker_metrics,
+    stop_worker_metrics,
+)
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -209,6 +213,26 @@ async def test_queue_gauges_read_depth_age_and_dead_letters_from_redis(
     assert value(samples, "hrflow_dead_letters_stored") == 2
     assert value(while_down, "hrflow_queue_redis_up") == 0
     assert ("hrflow_queue_events", (("state", "ready"),)) not in while_down
+
+
+async def test_a_worker_started_again_without_shutdown_reuses_its_metrics_port(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """arq's close() runs on_shutdown only after a Redis call succeeds; when it fails the
+    server keeps its port, and the next worker of the process must not fail to bind it."""
+    settings = make_settings(redis_server.url, worker_metrics_port=free_port())
+    first = start_worker_metrics(settings)
+    second = start_worker_metrics(settings)
+    try:
+        assert first is not None
+        assert second is first
+        url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+        assert value(parse_metrics(await get_text(session, url)), "hrflow_queue_redis_up") == 1
+    finally:
+        stop_worker_metrics(second)
+    third = start_worker_metrics(settings)  # the port was released and forgotten
+    stop_worker_metrics(third)
+    assert third is not first
 
 
 def test_client_metrics_keep_profile_keys_and_queries_out_of_labels() -> None:

@@ -102,15 +102,30 @@ class WorkerMetricsServer:
         self.queue.close()
 
 
+# The server of each configured port in this process. arq's Worker.close() talks to Redis
+# before on_shutdown, so during a Redis outage on_shutdown never runs and the server keeps
+# its port; the worker `hrflow-webhooks worker` builds next must reuse it, not fail to bind.
+_SERVERS: dict[int, WorkerMetricsServer] = {}
+
+
 def start_worker_metrics(settings: Settings) -> WorkerMetricsServer | None:
     """Serve metrics when HRFLOW_WORKER_METRICS_PORT is set (0 picks a free port)."""
-    if settings.worker_metrics_port is None:
+    port = settings.worker_metrics_port
+    if port is None:
         return None
-    server = WorkerMetricsServer(settings, settings.worker_metrics_port)
+    if port in _SERVERS:
+        return _SERVERS[port]
+    server = WorkerMetricsServer(settings, port)
+    if port:
+        _SERVERS[port] = server
     logger.info(f"worker metrics served on port {server.port}")
     return server
 
 
 def stop_worker_metrics(server: WorkerMetricsServer | None) -> None:
-    if server is not None:
-        server.close()
+    if server is None:
+        return
+    for port, running in list(_SERVERS.items()):
+        if running is server:
+            del _SERVERS[port]
+    server.close()
