@@ -92,9 +92,9 @@ def envelope(status: int, message: str, data: Any = None) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> Any:
-    if not request.can_read_body:
+    raw = await request.read()  # cached by aiohttp: the middleware and the handler both read it
+    if not raw:
         return None
-    raw = await request.read()
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
