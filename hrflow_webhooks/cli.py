@@ -440,13 +440,16 @@ def erase(profile_key: Annotated[str, typer.Option(help="The profile to forget."
 @app.command()
 def check(
     max_queue_age_s: Annotated[
-        float, typer.Option(help="Oldest queued event allowed, in seconds.")
-    ] = 60.0,
+        float | None,
+        typer.Option(help="Oldest queued event allowed, in seconds; default from settings."),
+    ] = None,
 ) -> None:
     """Exit 1, listing the problems, when Redis, the workers or the queue are unhealthy."""
     from hrflow_webhooks.health import check as health_check
 
-    problems = asyncio.run(health_check(Settings(), max_queue_age_s))
+    settings = Settings()
+    age_s = settings.check_max_queue_age_s if max_queue_age_s is None else max_queue_age_s
+    problems = asyncio.run(health_check(settings, age_s))
     for problem in problems:
         typer.echo(f"problem: {problem}")
     if problems:

@@ -1,0 +1,36 @@
+# One image for both processes; the command picks one:
+#   docker run -p 8000:8000 --env-file .env IMAGE                          # web (default)
+#   docker run --env-file .env IMAGE hrflow-webhooks worker                # worker
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PORT=8000 \
+    WEB_CONCURRENCY=1
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml alone: code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+COPY hrflow_webhooks ./hrflow_webhooks
+COPY receiver ./receiver
+COPY workers ./workers
+COPY sandbox ./sandbox
+RUN pip install --no-deps . \
+ && useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
+
+USER app
+EXPOSE 8000
+
+# web: the receiver's /healthz; worker: `hrflow-webhooks check` (Redis, a live worker, queue age).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+  CMD if grep -q uvicorn /proc/1/cmdline; then python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "http://127.0.0.1:${PORT}/healthz"; else hrflow-webhooks check; fi
+
+# exec: uvicorn is PID 1 and gets SIGTERM itself, so running requests finish on stop.
+CMD ["sh", "-c", "exec uvicorn receiver.app:app --host 0.0.0.0 --port \"${PORT}\" --proxy-headers --forwarded-allow-ips '*' --workers \"${WEB_CONCURRENCY}\" --h11-max-incomplete-event-size 2097152"]

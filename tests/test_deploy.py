@@ -1,0 +1,180 @@
+"""The deployment files name things that exist, with flags the tools accept.
+
+This machine has no Docker engine, so the image is not built here; instead the
+Procfile's and the Dockerfile's commands are parsed and checked against the
+package: modules import, the console script and its commands exist, uvicorn
+accepts every flag (parsed by uvicorn's own click command), the header limit
+fits the largest signed payload, and .env.example lists every setting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from starlette.routing import Route
+
+from hrflow_webhooks.cli import app as cli_app
+from hrflow_webhooks.runner import h11_max_incomplete_event_size
+from hrflow_webhooks.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PLATFORM_VARIABLES = {"PORT", "WEB_CONCURRENCY"}
+
+
+def expand(command: str, env: dict[str, str]) -> list[str]:
+    """The shell's ``${VAR:-default}`` / ``${VAR}`` expansion, then its word splitting."""
+
+    def value(match: re.Match[str]) -> str:
+        return env.get(match[1], match[2] or "")
+
+    return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", value, command))
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    entries = [line.split(":", 1) for line in lines if line.strip()]
+    return {name.strip(): command.strip() for name, command in entries}
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments), with backslash continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    pairs = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+    return [(pair[0].upper(), pair[1] if len(pair) > 1 else "") for pair in pairs]
+
+
+def uvicorn_context(argv: list[str]) -> click.Context:
+    """Parse argv with uvicorn's own CLI definition: unknown flags or bad values raise."""
+    assert argv[0] == "uvicorn"
+    uvicorn_cli: click.Command = importlib.import_module("uvicorn.main").main
+    return uvicorn_cli.make_context("uvicorn", argv[1:])
+
+
+def script_command(argv: list[str]) -> str:
+    """The name of the command `hrflow-webhooks ARGV...` would run (typer's own click)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert argv[0] in scripts
+    assert scripts[argv[0]] == "hrflow_webhooks.cli:main"
+    commands = typer.main.get_command(cli_app).commands  # type: ignore[attr-defined]
+    assert argv[1] in commands, f"no `{argv[0]} {argv[1]}` command"
+    return str(commands[argv[1]].name)
+
+
+def check_receiver_command(argv: list[str]) -> None:
+    params = uvicorn_context(argv).params
+    module, attribute = params["app"].split(":")
+    assert isinstance(getattr(importlib.import_module(module), attribute), object)
+    assert (params["host"], params["port"]) == ("0.0.0.0", 8000)
+    assert params["proxy_headers"] is True
+    assert params["forwarded_allow_ips"] == "*"
+    assert params["workers"] == 3  # WEB_CONCURRENCY from the test's environment
+    # The payload travels base64-encoded in the signature header: the limit must fit it.
+    needed = h11_max_incomplete_event_size(Settings().max_body_bytes)
+    assert params["h11_max_incomplete_event_size"] >= needed
+
+
+ENV = {"PORT": "8000", "WEB_CONCURRENCY": "3"}
+
+
+def test_procfile_web_runs_the_receiver_with_router_flags() -> None:
+    check_receiver_command(expand(procfile()["web"], ENV))
+
+
+def test_procfile_web_defaults_work_without_platform_variables() -> None:
+    params = uvicorn_context(expand(procfile()["web"], {})).params
+    assert (params["port"], params["workers"]) == (8000, 1)
+
+
+def test_procfile_worker_is_a_command_of_the_console_script() -> None:
+    assert procfile().keys() == {"web", "worker"}
+    assert script_command(shlex.split(procfile()["worker"])) == "worker"
+
+
+def test_a_wrong_flag_would_be_caught() -> None:
+    with pytest.raises(click.UsageError):
+        uvicorn_context(["uvicorn", "receiver.app:app", "--proxy-header"])
+
+
+def test_dockerfile_base_user_and_dependency_layer() -> None:
+    steps = dockerfile()
+    instructions = [name for name, _ in steps]
+    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", steps[0][1])
+    user = [args for name, args in steps if name == "USER"]
+    assert user
+    assert user[-1] not in ("root", "0")
+    copies = [args for name, args in steps if name == "COPY"]
+    assert copies[0].split()[0] == "pyproject.toml"  # dependencies before the code
+    first_code_copy = steps.index(("COPY", copies[1]))
+    assert any("pip install -r" in args for _, args in steps[:first_code_copy])
+    assert instructions.index("USER") > first_code_copy
+
+
+def test_dockerfile_copies_every_package_pyproject_ships() -> None:
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {p.rstrip("*") for p in include["packages"]["find"]["include"]}
+    copied = {args.split()[0] for name, args in dockerfile() if name == "COPY"}
+    assert packages <= copied
+    for source in copied:
+        assert (ROOT / source).exists()
+
+
+def test_dockerfile_cmd_is_the_same_receiver_command() -> None:
+    [cmd] = [args for name, args in dockerfile() if name == "CMD"]
+    shell, flag, script = json.loads(cmd)
+    assert (shell, flag) == ("sh", "-c")
+    assert script.startswith("exec ")  # uvicorn becomes PID 1 and gets SIGTERM
+    check_receiver_command(expand(script.removeprefix("exec "), ENV))
+    env_lines = " ".join(args for name, args in dockerfile() if name == "ENV")
+    assert "PORT=8000" in env_lines
+    assert ("EXPOSE", "8000") in dockerfile()
+
+
+def test_dockerfile_healthcheck_uses_real_endpoints_and_commands() -> None:
+    [check] = [args for name, args in dockerfile() if name == "HEALTHCHECK"]
+    assert "/healthz" in check
+    paths = {route.path for route in importlib.import_module("receiver.app").app.routes}
+    assert "/healthz" in paths
+    assert all(isinstance(r, Route) for r in importlib.import_module("receiver.app").app.routes)
+    assert script_command(["hrflow-webhooks", "check"]) == "check"
+    assert "hrflow-webhooks check" in check
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", ".run", ".env"} <= ignored
+
+
+def settings_variables() -> set[str]:
+    """Each Settings field's environment variable (its first alias, else the prefixed name)."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", None)
+        names.add(str(choices[0]) if choices else f"HRFLOW_{name.upper()}")
+    return names
+
+
+def test_env_example_lists_every_setting_and_nothing_else() -> None:
+    text = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
+    assert settings_variables() - listed == set()
+    assert listed - settings_variables() - PLATFORM_VARIABLES == set()
+
+
+def test_env_example_defaults_are_the_settings_defaults() -> None:
+    text = (ROOT / ".env.example").read_text()
+    values = dict(re.findall(r"^#\s*(HRFLOW_[A-Z0-9_]+)=(.+)$", text, flags=re.MULTILINE))
+    defaults = Settings()
+    assert values["HRFLOW_MAX_BODY_BYTES"] == str(defaults.max_body_bytes)
+    assert values["HRFLOW_JOB_TIMEOUT_S"] == str(defaults.job_timeout_s)
+    assert values["HRFLOW_QUEUE_NAME"] == defaults.queue_name
+    assert values["HRFLOW_SHUTDOWN_GRACE_S"] == str(defaults.shutdown_grace_s)
