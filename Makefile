@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test-faults: $(STAMP) redis-server
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -s
 
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench

@@ -54,7 +54,7 @@ def is_transient(error: BaseException) -> bool:
     """Whether a retry may succeed. Unknown exceptions count as transient, up to the try limit."""
     if isinstance(error, PermanentError):
         return False
-    if isinstance(error, TransientError | _TRANSIENT_INFRASTRUCTURE):
+    if isinstance(error, (TransientError, *_TRANSIENT_INFRASTRUCTURE)):
         return True
     return not isinstance(error, ValueError | TypeError | KeyError | LookupError)
 

@@ -87,10 +87,13 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    handler.addFilter(DropJobArguments())
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "arq.worker"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # On the logger, not a handler: it then holds whatever handlers arq's own CLI adds later.
+    arq_worker = logging.getLogger("arq.worker")
+    if not any(isinstance(f, DropJobArguments) for f in arq_worker.filters):
+        arq_worker.addFilter(DropJobArguments())

@@ -32,7 +32,10 @@ from workers.registry import Handler
 
 logger = logging.getLogger("hrflow_webhooks.worker")
 
-DEADLINE_MARGIN_S = 2.0  # finish (and write markers) before arq's own timeout fires
+
+def deadline_margin_s(job_timeout_s: float) -> float:
+    """Stop handlers this long before arq's own timeout fires, to write markers and retry."""
+    return min(2.0, job_timeout_s / 4)
 
 
 class HandlerTimeoutError(TimeoutError):
@@ -60,8 +63,21 @@ async def handle_event(arq_ctx: dict[str, Any], event_data: dict[str, Any]) -> s
     """arq's entry point: one job per event. Returns the outcome, for tests and logs."""
     services: WorkerServices = arq_ctx["services"]
     event = Event.from_dict(event_data)
-    run = EventRun(services, event, int(arq_ctx["job_try"]), arq_ctx.get("score"))
-    return await run.execute()
+    job_try = int(arq_ctx["job_try"])
+    run = EventRun(services, event, job_try, arq_ctx.get("score"))
+    try:
+        return await run.execute()
+    except Retry:
+        raise
+    except Exception as error:
+        # Our own bookkeeping failed (Redis went away mid-job...). arq would record the job
+        # as failed and drop it: retry instead; the try limit still bounds this.
+        logger.warning(
+            "job bookkeeping failed, will retry",
+            extra={"event_id": event.id, "job_try": job_try, "error_type": type(error).__name__},
+        )
+        s = services.settings
+        raise Retry(defer=retry_delay_s(job_try, s.retry_base_s, s.retry_max_s, None)) from error
 
 
 class EventRun:
@@ -113,7 +129,9 @@ class EventRun:
 
     async def _run_pending(self, pending: list[Handler]) -> list[Failure]:
         deadline = (
-            asyncio.get_running_loop().time() + self.settings.job_timeout_s - DEADLINE_MARGIN_S
+            asyncio.get_running_loop().time()
+            + self.settings.job_timeout_s
+            - deadline_margin_s(self.settings.job_timeout_s)
         )
         failures: list[Failure] = []
         for handler in pending:

@@ -1,0 +1,123 @@
+"""Load: a bounded burst of signed deliveries against one uvicorn receiver process while two
+worker processes drain the queue. Afterwards: no error answers, nothing left queued, and
+Redis holds only the dedup window (a seen marker and a done marker per event).
+
+HRFLOW_LOAD_DELIVERIES (default 20,000) and HRFLOW_LOAD_CONCURRENCY (default 64).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from tests.processes import ROOT, WorkerProcess, worker_env
+from tests.redis_server import RedisServer, free_port
+from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
+
+DELIVERIES = int(os.environ.get("HRFLOW_LOAD_DELIVERIES", "20000"))
+CONCURRENCY = int(os.environ.get("HRFLOW_LOAD_CONCURRENCY", "64"))
+
+pytestmark = pytest.mark.slow
+
+
+class ReceiverProcess:
+    def __init__(self, redis_url: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = worker_env(redis_url) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        self.log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", str(self.port),
+             "--no-access-log", "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def wait_ready(self, session: aiohttp.ClientSession) -> None:
+        for _ in range(400):
+            try:
+                async with session.get(f"{self.url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError("receiver did not become ready")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self.log.close()
+
+
+async def send_all(
+    url: str, deliveries: list[tuple[bytes, dict[str, str]]]
+) -> collections.Counter[int]:
+    statuses: collections.Counter[int] = collections.Counter()
+    pending = iter(deliveries)
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def sender() -> None:
+            for body, headers in pending:
+                async with session.post(f"{url}/webhook", data=body, headers=headers) as response:
+                    await response.read()
+                    statuses[response.status] += 1
+
+        await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
+    return statuses
+
+
+async def test_a_burst_is_fully_queued_and_drained(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    baseline_memory = (await redis.info("memory"))["used_memory"]
+    events = [parsing_event(f"load-{i}") for i in range(DELIVERIES)]
+    deliveries = [(json.dumps(e).encode(), signed_headers(e)) for e in events]
+    receiver = ReceiverProcess(redis_server.url, tmp_path / "receiver.log")
+    workers = [WorkerProcess(redis_server.url, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await receiver.wait_ready(session)
+        started = time.perf_counter()
+        statuses = await send_all(receiver.url, deliveries)
+        ingest_s = time.perf_counter() - started
+        for _ in range(2400):  # liveness limit: two minutes
+            if await redis.llen("test:effects") >= DELIVERIES and not await redis.zcard(
+                "hrflow:queue"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        drained_s = time.perf_counter() - started
+    finally:
+        receiver.close()
+        for worker in workers:
+            worker.close()
+
+    print(f"\nload: {DELIVERIES} deliveries, concurrency {CONCURRENCY}: statuses {dict(statuses)}, "
+          f"ingest {DELIVERIES / ingest_s:.0f}/s, all handled after {drained_s:.1f} s")  # fmt: skip
+    assert statuses == {202: DELIVERIES}
+    assert await redis.llen("test:effects") == DELIVERIES
+    assert len(set(await redis.lrange("test:effects", 0, -1))) == DELIVERIES  # each once
+    assert await redis.zcard("hrflow:queue") == 0
+    assert await redis.zcard("hrflow:queue:dead-letters") == 0
+    leftovers = collections.Counter(
+        [key.decode().rsplit(":", 1)[0] async for key in redis.scan_iter(count=5000)]
+    )
+    # Only the dedup window remains: a seen and a done marker per event, both expiring;
+    # no arq job, in-progress, retry or result key is left behind.
+    assert set(leftovers) <= {"hrflow:queue:seen", "hrflow:queue:done", "hrflow:queue", "test"}
+    assert leftovers["hrflow:queue:seen"] == leftovers["hrflow:queue:done"] == DELIVERIES
+    used_memory = (await redis.info("memory"))["used_memory"]
+    per_event = (used_memory - baseline_memory) / DELIVERIES
+    print(f"load: Redis memory per event kept for the dedup window: {per_event:.0f} bytes")
+    assert per_event < 1_000

@@ -1,0 +1,297 @@
+"""Retries, dead letters, replay, timeouts, crashes and signals, with a real Redis and real
+worker processes. The behaviour plugin (tests/plugins/behaviour.py) lets each event choose
+how its handler fails."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from hrflow_webhooks.errors import TransientError
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import EventQueue, QueueKeys
+from hrflow_webhooks.settings import Settings
+from tests.plugins import behaviour
+from tests.processes import WorkerProcess
+from tests.redis_server import RedisServer
+from tests.service import drain, make_settings, parsing_event
+from workers.context import HandlerContext
+from workers.dead_letters import DeadLetters
+from workers.jobs import retry_delay_s
+from workers.registry import Registry
+
+
+def behaviour_registry() -> Registry:
+    registry = Registry()
+    behaviour.register(registry)
+    return registry
+
+
+async def enqueue(settings: Settings, redis: Redis, *payloads: dict[str, Any]) -> list[Event]:
+    events = [Event.from_payload(p) for p in payloads]
+    queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
+    assert all(await queue.enqueue_events(events))
+    return events
+
+
+async def effects(redis: Redis) -> list[str]:
+    return [e.decode() for e in await redis.lrange(behaviour.EFFECTS_KEY, 0, -1)]
+
+
+async def tries(redis: Redis, event: Event) -> int:
+    return int(await redis.hget(behaviour.TRIES_KEY, event.id) or 0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
+    """Liveness, not speed: fail only if the condition never holds within a generous limit."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:
+    delays = [retry_delay_s(n, base_s=1, max_s=300, retry_after_s=None) for n in range(1, 8)]
+    for n, delay in enumerate(delays, start=1):
+        ceiling = min(300, 2 ** (n - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert retry_delay_s(1, base_s=1, max_s=300, retry_after_s=30) == 30
+    assert retry_delay_s(20, base_s=1, max_s=10, retry_after_s=None) <= 10
+
+
+async def test_transient_failures_are_retried_until_success(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, max_tries=5)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"fail_transient": 2}))
+    await drain(settings, behaviour_registry())
+    assert await tries(redis, event) == 3
+    assert await effects(redis) == [event.id]
+    assert await DeadLetters(redis, QueueKeys(settings.queue_name)).count() == 0
+
+
+async def test_retry_after_sets_the_next_run_time(redis: Redis, redis_server: RedisServer) -> None:
+    settings = make_settings(redis_server.url, retry_max_s=0.1)
+    (event,) = await enqueue(
+        settings, redis, parsing_event(test={"fail_transient": 1, "retry_after_s": 30})
+    )
+    before_ms = time.time() * 1000
+    await drain(settings, behaviour_registry(), max_burst_jobs=1)
+    score = await redis.zscore(settings.queue_name, event.id)
+    assert score is not None
+    assert score - before_ms >= 29_000  # Retry-After (30 s) wins over our 0.1 s backoff cap
+
+
+async def test_permanent_failure_is_dead_lettered_at_once_and_replay_completes_it_once(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, max_tries=5)
+    keys = QueueKeys(settings.queue_name)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"fail_permanent": True}))
+    await drain(settings, behaviour_registry())
+    assert await tries(redis, event) == 1
+    dead_letters = DeadLetters(redis, keys)
+    (letter_id,) = await dead_letters.ids()
+    letter = await dead_letters.get(letter_id)
+    assert letter is not None
+    assert (letter["handler"], letter["reason"], letter["tries"]) == (
+        "behaviour",
+        "permanent error",
+        1,
+    )
+    assert letter["error"]["type"] == "PermanentError"
+    assert letter["event"]["id"] == event.id
+    assert await redis.ttl(keys.dead_letter(letter_id)) == -1  # never expires
+
+    await redis.set("test:fixed", 1)
+    assert await dead_letters.replay(letter_id) is True
+    assert await dead_letters.replay(letter_id) is False  # a second replay does nothing
+    await drain(settings, behaviour_registry())
+    assert await effects(redis) == [event.id]
+    assert await dead_letters.count() == 0
+    assert await redis.zcard(keys.queue) == 0
+
+
+async def test_tries_exhausted_lands_in_dead_letters_with_the_count(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, max_tries=3)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"fail_transient": 99}))
+    await drain(settings, behaviour_registry())
+    assert await tries(redis, event) == 3
+    dead_letters = DeadLetters(redis, QueueKeys(settings.queue_name))
+    (letter,) = [letter async for letter in dead_letters.iter()]
+    assert letter["tries"] == 3
+    assert letter["reason"] == "still failing after 3 tries"
+    assert letter["error"]["type"] == "TransientError"
+
+
+async def test_a_retry_reruns_only_the_handlers_that_have_not_succeeded(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = behaviour_registry()
+    steady_runs: list[str] = []
+
+    @registry.on("profile.parsing.success", name="steady")
+    async def steady(event: Event, ctx: HandlerContext) -> None:
+        steady_runs.append(event.id)
+
+    (event,) = await enqueue(settings, redis, parsing_event(test={"fail_transient": 2}))
+    await drain(settings, registry)
+    assert steady_runs == [event.id]  # ran once although the event ran three times
+    assert await tries(redis, event) == 3
+    markers = await redis.hgetall(QueueKeys(settings.queue_name).done(event.id))
+    assert markers == {b"steady": b"ok", b"behaviour": b"ok"}
+    assert await redis.ttl(QueueKeys(settings.queue_name).done(event.id)) > 0
+
+
+async def test_a_handler_past_the_job_deadline_is_retried_not_dropped(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    # job_timeout 3 s: our deadline fires at 1 s, well before arq's own (final) timeout.
+    settings = make_settings(redis_server.url, job_timeout_s=3)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 30}))
+    await drain(settings, behaviour_registry())
+    assert await tries(redis, event) == 2
+    assert await effects(redis) == [event.id]
+
+
+async def test_an_exception_of_an_unknown_kind_is_retried_then_dead_lettered(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, max_tries=2)
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.on("profile.parsing.success")
+    async def broken(event: Event, ctx: HandlerContext) -> None:
+        runs.append(ctx.job_try)
+        raise RuntimeError("bug in a plugin")
+
+    await enqueue(settings, redis, parsing_event())
+    await drain(settings, registry)
+    assert runs == [1, 2]
+    (letter,) = [
+        letter async for letter in DeadLetters(redis, QueueKeys(settings.queue_name)).iter()
+    ]
+    assert (letter["error"]["type"], letter["error"]["message"]) == (
+        "RuntimeError",
+        "bug in a plugin",
+    )
+
+
+async def test_tries_lost_to_crashes_end_in_dead_letters_not_silence(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """arq drops a job past max_tries without a trace; we dead-letter it on the extra try."""
+    settings = make_settings(redis_server.url, max_tries=3)
+    (event,) = await enqueue(settings, redis, parsing_event())
+    await redis.set(f"arq:retry:{event.id}", 3)  # three earlier tries that never reported back
+    await drain(settings, behaviour_registry())
+    assert await effects(redis) == []
+    (letter,) = [
+        letter async for letter in DeadLetters(redis, QueueKeys(settings.queue_name)).iter()
+    ]
+    assert letter["reason"] == "tries exhausted"
+    assert "never finished" in letter["error"]["message"]
+
+
+async def test_transient_error_type_is_what_handlers_raise_to_ask_for_a_retry() -> None:
+    error = TransientError("busy", retry_after_s=3)
+    assert error.retry_after_s == 3
+
+
+# --- real worker processes -----------------------------------------------------------------
+
+
+async def test_sigkill_mid_job_loses_nothing(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The killed worker's job runs again once arq's in-progress key expires (job_timeout + 10 s)."""
+    settings = make_settings(redis_server.url, job_timeout_s=2)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 60}))
+    first = WorkerProcess(redis_server.url, tmp_path / "w1.log", job_timeout_s=2)
+    try:
+        await eventually(lambda: _tries_at_least(redis, event, 1))
+        killed_at = time.monotonic()
+        first.kill()
+    finally:
+        first.close()
+    second = WorkerProcess(redis_server.url, tmp_path / "w2.log", job_timeout_s=2)
+    try:
+        await eventually(lambda: _has_effect(redis, event))
+        recovery_s = time.monotonic() - killed_at
+    finally:
+        second.close()
+    assert await effects(redis) == [event.id]
+    assert (
+        recovery_s >= 2
+    )  # it waited for arq's in-progress key, as designed (≤ 2 + 10 s + polling)
+
+
+async def test_sigterm_lets_running_jobs_finish_within_the_grace_period(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 1.5}))
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", shutdown_grace_s=10)
+    try:
+        await eventually(lambda: _tries_at_least(redis, event, 1))
+        exit_code = await asyncio.to_thread(worker.terminate)
+    finally:
+        worker.close()
+    assert exit_code == 0
+    assert await effects(redis) == [event.id]
+    assert await redis.zcard(settings.queue_name) == 0
+
+
+async def test_sigterm_requeues_jobs_that_outlive_the_grace_period(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url)
+    (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 60}))
+    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", shutdown_grace_s=1)
+    try:
+        await eventually(lambda: _tries_at_least(redis, event, 1))
+        await asyncio.to_thread(worker.terminate)
+    finally:
+        worker.close()
+    assert await redis.zscore(settings.queue_name, event.id) is not None  # back in the queue
+    assert not await redis.exists(f"arq:in-progress:{event.id}")  # free to run at once
+    await drain(settings, behaviour_registry())
+    assert await effects(redis) == [event.id]
+
+
+async def test_a_worker_survives_a_redis_restart(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url)
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log")
+    try:
+        (before,) = await enqueue(settings, redis, parsing_event("before"))
+        await eventually(lambda: _has_effect(redis, before))
+        await redis.aclose()
+        redis_server.restart()
+        await asyncio.sleep(0.5)
+        assert worker.alive()
+        async with Redis.from_url(redis_server.url) as fresh:
+            (after,) = await enqueue(settings, fresh, parsing_event("after"))
+            await eventually(lambda: _has_effect(fresh, after))
+            assert await effects(fresh) == [before.id, after.id]  # AOF kept the first effect
+    finally:
+        worker.close()
+
+
+async def _tries_at_least(redis: Redis, event: Event, count: int) -> bool:
+    return await tries(redis, event) >= count
+
+
+async def _has_effect(redis: Redis, event: Event) -> bool:
+    return event.id in await effects(redis)
