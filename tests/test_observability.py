@@ -12,8 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -49,6 +53,7 @@ from workers.metrics_server import (
 from workers.registry import Registry
 from workers.settings import create_worker
 
+ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 POLL_S = 0.01
@@ -458,6 +463,76 @@ async def test_arq_lines_never_carry_job_arguments(
     logged = capfd.readouterr().err
     assert f"{job.job_id}:echo" in logged  # arq's finish line is there: the capture works
     assert email not in logged
+
+
+def service_env(redis_url: str, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HRFLOW_")}
+    env |= {"REDIS_URL": redis_url, "HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    return env | {f"HRFLOW_{name.upper()}": value for name, value in settings.items()}
+
+
+@contextlib.contextmanager
+def service_process(command: list[str], env: dict[str, str], log: Path) -> Iterator[None]:
+    """A process of the service, as deployed; stopped with SIGTERM, killed if it hangs."""
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr)
+        try:
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def scrape_when_up(session: aiohttp.ClientSession, url: str) -> Samples:
+    for _ in range(MAX_POLLS):
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            return parse_metrics(await get_text(session, url))
+        await asyncio.sleep(POLL_S)
+    raise AssertionError(f"nothing answered at {url}")
+
+
+async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """``uvicorn receiver.app:app`` and ``hrflow-webhooks worker``, as separate processes."""
+    receiver_port, metrics_port = free_port(), free_port()
+    env = service_env(redis_server.url, worker_metrics_port=str(metrics_port))
+    uvicorn = [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", str(receiver_port)]
+    worker = [sys.executable, "-m", "hrflow_webhooks.cli", "worker"]
+    base = f"http://127.0.0.1:{receiver_port}"
+    events = [parsing_event(f"pk-{i}", type="profile.teleporting.success") for i in range(3)]
+    events[0]["profile"] = HARRY_POTTER
+    with (
+        service_process(uvicorn, env, tmp_path / "receiver.log"),
+        service_process(worker, env, tmp_path / "worker.log"),
+    ):
+        await scrape_when_up(session, f"{base}/metrics")
+        for event in events:
+            async with session.post(
+                f"{base}/webhook", data=json.dumps(event), headers=signed_headers(event)
+            ) as answer:
+                assert answer.status == 202
+        receiver_samples = await scrape_when_up(session, f"{base}/metrics")
+        await wait_until_drained(redis, make_settings(redis_server.url))
+        worker_samples = await scrape_when_up(session, f"http://127.0.0.1:{metrics_port}/metrics")
+
+    deliveries = value(
+        receiver_samples, "hrflow_webhook_deliveries_total", outcome="queued", reason=""
+    )
+    assert deliveries == 3
+    unrouted = {"canonical_type": "other", "handler": "-", "outcome": "unrouted"}
+    assert value(worker_samples, "hrflow_worker_handler_runs_total", **unrouted) == 3
+    assert value(worker_samples, "hrflow_queue_redis_up") == 1
+    for name in ("receiver.log", "worker.log"):
+        text = (tmp_path / name).read_text()
+        lines = [json.loads(line) for line in text.splitlines()]  # each one JSON, or fail
+        assert len(lines) > 3, name
+        assert all(isinstance(line, dict) for line in lines), name
+        assert [v for v in PERSONAL_VALUES if v.lower() in text.lower()] == [], name
 
 
 # --- the operator's health check -------------------------------------------------------------
