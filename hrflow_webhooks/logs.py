@@ -72,7 +72,8 @@ class DropJobArguments(logging.Filter):
     """arq logs each job's arguments when it starts; ours are events: keep them out of logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "→" not in str(record.msg)
+        # arq's start line is '%6.2fs → %s(%s)%s'; only arq's own lines are judged by it.
+        return not (record.name.startswith("arq") and "→" in str(record.msg))
 
 
 # For ``arq --custom-log-dict hrflow_webhooks.logs.ARQ_LOG_CONFIG``: arq's command line
