@@ -236,6 +236,19 @@ async def test_index_derives_a_reference_from_the_origin_key(
     assert post["body"]["reference"] == f"origin-{profile['key']}"
 
 
+async def test_index_waits_while_another_worker_indexes_the_same_profile(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    settings = sandbox.settings(redis_server.url, index_source_key=TARGET)
+    lock = f"{settings.queue_name}:lock:builtin.index:{TARGET}:harry-potter"
+    await redis.set(lock, "another worker", px=300)
+    await _run(settings, http, parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    # First try: the origin is read, the lock is busy (transient). The retry writes once.
+    assert _calls(sandbox) == [("GET", 200), ("GET", 200), ("GET", 404), ("POST", 201)]
+    assert await redis.get(lock) is None  # released after the write
+    assert await _dead_letters(redis, settings) == []
+
+
 # --- transient failures are retried, permanent ones dead-lettered -------------------------------
 
 

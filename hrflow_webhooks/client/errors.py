@@ -2,17 +2,19 @@
 
 ::
 
-    HandlerError                         (hrflow_webhooks.errors)
-    ├── PermanentError
-    │   └─┬ BadRequest            400   e.g. "Invalid source fields"
-    │     ├ Unauthorized          401   bad or missing X-API-KEY / X-USER-EMAIL
-    │     ├ NotFound              404   unknown profile or source
-    │     └ RejectedRequest       other 4xx
-    └── TransientError
-        └─┬ RateLimited           429   retry_after_s from the Retry-After header
-          └ UpstreamError         5xx, timeouts, connection errors (status None)
+    HandlerError (hrflow_webhooks.errors)
+    ├── PermanentError                 dead-letter now
+    │   ├── BadRequest        400      e.g. "Invalid source fields"
+    │   ├── Unauthorized      401      bad or missing X-API-KEY / X-USER-EMAIL
+    │   ├── NotFound          404      unknown profile
+    │   └── RejectedRequest   4xx      any other client error
+    └── TransientError                 retry with backoff
+        ├── RateLimited       429      retry_after_s from the Retry-After header
+        └── UpstreamError     5xx      also timeouts and connection errors (status None)
 
-    ApiError                             the base of all the boxed classes above
+Each of the six also derives from :class:`ApiError` (itself a ``HandlerError``),
+so ``except ApiError`` catches every failed call and ``error.transient`` says
+which branch it is on.
 
 Every ``ApiError`` carries ``status``, HrFlow's ``hrflow_message`` and the
 ``endpoint`` it belongs to (``"GET profile/indexing"``); the dead-letter store

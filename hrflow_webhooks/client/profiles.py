@@ -358,7 +358,7 @@ def _pass_through(profile: Profile, name: str) -> Any:
     value = getattr(profile, name)
     if name == "skills":
         return _skills(value)
-    if name in ("labels",):
+    if name == "labels":
         return [label.model_dump(include=set(WriteLabel.model_fields)) for label in value]
     if isinstance(value, list) and value and isinstance(value[0], Item):
         return _items(value)

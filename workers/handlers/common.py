@@ -11,13 +11,15 @@ to the profile changes the fingerprint, so it is handled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hrflow_webhooks.client.api import HrflowClient
 from hrflow_webhooks.client.profiles import Profile
-from hrflow_webhooks.errors import PermanentError
+from hrflow_webhooks.errors import PermanentError, TransientError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.settings import Settings
 from workers.context import HandlerContext
@@ -140,3 +142,30 @@ class WriteEchoes:
 
     async def remember(self, ref: ProfileRef, fingerprint: str) -> None:
         await self._redis.set(self._key(ref), fingerprint, ex=self._ttl_s)
+
+
+# KEYS: lock. ARGV: token. Deletes the lock only if this holder still owns it.
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@contextlib.asynccontextmanager
+async def exclusive(ctx: HandlerContext, name: str) -> AsyncIterator[None]:
+    """One holder at a time across worker processes, or a transient error to retry later.
+
+    The lock expires with the job's timeout, so a killed worker cannot hold it forever.
+    """
+    key = f"{ctx.settings.queue_name}:lock:{ctx.handler}:{name}"
+    token = secrets.token_hex(8)
+    if not await ctx.redis.set(key, token, nx=True, ex=ctx.settings.job_timeout_s):
+        remaining_ms = await ctx.redis.pttl(key)
+        raise TransientError(
+            f"another worker holds {ctx.handler}'s lock on this profile",
+            retry_after_s=max(0.1, remaining_ms / 1000),
+        )
+    try:
+        yield
+    finally:
+        await ctx.redis.eval(_RELEASE_SCRIPT, 1, key, token)  # type: ignore[misc]

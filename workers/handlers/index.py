@@ -30,6 +30,7 @@ from workers.handlers.common import (
     WriteEchoes,
     client_of,
     consent_allows,
+    exclusive,
     fetch_profile,
     profile_ref_of,
     record_skip,
@@ -87,15 +88,22 @@ async def index_profile(event: Event, ctx: HandlerContext) -> None:
     if await echoes.is_echo(ref, fingerprint):
         await record_skip(ctx, ref, "already indexed as is")
         return
-    await _write(ctx, client_of(ctx), target, payload, ref)
+    reference = payload.reference or origin_reference(ref)  # index_payload always set one
+    # Two events for one profile at once would both find no copy and both POST: one at a time.
+    async with exclusive(ctx, f"{target}:{reference}"):
+        await _write(ctx, client_of(ctx), target, payload, reference, ref)
     await echoes.remember(ref, fingerprint)
 
 
 async def _write(
-    ctx: HandlerContext, client: HrflowClient, target: str, payload: ProfileWrite, ref: ProfileRef
+    ctx: HandlerContext,
+    client: HrflowClient,
+    target: str,
+    payload: ProfileWrite,
+    reference: str,
+    ref: ProfileRef,
 ) -> None:
-    assert payload.reference is not None  # index_payload always sets one
-    key = await _target_key(client, target, payload.reference)
+    key = await _target_key(client, target, reference)
     if key is None:
         await client.profile_indexing_add_json(target, payload)
     else:
