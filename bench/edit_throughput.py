@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ async def _calls(http: aiohttp.ClientSession, sandbox_url: str) -> list[dict[str
 
 
 async def measure(
-    redis_url: str, sandbox_url: str, events: int, max_jobs: int, run: int
+    redis_url: str, sandbox_url: str, sandbox_pid: int, events: int, max_jobs: int, run: int
 ) -> dict[str, Any]:
     settings = Settings(
         redis_url=redis_url,
@@ -98,6 +99,7 @@ async def measure(
         registry = Registry()
         edit.register(registry, settings)
         worker = create_worker(settings, registry, burst=True, handle_signals=False)
+        sandbox_cpu_started = cpu_seconds(sandbox_pid)
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             await worker.main()
@@ -105,6 +107,7 @@ async def measure(
             await worker.close()
         elapsed_s = time.perf_counter() - started
         worker_cpu_s = time.process_time() - cpu_started
+        sandbox_cpu_s = cpu_seconds(sandbox_pid) - sandbox_cpu_started
         calls = await _calls(http, sandbox_url)
     dead = await DeadLetters(redis, QueueKeys(settings.queue_name)).count()
     await redis.aclose()
@@ -116,12 +119,19 @@ async def measure(
         "events_per_s": round(events / elapsed_s, 1),
         # CPU near elapsed time means the worker process, not HrFlow's latency, is the limit.
         "worker_cpu_s": round(worker_cpu_s, 2),
+        "sandbox_cpu_s": round(sandbox_cpu_s, 2),
         "ceiling_events_per_s": None,
         "puts_ok": puts,
         "api_calls": len(calls),
         "dead_letters": dead,
         "jobs_complete": worker.jobs_complete,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start_sandbox(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
@@ -148,12 +158,12 @@ async def _wait_for(url: str) -> None:
 
 
 async def main_async(
-    args: argparse.Namespace, redis_url: str, sandbox_url: str
+    args: argparse.Namespace, redis_url: str, sandbox_url: str, sandbox_pid: int
 ) -> list[dict[str, Any]]:
     await _wait_for(f"{sandbox_url}/_sandbox/faults")
     results = []
     for run, max_jobs in enumerate(args.max_jobs):
-        result = await measure(redis_url, sandbox_url, args.events, max_jobs, run)
+        result = await measure(redis_url, sandbox_url, sandbox_pid, args.events, max_jobs, run)
         result["ceiling_events_per_s"] = round(max_jobs / (2 * args.latency_ms / 1000), 1)
         result["latency_ms"] = args.latency_ms
         results.append(result)
@@ -174,7 +184,7 @@ def main() -> None:
         port = free_port()
         sandbox = _start_sandbox(port, args.latency_ms)
         try:
-            asyncio.run(main_async(args, redis_server.url, f"http://127.0.0.1:{port}"))
+            asyncio.run(main_async(args, redis_server.url, f"http://127.0.0.1:{port}", sandbox.pid))
         finally:
             sandbox.terminate()
             sandbox.wait(timeout=10)
