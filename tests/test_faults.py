@@ -255,7 +255,7 @@ async def test_no_event_is_lost_or_applied_twice_under_crashes_and_restarts(
         f"{chaos.terminations} SIGTERM, {chaos.redis_restarts} Redis restart; "
         f"{chaos.retried_deliveries} deliveries re-sent after a 503 or refused connection; "
         f"handled once {handled_once}, lost {lost}, duplicates {duplicates}; "
-        f"recovery after SIGKILL (s): [{recovery}]; sandbox calls {dict(calls)}; "
+        f"recovery of the jobs a SIGKILLed worker held: [{recovery}]; sandbox calls {dict(calls)}; "
         f"left queued {queued_left}, dead letters {dead_letters}"
     )
     assert (chaos.kills, chaos.terminations, chaos.redis_restarts) == (KILLS, 1, 1)
