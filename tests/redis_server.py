@@ -59,7 +59,11 @@ class RedisServer:
         """Graceful stop (SIGTERM): Redis flushes the AOF and exits."""
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
             self.process = None
 
     def kill(self) -> None:
