@@ -8,6 +8,8 @@ webhook secret and opens (and closes) the one Redis connection pool.
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import logging
 import time
 import uuid
@@ -21,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
@@ -52,7 +54,7 @@ class Receiver:
     queue: EventQueue
     secrets: tuple[bytes, ...]
     scheme: SchemeChoice
-    max_header_bytes: int
+    max_body_bytes: int  # for the body and for the signature header, which may carry the payload
 
 
 class JSONResponse(Response):
@@ -73,21 +75,100 @@ def signature_header(scope: Scope) -> bytes | None:
     return None
 
 
-async def receive_webhook(request: Request) -> Response:
-    receiver: Receiver = request.app.state.receiver
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    with metrics.IN_FLIGHT.track_inprogress():
-        response = await _handle_delivery(request, receiver, request_id)
-    response.headers["x-request-id"] = request_id
-    return response
+# Request ids: a random per-process prefix and a counter. Unique across processes like a
+# uuid4, without a urandom call per delivery (measurable at thousands of deliveries a second).
+_REQUEST_ID_PREFIX = uuid.uuid4().hex[:16]
+_request_numbers = itertools.count()
 
 
-async def _handle_delivery(request: Request, receiver: Receiver, request_id: str) -> Response:
-    header = signature_header(request.scope)
-    if header is not None and len(header) > receiver.max_header_bytes:
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What the endpoint reads from the request headers, in one pass."""
+
+    signature: bytes | None = None
+    request_id: str | None = None
+    content_length: int | None = None
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> Delivery:
+        delivery = cls()
+        for name, value in scope["headers"]:
+            if name in SIGNATURE_HEADERS:
+                delivery.signature = delivery.signature or bytes(value)
+            elif name == b"x-request-id":
+                delivery.request_id = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                delivery.content_length = int(value)
+        return delivery
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class ClientGoneError(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int, content_length: int | None) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes before reading them when it can."""
+    if content_length is not None and content_length > limit:
+        raise BodyTooLargeError
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGoneError
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class WebhookEndpoint:
+    """``POST /webhook`` as a plain ASGI app.
+
+    The hot path of the service: a Starlette ``Request``/``Response`` pair, the
+    route's body-limit middleware and a uuid4 per delivery cost more than
+    verifying and decoding (profiled with py-spy, see docs/benchmarks.md), so
+    this endpoint reads the body and writes its answer itself. Behaviour is the
+    same: 413 past ``HRFLOW_MAX_BODY_BYTES``, then verify, decode, enqueue, and
+    202 only once the events are durably queued.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        receiver: Receiver = scope["app"].state.receiver
+        delivery = Delivery.from_scope(scope)
+        request_id = delivery.request_id or new_request_id()
+        with metrics.IN_FLIGHT.track_inprogress():
+            try:
+                response = await _handle_delivery(receive, delivery, receiver, request_id)
+            except ClientGoneError:
+                return  # nobody to answer; nothing was queued
+        response.headers["x-request-id"] = request_id
+        await response(scope, receive, send)
+
+
+async def _handle_delivery(
+    receive: Receive, delivery: Delivery, receiver: Receiver, request_id: str
+) -> Response:
+    header = delivery.signature
+    if header is not None and len(header) > receiver.max_body_bytes:
         metrics.delivery("too_large")
         return _error(413, "too_large", "signature header exceeds HRFLOW_MAX_BODY_BYTES")
-    body = await request.body()  # the route's max_body_size answers 413 past the limit
+    try:
+        body = await read_body(receive, receiver.max_body_bytes, delivery.content_length)
+    except BodyTooLargeError:
+        metrics.delivery("too_large")
+        return _error(413, "too_large", "request body exceeds HRFLOW_MAX_BODY_BYTES")
     received_at = time.time()
     try:
         verified = verify_signature(header, body, receiver.secrets, receiver.scheme)
@@ -165,6 +246,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
     settings = settings or Settings()
     if own_logging:  # now, not in the lifespan: uvicorn's start-up lines are JSON too
         configure_logging(settings.log_level, settings.log_format)
+        # uvicorn pins its access logger at INFO; HRFLOW_LOG_LEVEL must govern it too, or each
+        # delivery is logged twice even at WARNING (our own line already has the request id).
+        logging.getLogger("uvicorn.access").setLevel(settings.log_level.upper())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -175,13 +259,17 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         app.state.receiver = Receiver(
             queue, secrets, settings.signature_scheme, settings.max_body_bytes
         )
+        # What start-up built lives as long as the process. Freezing it keeps the cyclic
+        # collector from re-scanning it on every full collection: ~20% of the receiver's CPU
+        # per delivery went there (docs/benchmarks.md). Nothing is leaked by it.
+        gc.freeze()
         try:
             yield
         finally:
             await redis.aclose()
 
     routes = [
-        Route("/webhook", receive_webhook, methods=["POST"], max_body_size=settings.max_body_bytes),
+        Route("/webhook", WebhookEndpoint(), methods=["POST"]),  # it enforces max_body_bytes
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics.endpoint),
