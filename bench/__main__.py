@@ -1,0 +1,90 @@
+"""``python -m bench``: run the rows of issue 7 and record the result.
+
+``--smoke`` is the short CI mode (about a minute; its figures are indicative
+only). A full run also rewrites docs/benchmarks.md and docs/benchmarks.png
+unless ``--no-docs``. Results go to bench/results/ (gitignored) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from bench import rows
+from bench.procs import processes
+
+RESULTS = Path(__file__).with_name("results")
+ROWS = ("P1", "P5", "P3", "P4", "P2")
+
+
+def run(config: rows.Config, selected: set[str], log_level: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with processes(config.work_dir, log_level) as procs:
+        redis = Redis.from_url(procs.start_redis().url)
+        if "P1" in selected:
+            results["P1"] = rows.p1_ingest(procs, redis, config)
+        if "P5" in selected:
+            results["P5"] = rows.p5_scale_out(procs, redis, config)
+        if "P3" in selected:
+            ingest_peak = results.get("P1", {}).get("subject") or 2_000.0
+            worker_peak = results.get("P5", {}).get("baseline") or 1_000.0
+            results["P3"] = rows.p3_latency(procs, redis, config, ingest_peak, worker_peak)
+        if "P4" in selected:
+            results["P4"] = rows.p4_memory(procs, redis, config)
+        if "P2" in selected:
+            results["P2"] = p2_or_skip(procs, redis, config)
+        redis.close()
+    return results
+
+
+def p2_or_skip(procs: Any, redis: Redis, config: rows.Config) -> dict[str, Any]:
+    if importlib.util.find_spec("sandbox.__main__") is None:
+        return {"skipped": "the sandbox HrFlow API (python -m sandbox) is not installed yet"}
+    from bench import handled_rows  # needs the sandbox and the edit handler
+
+    return handled_rows.p2_edit(procs, redis, config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="short CI run (about a minute)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, e.g. P1,P5")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.*")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="log level of the measured processes"
+    )
+    args = parser.parse_args()
+    selected = {row.strip().upper() for row in args.rows.split(",")}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hrflow-bench-") as work:
+        config = rows.Config(smoke=args.smoke, work_dir=Path(work))
+        results = run(config, selected, args.log_level)
+    record: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mode": "smoke" if args.smoke else "full",
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "duration_s": round(time.monotonic() - started, 1),
+        "rows": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stamp = record["when"].replace(":", "")
+    for name in (f"{record['mode']}-{stamp}.json", f"latest-{record['mode']}.json"):
+        (RESULTS / name).write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+    if not args.smoke and not args.no_docs:
+        from bench.report import write_docs  # matplotlib only when there is a plot to draw
+
+        write_docs(record)
+
+
+if __name__ == "__main__":
+    main()

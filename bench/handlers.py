@@ -1,0 +1,38 @@
+"""Trivial handlers for the worker rows (P3-P5): they cost almost nothing, so the figures
+measure the pipeline (poll, job, markers), not a handler.
+
+Both count handled events in Redis, so the bench reads throughput from outside
+the worker; ``register_timed`` also records each event's pick-up latency.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hrflow_webhooks.events import Event
+from workers.registry import Registry
+
+EVENT_TYPE = "profile.parsing.success"
+HANDLED_KEY = "bench:handled"
+PICKUP_KEY = "bench:pickup-ms"  # receipt → handler start, ms, one entry per event
+
+
+async def count(event: Event, ctx: Any) -> None:
+    await ctx.redis.incr(HANDLED_KEY)
+
+
+async def count_timed(event: Event, ctx: Any) -> None:
+    pickup_ms = (time.time() - event.received_at) * 1000
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(PICKUP_KEY, f"{pickup_ms:.3f}")
+        pipe.incr(HANDLED_KEY)
+        await pipe.execute()
+
+
+def register(registry: Registry) -> None:
+    registry.add(EVENT_TYPE, count, name="bench-count")
+
+
+def register_timed(registry: Registry) -> None:
+    registry.add(EVENT_TYPE, count_timed, name="bench-count")

@@ -1,0 +1,103 @@
+"""Measuring tools shared by the rows: wrk runs, queue fills, counters, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from bench.deliveries import bench_event
+from bench.handlers import HANDLED_KEY, PICKUP_KEY
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import EventQueue
+
+WRK_SCRIPT = Path(__file__).with_name("replay.lua")
+QUEUE = "hrflow:queue"
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    requests_per_s: float
+    not_2xx: int
+
+
+def run_wrk(url: str, deliveries: Path, seconds: float, connections: int) -> WrkResult:
+    """wrk, one thread (two cores: one for the server, one for wrk and Redis)."""
+    command = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+        "-s", str(WRK_SCRIPT), f"{url}/webhook", "--", str(deliveries), "1",
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if rate is None or total is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    return WrkResult(int(total.group(1)), float(rate.group(1)), int(bad.group(1)) if bad else 0)
+
+
+def fill_queue(
+    redis_url: str, tag: str, count: int, batch: int = 500, source_key: str = "sk-1"
+) -> None:
+    """Queue ``count`` unique events through the receiver's own enqueue (one script per batch)."""
+    asyncio.run(_fill_queue(redis_url, tag, count, batch, source_key))
+
+
+async def _fill_queue(redis_url: str, tag: str, count: int, batch: int, source_key: str) -> None:
+    redis = AsyncRedis.from_url(redis_url)
+    queue = EventQueue(redis, QUEUE, dedup_window_s=86_400)
+    try:
+        for first in range(0, count, batch):
+            numbers = range(first, min(count, first + batch))
+            events = [Event.from_payload(bench_event(tag, n, source_key)) for n in numbers]
+            await queue.enqueue_events(events)
+    finally:
+        await redis.aclose()
+
+
+def queue_length(redis: Redis) -> int:
+    return int(cast(int, redis.zcard(QUEUE)))
+
+
+def handled(redis: Redis) -> int:
+    return int(cast(bytes | None, redis.get(HANDLED_KEY)) or 0)
+
+
+def wait_handled(redis: Redis, target: int, timeout_s: float) -> float:
+    """Seconds until the workers have handled ``target`` events; raises past ``timeout_s``."""
+    start = time.monotonic()
+    while handled(redis) < target:
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"only {handled(redis)} of {target} events handled in {timeout_s} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def reset_counters(redis: Redis) -> None:
+    redis.delete(HANDLED_KEY, PICKUP_KEY)
+
+
+def pickups_ms(redis: Redis) -> list[float]:
+    return [float(value) for value in cast(list[bytes], redis.lrange(PICKUP_KEY, 0, -1))]
+
+
+def used_memory(redis: Redis) -> int:
+    return int(cast(dict[str, Any], redis.info("memory"))["used_memory"])
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,163 @@
+"""Real processes on loopback: redis-server, uvicorn apps, bench workers, the sandbox API.
+
+Every process is started here, tracked, and stopped by its own pid when the
+bench leaves its ``Processes`` block, so a failed row leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.redis_server import RedisServer, free_port
+
+PYTHON = sys.executable
+WEBHOOK_SECRET = "bench-webhook-secret"
+# One uvicorn process with the fast parts of uvicorn[standard] named, and no access log:
+# the same flags for the baseline and the receiver, so the ratio compares apps only.
+UVICORN_FLAGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def wait_for_http(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 (loopback only)
+            if answer.status == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size from /proc (Linux): what the kernel charges the process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far: a figure other tenants cannot inflate."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Processes:
+    """Owns the processes of one bench run; ``close`` stops each by its pid."""
+
+    work_dir: Path
+    log_level: str = "WARNING"
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    redis: RedisServer | None = None
+
+    def start_redis(self) -> RedisServer:
+        # The production configuration of README (AOF, fsync always): "durably queued" means it.
+        self.redis = RedisServer(self.work_dir / "redis")
+        self.redis.start()
+        return self.redis
+
+    @property
+    def redis_url(self) -> str:
+        assert self.redis is not None
+        return self.redis.url
+
+    @property
+    def redis_pid(self) -> int:
+        assert self.redis is not None
+        assert self.redis.process is not None
+        return self.redis.process.pid
+
+    def env(self, **extra: str) -> dict[str, str]:
+        assert self.redis is not None
+        return {
+            **os.environ,
+            "HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "REDIS_URL": self.redis.url,
+            "HRFLOW_LOG_LEVEL": self.log_level,
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+
+    def spawn(
+        self, name: str, command: list[str], env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        log = (self.work_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, env=dict(env), stdout=log, stderr=log)
+        log.close()
+        self.children.append(process)
+        return process
+
+    def start_app(self, name: str, app: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+        """One uvicorn process serving ``app``; returns it and its base URL."""
+        port = free_port()
+        command = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+        process = self.spawn(name, [*command, *UVICORN_FLAGS], self.env(**env))
+        wait_for_port(port)
+        return process, f"http://127.0.0.1:{port}"
+
+    def start_worker(
+        self,
+        name: str,
+        plugins: list[str],
+        *,
+        arq_defaults: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        command = [PYTHON, "-m", "bench.worker", *plugins]
+        if arq_defaults:
+            command.append("--arq-defaults")
+        return self.spawn(name, command, self.env(**(env or {})))
+
+    def start_sandbox(self, latency_ms: int) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        command = [PYTHON, "-m", "sandbox", "--port", str(port), "--latency-ms", str(latency_ms)]
+        process = self.spawn("sandbox", command, self.env())
+        wait_for_port(port)
+        return process, f"http://127.0.0.1:{port}"
+
+    def stop(self, process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if process in self.children:
+            self.children.remove(process)
+
+    def close(self) -> None:
+        for process in list(reversed(self.children)):
+            self.stop(process)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+@contextlib.contextmanager
+def processes(work_dir: Path, log_level: str = "WARNING") -> Iterator[Processes]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    owned = Processes(work_dir, log_level)
+    try:
+        yield owned
+    finally:
+        owned.close()

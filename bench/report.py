@@ -1,0 +1,148 @@
+"""docs/benchmarks.md and docs/benchmarks.png from one run's JSON record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MARKDOWN = DOCS / "benchmarks.md"
+PLOT = DOCS / "benchmarks.png"
+TABLE_START = "<!-- bench:table:start -->"
+TABLE_END = "<!-- bench:table:end -->"
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value < 1 else f"{value:.1f}"
+
+
+def _met(ratio: float, target: float, lower_is_better: bool = False) -> str:
+    met = ratio <= target if lower_is_better else ratio >= target
+    return "yes" if met else "**no**"
+
+
+def table_rows(rows: dict[str, Any]) -> list[str]:
+    lines = [
+        "| id | measure | baseline (same run) | ours | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if "P1" in rows:
+        p1 = rows["P1"]
+        cpu = p1["cpu_us_per_request"]
+        lines.append(
+            f"| P1 | signed deliveries verified + durably queued /s, one uvicorn process "
+            f"(server CPU µs/delivery: {cpu['subject']:.0f} vs {cpu['baseline']:.0f}) "
+            f"| bare Starlette 202: {_fmt(p1['baseline'])}/s | {_fmt(p1['subject'])}/s "
+            f"| {p1['ratio']:.2f}x | ≥ 0.5x | {_met(p1['ratio'], 0.5)} |"
+        )
+    handled = rows.get("P2", {})
+    if "P2" in handled:
+        p2, p2b = handled["P2"], handled["P2b"]
+        lines.append(
+            f"| P2 | edit-handler events handled /s, one worker, sandbox 100 ms/call "
+            f"(handler {handled['handler_ms']:.0f} ms) | max_jobs ÷ handler time: "
+            f"{_fmt(p2['baseline'])}/s | {_fmt(p2['subject'])}/s | {p2['ratio']:.2f}x | ≥ 0.8x "
+            f"| {_met(p2['ratio'], 0.8)} |"
+        )
+        lines.append(
+            f"| P2b | same | SDK model, one event at a time inline: {_fmt(p2b['baseline'])}/s "
+            f"| {_fmt(p2b['subject'])}/s | {p2b['ratio']:.0f}x | ≥ 50x | {_met(p2b['ratio'], 50)} |"
+        )
+    elif "skipped" in handled:
+        lines.append(f"| P2, P2b | not measured: {handled['skipped']} | | | | | |")
+    if "P3" in rows:
+        p3 = rows["P3"]
+        ours, arq = p3["subject"], p3["baseline"]
+        lines.append(
+            f"| P3 | pick-up latency p50 / p99 at half of peak load "
+            f"({ours['rate_per_s']:.0f}/s; arq at half its own peak, {arq['rate_per_s']:.0f}/s) "
+            f"| arq defaults: {arq['p50_ms']:.0f} / {arq['p99_ms']:.0f} ms "
+            f"| {ours['p50_ms']:.1f} / {ours['p99_ms']:.1f} ms | p99 {p3['ratio']:.3f}x "
+            f"| p99 ≤ 0.05x | {_met(p3['ratio'], 0.05, lower_is_better=True)} |"
+        )
+    if "P4" in rows:
+        p4 = rows["P4"]
+        kept = ", ".join(f"{k}: {v:,}" for k, v in sorted(p4["redis_keys"].items()))
+        lines.append(
+            f"| P4 | worker RSS growth over {p4['events']:,} events; Redis after the drain "
+            f"| start: {p4['rss_start_mb']:.1f} MB RSS | +{p4['rss_growth_mb']:.1f} MB RSS; "
+            f"Redis +{p4['redis_growth_mb']:.1f} MB ({p4['redis_bytes_per_event']:.0f} B/event), "
+            f"keys: {kept} | | < 20 MB; only the dedup window | "
+            f"{'yes' if p4['passes'] else '**no**'} |"
+        )
+    if "P5" in rows:
+        p5 = rows["P5"]
+        lines.append(
+            f"| P5 | events handled /s with 2 worker processes | 1 worker: {_fmt(p5['baseline'])}/s "
+            f"| {_fmt(p5['subject'])}/s | {p5['ratio']:.2f}x | ≥ 1.7x | {_met(p5['ratio'], 1.7)} |"
+        )
+    return lines
+
+
+def write_table(record: dict[str, Any]) -> None:
+    """Replace the table between the markers, keeping the hand-written text around it."""
+    header = (
+        f"Run of {record['when']} ({record['mode']}, {record['machine']['cpus']} CPUs, "
+        f"Python {record['machine']['python']}, {record['duration_s']:.0f} s):"
+    )
+    block = "\n".join([TABLE_START, header, "", *table_rows(record["rows"]), TABLE_END])
+    text = (
+        MARKDOWN.read_text()
+        if MARKDOWN.exists()
+        else f"# Benchmarks\n\n{TABLE_START}\n{TABLE_END}\n"
+    )
+    before, _, rest = text.partition(TABLE_START)
+    _, _, after = rest.partition(TABLE_END)
+    MARKDOWN.write_text(before + block + after)
+
+
+def write_plot(record: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels, baselines, ours = [], [], []
+    for row, name in (("P1", "P1 ingest"), ("P5", "P5 2 vs 1 worker")):
+        if row in rows:
+            labels.append(name)
+            baselines.append(rows[row]["baseline"])
+            ours.append(rows[row]["subject"])
+    if "P2" in rows.get("P2", {}):
+        labels.append("P2 edit handler")
+        baselines.append(rows["P2"]["P2"]["baseline"])
+        ours.append(rows["P2"]["P2"]["subject"])
+    positions = range(len(labels))
+    throughput.bar([p - 0.2 for p in positions], baselines, 0.4, label="baseline")
+    throughput.bar([p + 0.2 for p in positions], ours, 0.4, label="hrflow-webhooks")
+    throughput.set_xticks(list(positions), labels)
+    throughput.set_ylabel("per second")
+    throughput.set_yscale("log")
+    throughput.set_title("Throughput (baseline measured in the same run)")
+    throughput.legend()
+    if "P3" in rows:
+        p3 = rows["P3"]
+        names = ["p50", "p99"]
+        arq = [p3["baseline"]["p50_ms"], p3["baseline"]["p99_ms"]]
+        mine = [p3["subject"]["p50_ms"], p3["subject"]["p99_ms"]]
+        latency.bar([0 - 0.2, 1 - 0.2], arq, 0.4, label="arq defaults")
+        latency.bar([0 + 0.2, 1 + 0.2], mine, 0.4, label="hrflow-webhooks")
+        latency.set_xticks([0, 1], names)
+        latency.set_yscale("log")
+        latency.set_ylabel("ms, receipt → handler start")
+        latency.set_title("P3 pick-up latency at half of peak load")
+        latency.legend()
+    figure.suptitle(f"hrflow-webhooks benchmarks, {record['when']} ({record['mode']})")
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=100)
+    plt.close(figure)
+
+
+def write_docs(record: dict[str, Any]) -> None:
+    DOCS.mkdir(exist_ok=True)
+    write_table(record)
+    write_plot(record)
