@@ -1,10 +1,11 @@
 """``hrflow-webhooks worker``: one arq worker that outlives Redis outages.
 
 The worker's Redis client already retries a dropped connection forever, but
-arq gives up at start-up after ``conn_retries`` and a few failures surface as
-exceptions out of ``Worker.main``. Instead of dying (and relying on a process
-manager to notice), the loop logs why, waits with backoff and builds a fresh
-worker. SIGINT/SIGTERM stop it the way arq does: no new jobs, running ones get
+other Redis errors still escape ``Worker.main`` and end arq's worker: a
+read-only replica after a failover, ``MISCONF`` while the disk is full, auth
+errors while a password rotates, or a connection failure under settings with
+bounded retries. Instead of dying (and relying on a process manager to notice),
+the loop logs why, waits with backoff and builds a fresh worker. SIGINT/SIGTERM stop it the way arq does: no new jobs, running ones get
 ``HRFLOW_SHUTDOWN_GRACE_S`` to finish, the rest are re-queued.
 """
 

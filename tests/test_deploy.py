@@ -178,3 +178,14 @@ def test_env_example_defaults_are_the_settings_defaults() -> None:
     assert values["HRFLOW_JOB_TIMEOUT_S"] == str(defaults.job_timeout_s)
     assert values["HRFLOW_QUEUE_NAME"] == defaults.queue_name
     assert values["HRFLOW_SHUTDOWN_GRACE_S"] == str(defaults.shutdown_grace_s)
+
+
+def test_make_run_installs_then_runs_the_console_script() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    target = re.search(r"^run:(.*)\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE)
+    assert target is not None
+    prerequisites, recipe = target[1].split(), target[2].split()
+    assert "$(STAMP)" in prerequisites  # the venv is created first on a fresh machine
+    assert "redis-server" in prerequisites  # the embedded Redis needs the binary
+    assert recipe[:2] == ["$(BIN)/hrflow-webhooks", "run"]
+    assert script_command(["hrflow-webhooks", "run"]) == "run"

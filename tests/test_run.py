@@ -1,0 +1,244 @@
+"""`hrflow-webhooks run` as a newcomer runs it, and the worker that outlives Redis outages.
+
+The run test starts the real command in a fresh working directory (no `.run`
+state) on free ports, runs the `send` command it prints, checks the sandbox saw
+the profile edited, kills a worker to see it restarted, then sends Ctrl-C's
+SIGINT to the process group and checks every process it started is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from arq.connections import RedisSettings
+from redis.asyncio import Redis
+
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import EventQueue
+from hrflow_webhooks.runner import load_or_create_secret
+from hrflow_webhooks.worker_process import WorkerLoop
+from tests.redis_server import RedisServer, free_port
+from tests.service import make_settings, parsing_event, recorder
+from workers.registry import Registry
+from workers.settings import create_worker, redis_settings
+
+HANG_GUARD_S = 90.0  # only stops a broken run from hanging the suite; nothing is timed
+
+
+def wait_for(condition: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat_line.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int) -> set[int]:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    parents = {pid: parent_of(pid) for pid in pids}
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def child_pids(root: int, marker: str) -> set[int]:
+    """Descendants whose command line contains ``marker``."""
+    pids = set()
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+    return pids
+
+
+class RunProcess:
+    """`hrflow-webhooks run` in its own process group, its output collected line by line."""
+
+    def __init__(self, cwd: Path, args: list[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HRFLOW_")}
+        env.pop("REDIS_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hrflow_webhooks.cli", "run", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def line_with(self, text: str) -> str | None:
+        return next((line for line in list(self.lines) if text in line), None)
+
+    def ctrl_c(self) -> int:
+        os.killpg(self.process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        return self.process.wait(timeout=HANG_GUARD_S)
+
+
+@pytest.fixture
+def run_process(tmp_path: Path) -> Iterator[tuple[RunProcess, dict[str, int]]]:
+    ports = {"port": free_port(), "sandbox-port": free_port(), "redis-port": free_port()}
+    args = [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    run = RunProcess(tmp_path, args)
+    yield run, ports
+    if run.process.poll() is None:  # a failed test: leave nothing behind
+        for pid in descendants(run.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.process.kill()
+        run.process.wait()
+
+
+def sandbox_calls(port: int) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sandbox/calls") as answer:
+        calls: list[dict[str, Any]] = json.load(answer)["calls"]
+    return calls
+
+
+def edited_with_tag(calls: list[dict[str, Any]], profile_key: str) -> bool:
+    return any(
+        call["method"] == "PUT"
+        and call["path"] == "/v1/profile/indexing"
+        and call["status"] == 200
+        and (call["body"] or {}).get("key") == profile_key
+        and {"name": "processed_by", "value": "hrflow-webhooks"} in call["body"].get("tags", [])
+        for call in calls
+    )
+
+
+def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
+    run_process: tuple[RunProcess, dict[str, int]], tmp_path: Path
+) -> None:
+    run, ports = run_process
+    command_line = wait_for(lambda: run.line_with(" send profile.parsing.success "), "banner")
+    secret_line = run.line_with("webhook secret")
+    assert secret_line is not None
+    assert (tmp_path / ".run" / "webhook-secret").read_text().strip() in secret_line
+    assert f"http://127.0.0.1:{ports['port']}/webhook" in "\n".join(run.lines)
+    started = descendants(run.process.pid)
+    assert len(started) >= 4  # redis, sandbox, receiver, worker
+
+    argv = shlex.split(command_line.strip())
+    argv[0] = str(Path(sys.executable).parent / "hrflow-webhooks")  # as the user would run it
+    sent = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sent.stdout.startswith("202 ")
+    profile_key = argv[argv.index("--profile-key") + 1]
+    wait_for(lambda: edited_with_tag(sandbox_calls(ports["sandbox-port"]), profile_key), "edit")
+
+    [worker] = child_pids(run.process.pid, "worker")
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: run.line_with("worker.1 exited with code -9"), "the supervisor to notice")
+    restarted = wait_for(lambda: child_pids(run.process.pid, "worker") - {worker}, "a new worker")
+    started |= restarted
+
+    assert run.ctrl_c() == 0
+    assert run.lines[-1] == "all processes stopped"
+    assert [pid for pid in started if alive(pid)] == []
+    assert (tmp_path / ".run" / "redis" / "appendonlydir").is_dir()  # AOF on, in .run
+
+
+def test_the_secret_is_generated_once_and_kept_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "webhook-secret"
+    first = load_or_create_secret(path)
+    assert len(first) >= 40
+    assert load_or_create_secret(path) == first
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def settle(task: asyncio.Task[None]) -> None:
+    """Let the loop run a little; surface its error at once if it died."""
+    if task.done():
+        task.result()
+        raise AssertionError("the worker loop returned before it was stopped")
+    await asyncio.sleep(0.02)
+
+
+async def test_the_worker_loop_restarts_after_redis_comes_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down when the worker starts: arq gives up, the loop retries until it is up."""
+    server = RedisServer(tmp_path / "redis", free_port())
+    settings = make_settings(server.url, shutdown_grace_s=0)
+    registry = Registry()
+    seen = recorder(registry, "profile.parsing.success")
+
+    def short_retries() -> RedisSettings:
+        # Without retries the first failed ping ends arq's start-up, as any Redis error that
+        # escapes the client's own retries (a read-only replica after a failover, say) does.
+        base = redis_settings(settings)
+        base.conn_retries = 0
+        base.retry = None
+        base.retry_on_error = None
+        return base
+
+    loop = WorkerLoop(
+        settings,
+        lambda: create_worker(
+            settings, registry, handle_signals=False, redis_settings=short_retries()
+        ),
+        restart_delay_s=0.05,
+    )
+    caplog.set_level(logging.ERROR, logger="hrflow_webhooks.worker")
+    running = asyncio.create_task(loop.run())
+    while loop.restarts < 2:
+        await settle(running)
+    server.start()
+    try:
+        redis = Redis.from_url(server.url)
+        event = Event.from_payload(parsing_event("pk-outage"))
+        await EventQueue(redis, settings.queue_name, 60).enqueue_events([event])
+        while not seen:
+            await settle(running)
+        loop.stop()
+        await running
+        assert [e.id for e in seen] == [event.id]
+        restarts = [r for r in caplog.records if "restarting" in r.getMessage()]
+        assert restarts
+        assert restarts[0].__dict__["error_type"] == "ConnectionError"
+        await redis.aclose()
+    finally:
+        server.stop()
