@@ -334,8 +334,10 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     state.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     yield
-    if state.tasks:
-        await asyncio.gather(*state.tasks, return_exceptions=True)
+    # Stopping must be quick (Ctrl-C in `make run`): webhooks still in flight are dropped.
+    for task in state.tasks:
+        task.cancel()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
     await state.session.close()
 
 
@@ -414,4 +416,4 @@ def run_sandbox(
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
     )
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5.0)
