@@ -154,8 +154,9 @@ class EventQueue:
         self._waiting.append(pending)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_batches())
-        # shield: a caller that goes away must not cancel the write of other callers' events
-        return await asyncio.shield(pending.done)
+        # A caller that goes away cancels only its own future: the writer task, not the
+        # caller, sends the batch, so the other callers' events are written all the same.
+        return await pending.done
 
     async def _write_batches(self) -> None:
         try:

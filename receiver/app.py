@@ -153,8 +153,12 @@ class WebhookEndpoint:
                 response = await _handle_delivery(receive, delivery, receiver, request_id)
             except ClientGoneError:
                 return  # nobody to answer; nothing was queued
-        response.headers["x-request-id"] = request_id
-        await response(scope, receive, send)
+        # The response's parts, sent as they are: no header object to copy into per delivery.
+        headers = [*response.raw_headers, (b"x-request-id", request_id.encode("latin-1"))]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": response.body})
 
 
 async def _handle_delivery(
