@@ -104,11 +104,11 @@ def sandbox_command(
     port: Annotated[int, typer.Option()] = 8001,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     seed: Annotated[bool, typer.Option("--seed/--no-seed", help="Load the seed profiles.")] = True,
-    latency_ms: Annotated[int, typer.Option(min=0, help="Added to every API answer.")] = 0,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Added to every API answer.")] = 0.0,
     fail_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of API calls answered with --status.")
     ] = 0.0,
-    status: Annotated[int, typer.Option(help="Status of injected failures.")] = 503,
+    status: Annotated[int, typer.Option(help="Status of injected failures.")] = 500,
     webhook_url: Annotated[
         str | None, typer.Option(help="POST a signed profile.parsing.success here on each add.")
     ] = None,

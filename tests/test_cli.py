@@ -11,7 +11,9 @@ import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
@@ -20,7 +22,8 @@ from hrflow_webhooks.cli import parse_since, redacted_letter
 from hrflow_webhooks.erasure import erase_profile, glob_escape
 from hrflow_webhooks.events import Event, event_id_of
 from hrflow_webhooks.queue import EventQueue, QueueKeys
-from tests.redis_server import RedisServer
+from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from tests.redis_server import RedisServer, free_port
 from tests.service import WEBHOOK_SECRET, make_settings, parsing_event, receiver
 from workers.dead_letters import DeadLetters
 
@@ -323,3 +326,41 @@ async def test_erase_command_reports_what_it_removed(
 
 def test_glob_escape_matches_keys_literally() -> None:
     assert glob_escape("a*b?[c]") == r"a\*b\?\[c\]"
+
+
+# --- sandbox ----------------------------------------------------------------------------------
+
+
+async def sandbox_answers(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+    """(status, JSON) once the sandbox listens; it takes a moment to start."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):  # a hang guard, not a timing assertion
+            try:
+                async with session.get(url, headers=headers) as answer:
+                    return answer.status, await answer.json()
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    raise AssertionError(f"the sandbox never answered {url}")
+
+
+@pytest.mark.parametrize(("seed", "profiles"), [("--seed", 1), ("--no-seed", 0)])
+async def test_sandbox_command_passes_its_fault_and_seed_options(seed: str, profiles: int) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hrflow_webhooks.cli", "sandbox", "--port", str(port), seed,
+        "--fail-rate", "1", "--status", "429",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _, listed = await sandbox_answers(f"{base}/_sandbox/profiles")
+        status, _ = await sandbox_answers(
+            f"{base}/v1/profile/indexing?source_key={SAMPLE_SOURCE_KEY}&key={JOHN_DOE_KEY}",
+            {"X-API-KEY": "sandbox-api-key", "X-USER-EMAIL": "sandbox@hrflow.local"},
+        )
+    finally:
+        process.terminate()
+        await process.wait()
+    assert status == 429
+    keys = [p["key"] for p in listed["profiles"] if p.get("key") == JOHN_DOE_KEY]
+    assert len(keys) == profiles
