@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint test-faults bench clean redis-server
+.PHONY: run test lint test-faults bench bench-smoke clean redis-server wrk
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +33,18 @@ lint: $(STAMP)
 test-faults: $(STAMP) redis-server
 	$(BIN)/python -m pytest -m slow -s
 
-bench: $(STAMP) redis-server
+# P1's load generator is wrk (Debian's package), installed like redis-server.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "wrk not on PATH: installing Debian's wrk package"; \
+	  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null || \
+	  { echo "could not install wrk: install it and retry" >&2; exit 1; }; }
+
+bench: $(STAMP) redis-server wrk
 	$(BIN)/python -m bench
+
+bench-smoke: $(STAMP) redis-server wrk
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
