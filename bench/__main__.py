@@ -35,9 +35,7 @@ def run(config: rows.Config, selected: set[str], log_level: str) -> dict[str, An
         if "P5" in selected:
             results["P5"] = rows.p5_scale_out(procs, redis, config)
         if "P3" in selected:
-            ingest_peak = results.get("P1", {}).get("subject") or 2_000.0
-            worker_peak = results.get("P5", {}).get("baseline") or 1_000.0
-            results["P3"] = rows.p3_latency(procs, redis, config, ingest_peak, worker_peak)
+            results["P3"] = rows.p3_latency(procs, redis, config)
         if "P4" in selected:
             results["P4"] = rows.p4_memory(procs, redis, config)
         if "P2" in selected:
