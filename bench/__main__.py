@@ -1,8 +1,9 @@
 """``python -m bench``: run the rows of issue 7 and record the result.
 
 ``--smoke`` is the short CI mode (about a minute; its figures are indicative
-only). A full run also rewrites docs/benchmarks.md and docs/benchmarks.png
-unless ``--no-docs``. Results go to bench/results/ (gitignored) as JSON.
+only). A full run of every row also rewrites docs/benchmarks.md and
+docs/benchmarks.png unless ``--no-docs``. Results go to bench/results/
+(gitignored) as JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import os
 import platform
 import tempfile
 import time
@@ -69,16 +71,21 @@ def main() -> None:
     record: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mode": "smoke" if args.smoke else "full",
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "duration_s": round(time.monotonic() - started, 1),
         "rows": results,
     }
     RESULTS.mkdir(exist_ok=True)
     stamp = record["when"].replace(":", "")
-    for name in (f"{record['mode']}-{stamp}.json", f"latest-{record['mode']}.json"):
+    complete = selected >= set(ROWS)
+    latest = (
+        f"latest-{record['mode']}.json" if complete else f"latest-{record['mode']}-partial.json"
+    )
+    for name in (f"{record['mode']}-{stamp}.json", latest):
         (RESULTS / name).write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
-    if not args.smoke and not args.no_docs:
+    # The docs show one complete run: a smoke run or a subset of rows does not replace it.
+    if not args.smoke and not args.no_docs and complete:
         from bench.report import write_docs  # matplotlib only when there is a plot to draw
 
         write_docs(record)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -32,6 +33,8 @@ class WrkResult:
 
 def run_wrk(url: str, deliveries: Path, seconds: float, connections: int) -> WrkResult:
     """wrk, one thread (two cores: one for the server, one for wrk and Redis)."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not on PATH: `make bench` installs Debian's wrk package")
     command = [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
         "-s", str(WRK_SCRIPT), f"{url}/webhook", "--", str(deliveries), "1",

@@ -107,17 +107,17 @@ def write_plot(record: dict[str, Any]) -> None:
     rows = record["rows"]
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels, baselines, ours = [], [], []
-    for row, name in (("P1", "P1 ingest"), ("P5", "P5 2 vs 1 worker")):
+    for row, name in (("P1", "P1 ingest (bare 202)"), ("P5", "P5 2 workers (1 worker)")):
         if row in rows:
             labels.append(name)
             baselines.append(rows[row]["baseline"])
             ours.append(rows[row]["subject"])
     if "P2" in rows.get("P2", {}):
-        labels.append("P2 edit handler")
+        labels.append("P2 edit handler (bound)")
         baselines.append(rows["P2"]["P2"]["baseline"])
         ours.append(rows["P2"]["P2"]["subject"])
     positions = range(len(labels))
-    throughput.bar([p - 0.2 for p in positions], baselines, 0.4, label="baseline")
+    throughput.bar([p - 0.2 for p in positions], baselines, 0.4, label="baseline (in brackets)")
     throughput.bar([p + 0.2 for p in positions], ours, 0.4, label="hrflow-webhooks")
     throughput.set_xticks(list(positions), labels)
     throughput.set_ylabel("per second")
