@@ -73,17 +73,22 @@ class QueueKeys:
 
 # KEYS: queue, then (seen key, job key) per event. ARGV: window s, score ms, then job per event.
 # Returns 1 per queued event, 0 per duplicate.
+# The seen marker is written last: Redis does not roll a script back, so if a write fails
+# half-way (out of memory under noeviction), an event may be queued without its marker (a
+# retried delivery then rewrites the same job id: harmless), never marked without its job
+# (a retried delivery would be acknowledged as a duplicate and the event lost).
 _ENQUEUE_SCRIPT = """
 local window, score = ARGV[1], ARGV[2]
 local queued = {}
 for i = 2, #KEYS, 2 do
   local n = i / 2
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', window) then
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    queued[n] = 0
+  else
     redis.call('SET', KEYS[i + 1], ARGV[n + 2])
     redis.call('ZADD', KEYS[1], score, string.sub(KEYS[i + 1], #'arq:job:' + 1))
+    redis.call('SET', KEYS[i], '1', 'EX', window)
     queued[n] = 1
-  else
-    queued[n] = 0
   end
 end
 return queued
