@@ -73,10 +73,11 @@ class QueueKeys:
 
 # KEYS: queue, then (seen key, job key) per event. ARGV: window s, score ms, then job per event.
 # Returns 1 per queued event, 0 per duplicate.
-# The seen marker is written last: Redis does not roll a script back, so if a write fails
-# half-way (out of memory under noeviction), an event may be queued without its marker (a
-# retried delivery then rewrites the same job id: harmless), never marked without its job
-# (a retried delivery would be acknowledged as a duplicate and the event lost).
+# The seen marker is written last. Redis does not roll a script back; it refuses a script for
+# lack of memory only at its first write (tests/test_queue.py), but should any write fail
+# half-way, an event may then be queued without its marker (a retried delivery rewrites the
+# same job id: harmless), never marked without its job (a retried delivery would be
+# acknowledged as a duplicate and the event lost).
 _ENQUEUE_SCRIPT = """
 local window, score = ARGV[1], ARGV[2]
 local queued = {}

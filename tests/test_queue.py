@@ -1,4 +1,6 @@
-"""The queue seam under memory pressure: a refused write never acknowledges, never loses."""
+"""The queue seam under memory pressure (maxmemory with noeviction): Redis refuses a whole
+enqueue script, the caller gets the error (the receiver answers 503), and HrFlow's retries
+then queue every event exactly once."""
 
 from __future__ import annotations
 
