@@ -81,6 +81,11 @@ _REQUEST_ID_PREFIX = uuid.uuid4().hex[:16]
 _request_numbers = itertools.count()
 
 
+def _acceptable_request_id(value: bytes) -> bool:
+    """A caller's request id is echoed and logged: short printable ASCII only, or we make one."""
+    return 0 < len(value) <= 128 and all(0x21 <= byte <= 0x7E for byte in value)
+
+
 def new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
 
@@ -99,8 +104,8 @@ class Delivery:
         for name, value in scope["headers"]:
             if name in SIGNATURE_HEADERS:
                 delivery.signature = delivery.signature or bytes(value)
-            elif name == b"x-request-id":
-                delivery.request_id = value.decode("latin-1")
+            elif name == b"x-request-id" and _acceptable_request_id(value):
+                delivery.request_id = value.decode("ascii")
             elif name == b"content-length" and value.isdigit():
                 delivery.content_length = int(value)
         return delivery

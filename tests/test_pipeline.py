@@ -201,3 +201,19 @@ async def test_health_endpoints(
             assert (health.status, await health.json()) == (200, {"status": "ok"})
         async with session.get(f"{server.url}/readyz") as ready:
             assert ready.status == 200
+
+
+async def test_a_callers_request_id_is_echoed_only_when_short_and_printable(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    async with receiver(make_settings(redis_server.url)) as server:
+        answers = []
+        for request_id in ("req-42", "x" * 129, "two words"):
+            headers = {**signed_headers(parsing_event(request_id[:10])), "x-request-id": request_id}
+            async with session.post(f"{server.url}/webhook", json={}, headers=headers) as response:
+                assert response.status == 202
+                answers.append(response.headers["x-request-id"])
+    assert answers[0] == "req-42"
+    assert answers[1] != "x" * 129
+    assert answers[2] != "two words"
+    assert len(answers[1]) == len(answers[2]) == 32  # our own ids instead
