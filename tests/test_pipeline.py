@@ -217,3 +217,21 @@ async def test_a_callers_request_id_is_echoed_only_when_short_and_printable(
     assert answers[1] != "x" * 129
     assert answers[2] != "two words"
     assert len(answers[1]) == len(answers[2]) == 32  # our own ids instead
+
+
+async def test_a_large_event_in_the_header_fits_uvicorns_parser(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """The payload travels base64-encoded in the signature header: 500 KB → ~670 KB header."""
+    settings = make_settings(redis_server.url)  # default HRFLOW_MAX_BODY_BYTES: 1 MiB
+    big = parsing_event("big", message="x" * 500_000)
+    async with receiver(settings) as server:
+        async with session.post(
+            f"{server.url}/webhook", data=b"{}", headers=signed_headers(big)
+        ) as r:
+            assert r.status == 202
+        bigger = parsing_event("bigger", message="x" * 900_000)
+        headers = signed_headers(bigger)
+        async with session.post(f"{server.url}/webhook", data=b"{}", headers=headers) as r:
+            assert r.status == 413
+    assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 1
