@@ -189,3 +189,15 @@ def test_make_run_installs_then_runs_the_console_script() -> None:
     assert "redis-server" in prerequisites  # the embedded Redis needs the binary
     assert recipe[:2] == ["$(BIN)/hrflow-webhooks", "run"]
     assert script_command(["hrflow-webhooks", "run"]) == "run"
+
+
+def test_readme_shows_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "$ make run" in readme
+    assert "$ make test" in readme
+
+
+def test_readme_configuration_table_has_a_row_for_every_setting_and_no_other() -> None:
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([A-Z_]+)`", section, flags=re.MULTILINE))
+    assert rows == settings_variables() | {"PORT"}  # PORT's row also names WEB_CONCURRENCY

@@ -26,7 +26,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.processes import ROOT, WorkerProcess
+from tests.processes import ROOT, WorkerProcess, wait_until_answering
 from tests.redis_server import RedisServer, free_port
 from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
 from tests.test_load import ReceiverProcess
@@ -51,15 +51,7 @@ class SandboxProcess:
         )  # fmt: skip
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        for _ in range(400):
-            try:
-                async with session.get(f"{self.url}/_sandbox/profiles") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError("sandbox did not start")
+        await wait_until_answering(session, f"{self.url}/_sandbox/profiles", "sandbox")
 
     async def store(self, session: aiohttp.ClientSession, key: str) -> None:
         profile = {"key": key, "text": "synthetic profile for fault injection"}

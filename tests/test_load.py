@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tests.processes import ROOT, WorkerProcess, worker_env
+from tests.processes import ROOT, WorkerProcess, wait_until_answering, worker_env
 from tests.redis_server import RedisServer, free_port
 from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
 
@@ -43,15 +43,7 @@ class ReceiverProcess:
         )  # fmt: skip
 
     async def wait_ready(self, session: aiohttp.ClientSession) -> None:
-        for _ in range(400):
-            try:
-                async with session.get(f"{self.url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError("receiver did not become ready")
+        await wait_until_answering(session, f"{self.url}/readyz", "receiver")
 
     def close(self) -> None:
         self.process.terminate()
