@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
 from hrflow_webhooks.queue import QueueKeys
-from tests.redis_server import RedisServer
+from tests.processes import ROOT
+from tests.redis_server import RedisServer, free_port
 from tests.service import drain, make_settings, parsing_event, receiver, recorder, signed_headers
 from workers.registry import Registry
 
@@ -235,3 +240,16 @@ async def test_a_large_event_in_the_header_fits_uvicorns_parser(
         async with session.post(f"{server.url}/webhook", data=b"{}", headers=headers) as r:
             assert r.status == 413
     assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 1
+
+
+def test_the_receiver_refuses_to_start_without_a_webhook_secret(redis_server: RedisServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HRFLOW_")}
+    env["REDIS_URL"] = redis_server.url
+    port = str(free_port())
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", port],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "HRFLOW_WEBHOOK_SECRET is not set" in result.stderr
+    assert "Application startup failed" in result.stderr
