@@ -409,3 +409,29 @@ def test_the_installed_plugins_register_when_enabled(redis_server: RedisServer) 
 def test_an_enabled_handler_without_credentials_stops_the_start() -> None:
     with pytest.raises(NotConfiguredError, match="HRFLOW_API_KEY"):
         edit.register(Registry(), Settings(edit_tags=TAGS))
+
+
+async def test_a_sandbox_400_is_dead_lettered_then_replayed_once_from_the_cli(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """Issue 5's proof: a permanent 400 lands in dead letters with its reason; once the API
+    is fixed, `hrflow-webhooks dead-letters replay` completes it; a second replay does nothing."""
+    from tests.test_cli import cli
+
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    sandbox.state.faults.add(Fault(endpoint="PUT /v1/profile/indexing", status=400))
+    await _run(settings, http, parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    [letter] = await _dead_letters(redis, settings)
+    assert (letter["reason"], letter["error"]["status"]) == ("permanent error", 400)
+    assert letter["error"]["hrflow_message"]
+
+    sandbox.state.faults.clear()  # the API is fixed
+    env = {"REDIS_URL": redis_server.url, "HRFLOW_QUEUE_NAME": settings.queue_name}
+    assert (await cli("dead-letters", "replay", letter["id"], env=env))[0] == 0
+    code, _, _ = await cli("dead-letters", "replay", letter["id"], env=env)
+    assert code == 1  # nothing left to replay
+    await drain(settings, _registry(settings))
+    assert _calls(sandbox, "PUT") == [("PUT", 400), ("PUT", 200)]
+    assert await _dead_letters(redis, settings) == []
+    tags = sandbox.state.profiles.get(SAMPLE_SOURCE_KEY, HARRY_POTTER_KEY, None)["tags"]
+    assert {"name": "reviewed", "value": "yes"} in tags
