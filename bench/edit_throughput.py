@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from hrflow_webhooks.events import Event
@@ -84,9 +85,9 @@ async def measure(
     settings = Settings(
         redis_url=redis_url,
         api_url=f"{sandbox_url}/v1",
-        api_key=DEFAULT_API_KEY,
+        api_key=SecretStr(DEFAULT_API_KEY),
         api_user=DEFAULT_API_USER,
-        edit_tags="benchmark=edit",
+        edit_tags={"benchmark": "edit"},
         worker_max_jobs=max_jobs,
         job_timeout_s=60,
     )
