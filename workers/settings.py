@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from arq import Worker, func
+from arq import func
 from arq.connections import RedisSettings
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -34,6 +34,7 @@ from hrflow_webhooks.client.api import client_if_configured
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
 from hrflow_webhooks.settings import Settings
+from workers.arq_worker import Worker
 from workers.context import WorkerServices
 from workers.jobs import handle_event
 from workers.metrics_server import start_worker_metrics, stop_worker_metrics

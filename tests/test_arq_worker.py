@@ -1,0 +1,81 @@
+"""The worker's one-round-trip job claim makes arq's checks: queued, due, not in progress."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+from redis.asyncio import Redis
+
+from tests.redis_server import RedisServer
+from tests.service import make_settings
+from workers.arq_worker import Worker
+from workers.registry import Registry
+from workers.settings import create_worker
+
+
+@pytest.fixture
+async def pool(redis: Redis, redis_server: RedisServer) -> AsyncIterator[ArqRedis]:
+    arq_pool = await create_pool(RedisSettings.from_dsn(redis_server.url))
+    yield arq_pool
+    await arq_pool.aclose()
+
+
+def worker_on(pool: ArqRedis, redis_server: RedisServer) -> Worker:
+    worker = create_worker(
+        make_settings(redis_server.url), Registry(), redis_pool=pool, handle_signals=False
+    )
+    assert isinstance(worker, Worker)
+    return worker
+
+
+async def test_claims_due_queued_jobs_not_in_progress_in_queue_order(
+    pool: ArqRedis, redis_server: RedisServer
+) -> None:
+    worker = worker_on(pool, redis_server)
+    now = timestamp_ms()
+    queue = worker.queue_name
+    await pool.zadd(queue, {"a": now - 5, "busy": now - 4, "later": now + 60_000, "d": now - 3})
+    await pool.zadd(queue, {"e": now - 2})
+    await pool.set(in_progress_key_prefix + "busy", b"1")
+
+    claimed = await worker._claim(["a", "busy", "later", "gone", "d", "e"], 2)
+
+    assert claimed == [("a", now - 5), ("d", now - 3)]  # at most 2, oldest first
+    for job_id in ("a", "d"):
+        ttl_ms = await pool.pttl(in_progress_key_prefix + job_id)
+        assert 0 < ttl_ms <= worker.in_progress_timeout_s * 1000
+    assert not await pool.exists(in_progress_key_prefix + "e")
+    assert not await pool.exists(in_progress_key_prefix + "later")
+
+
+async def test_two_workers_never_claim_the_same_job(
+    pool: ArqRedis, redis_server: RedisServer
+) -> None:
+    first, second = worker_on(pool, redis_server), worker_on(pool, redis_server)
+    ids = [f"job-{n}" for n in range(200)]
+    await pool.zadd(first.queue_name, {job_id: timestamp_ms() - 1 for job_id in ids})
+
+    claims = await asyncio.gather(*(w._claim(ids, 200) for w in (first, second, first, second)))
+
+    won = [job_id for claim in claims for job_id, _ in claim]
+    assert sorted(won) == sorted(ids)  # every job claimed once, by exactly one claim
+
+
+async def test_a_refused_claim_starts_nothing_and_the_worker_polls_on(
+    pool: ArqRedis, redis_server: RedisServer
+) -> None:
+    """Under maxmemory Redis refuses the claim's write; arq skips the job in that case too."""
+    worker = worker_on(pool, redis_server)
+    await pool.zadd(worker.queue_name, {"a": timestamp_ms() - 1})
+    await pool.config_set("maxmemory", 1)
+    try:
+        assert await worker._claim(["a"], 1) == []
+    finally:
+        await pool.config_set("maxmemory", 0)
+    assert not await pool.exists(in_progress_key_prefix + "a")
+    assert await worker._claim(["a"], 1) == [("a", int(await pool.zscore(worker.queue_name, "a")))]

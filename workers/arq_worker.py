@@ -1,0 +1,101 @@
+"""arq's ``Worker`` with job starts claimed in one Redis round trip per poll.
+
+arq starts jobs one at a time: for each due id it WATCHes the in-progress key,
+then EXISTS, ZSCORE and MULTI/PSETEX/EXEC, four round trips per id, while the
+poll loop waits. Those ids include the worker's own running jobs (an id stays
+in the queue until its job finishes) and, with several workers, the other
+workers' jobs, which lose the WATCH race. Profiled, that serial start was what
+capped a worker near half of ``max_jobs ÷ handler time`` and kept a second
+worker from adding throughput.
+
+Here one Lua script makes the same checks and the same write for every
+candidate at once, atomically (so two workers can never both claim an id,
+as with WATCH), and the jobs are then started exactly as arq starts them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from arq import Worker as ArqWorker
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
+from redis.exceptions import ResponseError
+
+logger = logging.getLogger("hrflow_webhooks.worker")
+
+# A candidate is claimed when it is still queued, due, and not in progress anywhere:
+# arq's own checks, followed by arq's own in-progress write.
+# KEYS: the queue, then one in-progress key per candidate.
+# ARGV: now (ms), in-progress lifetime (ms), most to claim, then the candidates' ids.
+# Returns id, score, id, score... in queue order.
+_CLAIM_SCRIPT = """
+local claimed = {}
+local most = tonumber(ARGV[3])
+local now = tonumber(ARGV[1])
+for i = 2, #KEYS do
+    if #claimed >= most * 2 then
+        break
+    end
+    local job_id = ARGV[i + 2]
+    local score = redis.call('ZSCORE', KEYS[1], job_id)
+    if score and tonumber(score) <= now and redis.call('EXISTS', KEYS[i]) == 0 then
+        redis.call('SET', KEYS[i], '1', 'PX', ARGV[2])
+        claimed[#claimed + 1] = job_id
+        claimed[#claimed + 1] = score
+    end
+end
+return claimed
+"""
+
+
+class Worker(ArqWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._claim_script: Any = None
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        free = self.max_jobs - self.job_counter
+        candidates = [job_id.decode() for job_id in job_ids]
+        candidates = [job_id for job_id in candidates if not self._running_here(job_id)]
+        if free <= 0 or not candidates:
+            return
+        for job_id, score in await self._claim(candidates, free):
+            await self._start(job_id, score)
+
+    def _running_here(self, job_id: str) -> bool:
+        # A running task here already holds the job's in-progress key: skip it without
+        # asking Redis. A finished task stays in ``tasks`` until the end of the poll, and
+        # its job may be due again (retried), so only a task still running is skipped.
+        task = self.tasks.get(job_id)
+        return task is not None and not task.done()
+
+    async def _claim(self, candidates: list[str], most: int) -> list[tuple[str, int]]:
+        if self._claim_script is None:
+            self._claim_script = self.pool.register_script(_CLAIM_SCRIPT)
+        keys = [self.queue_name, *(in_progress_key_prefix + job_id for job_id in candidates)]
+        lifetime_ms = int(self.in_progress_timeout_s * 1000)
+        try:
+            reply = await self._claim_script(
+                keys=keys, args=[timestamp_ms(), lifetime_ms, most, *candidates]
+            )
+        except ResponseError as error:
+            # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
+            # and polls again; so does this. Other writes (health check, results) still
+            # raise, which ends the worker and lets `hrflow-webhooks worker` restart it.
+            logger.debug("job claim refused", extra={"error_type": type(error).__name__})
+            return []
+        return [
+            (job_id.decode(), int(float(score)))
+            for job_id, score in zip(reply[::2], reply[1::2], strict=True)
+        ]
+
+    async def _start(self, job_id: str, score: int) -> None:
+        # As arq does once its MULTI/EXEC succeeded: a slot, a task, and the slot back when
+        # the task ends. At most ``max_jobs - job_counter`` were claimed, so this never waits.
+        await self.sem.acquire()
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
