@@ -9,11 +9,13 @@ own poll delay and job limit: P3's baseline.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 from typing import Any
 
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.worker_process import event_loop_factory
 from workers.plugins import apply_plugin
 from workers.registry import Registry
 from workers.settings import create_worker
@@ -37,6 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    # The loop `hrflow-webhooks worker` runs on (uvloop when installed); arq's Worker
+    # takes the current loop when it is built.
+    asyncio.set_event_loop(event_loop_factory()())
     overrides = ARQ_DEFAULTS if args.arq_defaults else {}
     worker = create_worker(settings, load_registry(args.plugins, settings), **overrides)
     worker.run()

@@ -7,6 +7,9 @@ errors while a password rotates, or a connection failure under settings with
 bounded retries. Instead of dying (and relying on a process manager to notice),
 the loop logs why, waits with backoff and builds a fresh worker. SIGINT/SIGTERM stop it the way arq does: no new jobs, running ones get
 ``HRFLOW_SHUTDOWN_GRACE_S`` to finish, the rest are re-queued.
+
+The loop runs on uvloop when it is installed (uvicorn[standard] brings it):
+measured with bench P2/P5, it cuts the worker's CPU per job by about a tenth.
 """
 
 from __future__ import annotations
@@ -82,6 +85,21 @@ class WorkerLoop:
         # Closing talks to Redis (it deletes the health key); during an outage that fails too.
         with contextlib.suppress(RedisError, OSError):
             await worker.close()
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop when it is installed, else asyncio's: the worker is event-loop bound."""
+    try:
+        import uvloop
+    except ImportError:  # uvicorn[standard] installs it only on CPython outside Windows
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def run_worker(settings: Settings, factory: WorkerFactory) -> None:
+    """Serve the worker until SIGINT or SIGTERM, on the loop of :func:`event_loop_factory`."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve_worker(settings, factory))
 
 
 async def serve_worker(settings: Settings, factory: WorkerFactory) -> None:
