@@ -1,5 +1,9 @@
 """arq worker settings: ``arq workers.settings.WorkerSettings`` runs a worker.
 
+That command builds arq's own ``Worker``; ``create_worker`` (``hrflow-webhooks
+worker``, the Procfile's) builds ``workers.arq_worker.Worker``, which claims due
+jobs in one round trip with the same checks and keys, so both can share a queue.
+
 arq's defaults are tuned away from, on purpose:
 
 - ``poll_delay`` 0.5 s → 10 ms, and ``max_jobs`` 10 → 100: the defaults cap a
