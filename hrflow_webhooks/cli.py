@@ -91,12 +91,12 @@ def run(
 def worker() -> None:
     """Run one arq worker; it restarts itself after a Redis outage instead of dying."""
     from hrflow_webhooks.logs import configure_logging
-    from hrflow_webhooks.worker_process import serve_worker
+    from hrflow_webhooks.worker_process import run_worker
     from workers.settings import create_worker
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve_worker(settings, lambda: create_worker(settings, handle_signals=False)))
+    run_worker(settings, lambda: create_worker(settings, handle_signals=False))
 
 
 @app.command("sandbox")

@@ -1,4 +1,4 @@
-"""Worker processes for crash and signal tests: the real `arq` command line, real signals."""
+"""Worker processes for crash and signal tests: the real command lines, real signals."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+PROCFILE_WORKER = ("hrflow_webhooks.cli", "worker")
+ARQ_CLI = (
+    "arq", "workers.settings.WorkerSettings",
+    "--custom-log-dict", "hrflow_webhooks.logs.ARQ_LOG_CONFIG",
+)  # fmt: skip
 
 
 def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
@@ -31,19 +37,19 @@ def worker_env(redis_url: str, **settings: Any) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m arq workers.settings.WorkerSettings``, as the Procfile runs it."""
+    """``hrflow-webhooks worker``, as the Procfile runs it, or with ``command=ARQ_CLI`` the
+    plain ``arq workers.settings.WorkerSettings`` that arq users know."""
 
-    def __init__(self, redis_url: str, log_path: Path, **settings: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        log_path: Path,
+        command: Sequence[str] = PROCFILE_WORKER,
+        **settings: Any,
+    ) -> None:
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "arq",
-                "workers.settings.WorkerSettings",
-                "--custom-log-dict",
-                "hrflow_webhooks.logs.ARQ_LOG_CONFIG",
-            ],
+            [sys.executable, "-m", *command],
             cwd=ROOT,
             env=worker_env(redis_url, **settings),
             stdout=self.log,

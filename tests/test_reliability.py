@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from hrflow_webhooks.errors import TransientError
@@ -17,7 +18,7 @@ from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import EventQueue, QueueKeys
 from hrflow_webhooks.settings import Settings
 from tests.plugins import behaviour
-from tests.processes import WorkerProcess
+from tests.processes import ARQ_CLI, PROCFILE_WORKER, WorkerProcess
 from tests.redis_server import RedisServer
 from tests.service import drain, make_settings, parsing_event
 from workers.context import HandlerContext
@@ -236,12 +237,13 @@ async def test_sigkill_mid_job_loses_nothing(
     )  # it waited for arq's in-progress key, as designed (≤ 2 + 10 s + polling)
 
 
+@pytest.mark.parametrize("command", [PROCFILE_WORKER, ARQ_CLI], ids=["procfile", "arq-cli"])
 async def test_sigterm_lets_running_jobs_finish_within_the_grace_period(
-    redis: Redis, redis_server: RedisServer, tmp_path: Path
+    redis: Redis, redis_server: RedisServer, tmp_path: Path, command: tuple[str, ...]
 ) -> None:
     settings = make_settings(redis_server.url)
     (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 1.5}))
-    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", shutdown_grace_s=10)
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", command, shutdown_grace_s=10)
     try:
         await eventually(lambda: _tries_at_least(redis, event, 1))
         exit_code = await asyncio.to_thread(worker.terminate)
