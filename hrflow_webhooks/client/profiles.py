@@ -32,6 +32,27 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _LabelFields(BaseModel):
+    """A label's fields, shared by the read model (lenient) and the write model (strict)."""
+
+    stage: str | None = None
+    job_key: str | None = None
+    date_stage: str | None = None
+    rating: float | None = None
+    date_rating: str | None = None
+
+
+class _ConsentFields(BaseModel):
+    """The operations algorithmic consent covers, shared by the read and write models."""
+
+    parsing: bool | None = None
+    revealing: bool | None = None
+    embedding: bool | None = None
+    searching: bool | None = None
+    scoring: bool | None = None
+    reasoning: bool | None = None
+
+
 class Item(_Lenient):
     """A certification, course, task, language, interest, tag or metadata."""
 
@@ -98,21 +119,12 @@ class Info(_Lenient):
     summary: str | None = None
 
 
-class Label(_Lenient):
-    stage: str | None = None
-    job_key: str | None = None
-    date_stage: str | None = None
-    rating: float | None = None
-    date_rating: str | None = None
+class Label(_LabelFields, _Lenient):
+    pass
 
 
-class Consent(_Lenient):
-    parsing: bool | None = None
-    revealing: bool | None = None
-    embedding: bool | None = None
-    searching: bool | None = None
-    scoring: bool | None = None
-    reasoning: bool | None = None
+class Consent(_ConsentFields, _Lenient):
+    pass
 
 
 class ConsentAlgorithmic(_Lenient):
@@ -235,21 +247,12 @@ class WriteInfo(_Strict):
     summary: str | None = None
 
 
-class WriteLabel(_Strict):
-    stage: str | None = None
-    job_key: str | None = None
-    date_stage: str | None = None
-    rating: float | None = None
-    date_rating: str | None = None
+class WriteLabel(_LabelFields, _Strict):
+    pass
 
 
-class WriteConsent(_Strict):
-    parsing: bool | None = None
-    revealing: bool | None = None
-    embedding: bool | None = None
-    searching: bool | None = None
-    scoring: bool | None = None
-    reasoning: bool | None = None
+class WriteConsent(_ConsentFields, _Strict):
+    pass
 
 
 class WriteConsentAlgorithmic(_Strict):
