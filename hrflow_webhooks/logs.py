@@ -94,6 +94,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+        # uvicorn pins its loggers at INFO: unpinned, HRFLOW_LOG_LEVEL governs them like ours
+        # (else each delivery is logged twice, access line included, even at WARNING).
+        logger.setLevel(logging.NOTSET)
     # On the logger, not a handler: it then holds whatever handlers arq's own CLI adds later.
     arq_worker = logging.getLogger("arq.worker")
     if not any(isinstance(f, DropJobArguments) for f in arq_worker.filters):

@@ -68,13 +68,6 @@ def _error(status: int, error: str, reason: str, **headers: str) -> JSONResponse
     return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
 
 
-def signature_header(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name in SIGNATURE_HEADERS:
-            return bytes(value)
-    return None
-
-
 # Request ids: a random per-process prefix and a counter. Unique across processes like a
 # uuid4, without a urandom call per delivery (measurable at thousands of deliveries a second).
 _REQUEST_ID_PREFIX = uuid.uuid4().hex[:16]
@@ -255,9 +248,6 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
     settings = settings or Settings()
     if own_logging:  # now, not in the lifespan: uvicorn's start-up lines are JSON too
         configure_logging(settings.log_level, settings.log_format)
-        # uvicorn pins its access logger at INFO; HRFLOW_LOG_LEVEL must govern it too, or each
-        # delivery is logged twice even at WARNING (our own line already has the request id).
-        logging.getLogger("uvicorn.access").setLevel(settings.log_level.upper())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

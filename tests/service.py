@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -125,7 +125,3 @@ def recorder(registry: Registry, event_name: str, name: str = "recorder") -> lis
 
     registry.add(event_name, record, name=name)
     return seen
-
-
-def ids(events: Sequence[Any]) -> list[str]:
-    return [event.id for event in events]
