@@ -148,6 +148,8 @@ class EventQueue:
         self._script = redis.register_script(_ENQUEUE_SCRIPT)
         self._waiting: list[_Pending] = []
         self._writer: asyncio.Task[None] | None = None
+        # The loop is looked up once: on Python 3.11 each lookup is a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def enqueue_events(self, events: Sequence[Event]) -> list[bool]:
         """Queue each event not seen within the dedup window; True where it was queued."""
@@ -156,13 +158,18 @@ class EventQueue:
         for event in events:
             keys += (self.keys.seen(event.id), self.keys.job(event.id))
         jobs = [serialize_job(event, now_ms) for event in events]
-        pending = _Pending(keys, jobs, asyncio.get_running_loop().create_future())
+        loop = self._loop or self._bind_loop()
+        pending = _Pending(keys, jobs, loop.create_future())
         self._waiting.append(pending)
         if self._writer is None:
-            self._writer = asyncio.create_task(self._write_batches())
+            self._writer = loop.create_task(self._write_batches())
         # A caller that goes away cancels only its own future: the writer task, not the
         # caller, sends the batch, so the other callers' events are written all the same.
         return await pending.done
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def _write_batches(self) -> None:
         try:

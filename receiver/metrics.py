@@ -1,7 +1,13 @@
-"""Prometheus metrics of the receiver. Label values are bounded: outcomes, reasons, known types."""
+"""Prometheus metrics of the receiver. Label values are bounded: outcomes, reasons, known types.
+
+The webhook path counts every delivery, so it keeps the labelled children it has
+used (``labels()`` formats and locks on every call) and counts requests in
+flight with a plain integer that the gauge reads only when scraped.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -29,14 +35,44 @@ ENQUEUE_SECONDS = Histogram(
 IN_FLIGHT = Gauge("hrflow_webhook_requests_in_flight", "Webhook requests being handled now.")
 
 
+class InFlight:
+    """Requests being handled now: a plain counter (one event loop), read by the gauge."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+
+
+IN_FLIGHT_REQUESTS = InFlight()
+IN_FLIGHT.set_function(lambda: IN_FLIGHT_REQUESTS.count)
+
+
+@functools.cache  # bounded: outcomes and reasons are fixed strings of this package
+def _delivery_counter(outcome: str, reason: str) -> Counter:
+    return DELIVERIES.labels(outcome, reason)
+
+
+@functools.cache  # bounded: known canonical types, or "other"
+def _event_counter(canonical_type: str, queued: bool) -> Counter:
+    known = canonical_type in KNOWN_EVENT_NAMES
+    return EVENTS.labels(canonical_type if known else "other", "yes" if queued else "no")
+
+
 def delivery(outcome: str, reason: str = "") -> None:
-    DELIVERIES.labels(outcome, reason).inc()
+    _delivery_counter(outcome, reason).inc()
 
 
 def events(received: Sequence[Event], queued_flags: Sequence[bool]) -> None:
     for event, queued in zip(received, queued_flags, strict=True):
-        known = event.canonical_type in KNOWN_EVENT_NAMES
-        EVENTS.labels(event.canonical_type if known else "other", "yes" if queued else "no").inc()
+        if event.canonical_type in KNOWN_EVENT_NAMES:
+            _event_counter(event.canonical_type, queued).inc()
+        else:  # an unknown type must not grow the cache: it counts as "other"
+            _event_counter("other", queued).inc()
 
 
 async def endpoint(request: Request) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -206,6 +207,41 @@ async def test_health_endpoints(
             assert (health.status, await health.json()) == (200, {"status": "ok"})
         async with session.get(f"{server.url}/readyz") as ready:
             assert ready.status == 200
+
+
+async def test_other_methods_and_paths_still_go_through_starlettes_router(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    # POST /webhook skips Starlette's router (receiver.app.ReceiverApp); nothing else does.
+    async with receiver(make_settings(redis_server.url)) as server:
+        async with session.get(f"{server.url}/webhook") as get:
+            assert get.status == 405
+        async with session.post(f"{server.url}/webhook/", allow_redirects=False) as trailing:
+            assert trailing.status == 307  # Starlette's redirect to /webhook
+        async with session.post(f"{server.url}/nowhere") as nowhere:
+            assert nowhere.status == 404
+    assert await redis.zcard(QueueKeys("hrflow:queue").queue) == 0
+
+
+async def test_the_in_flight_gauge_counts_deliveries_waiting_on_redis(
+    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    async with receiver(make_settings(redis_server.url)) as server:
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        held = asyncio.create_task(server.post(session, parsing_event("held")))
+        await asyncio.sleep(0.3)
+        async with session.get(f"{server.url}/metrics") as during:
+            waiting = metric_value(await during.text(), "hrflow_webhook_requests_in_flight")
+        status, body = await held
+        async with session.get(f"{server.url}/metrics") as after:
+            done = metric_value(await after.text(), "hrflow_webhook_requests_in_flight")
+    assert (waiting, done) == (1.0, 0.0)
+    assert (status, body["queued"]) == (202, 1)
+
+
+def metric_value(exposition: str, name: str) -> float:
+    [line] = [line for line in exposition.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
 
 
 async def test_a_callers_request_id_is_echoed_only_when_short_and_printable(
