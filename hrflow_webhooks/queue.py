@@ -96,6 +96,14 @@ return queued
 """
 
 
+# KEYS: the event's done hash. ARGV: handler name, dedup window s. One call, atomic: the
+# marker never exists without its expiry, in one round trip instead of MULTI/EXEC's four.
+MARK_DONE_SCRIPT = """
+redis.call('HSET', KEYS[1], ARGV[1], 'ok')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 def serialize_job(event: Event, enqueue_time_ms: int, job_try: int | None = None) -> bytes:
     """arq's job layout, as JSON rather than arq's default pickle."""
     job: dict[str, Any] = {

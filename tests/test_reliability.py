@@ -119,6 +119,31 @@ async def test_permanent_failure_is_dead_lettered_at_once_and_replay_completes_i
     assert await redis.zcard(keys.queue) == 0
 
 
+async def test_a_replay_runs_only_the_dead_lettered_handler(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    # A replay is a first try too (a new job, job_try 1): it must still honour the markers.
+    settings = make_settings(redis_server.url)
+    registry = behaviour_registry()
+    steady_runs: list[str] = []
+
+    @registry.on("profile.parsing.success", name="steady")
+    async def steady(event: Event, ctx: HandlerContext) -> None:
+        steady_runs.append(event.id)
+
+    (event,) = await enqueue(settings, redis, parsing_event(test={"fail_permanent": True}))
+    await drain(settings, registry)
+    dead_letters = DeadLetters(redis, QueueKeys(settings.queue_name))
+    (letter_id,) = await dead_letters.ids()
+    await redis.set("test:fixed", 1)
+    assert await dead_letters.replay(letter_id) is True
+    await drain(settings, registry)
+    assert steady_runs == [event.id]
+    assert await effects(redis) == [event.id]
+    markers = await redis.hgetall(QueueKeys(settings.queue_name).done(event.id))
+    assert markers == {b"steady": b"ok", b"behaviour": b"ok"}
+
+
 async def test_tries_exhausted_lands_in_dead_letters_with_the_count(
     redis: Redis, redis_server: RedisServer
 ) -> None:
