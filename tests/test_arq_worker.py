@@ -79,3 +79,47 @@ async def test_a_refused_claim_starts_nothing_and_the_worker_polls_on(
         await pool.config_set("maxmemory", 0)
     assert not await pool.exists(in_progress_key_prefix + "a")
     assert await worker._claim(["a"], 1) == [("a", int(await pool.zscore(worker.queue_name, "a")))]
+
+
+async def test_a_second_worker_takes_jobs_while_the_first_is_full(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """The first worker's running jobs stay at the head of the queue until they finish; a
+    second worker must see past them (arq reads five ids per job slot) or it adds nothing."""
+    from hrflow_webhooks.events import Event
+    from hrflow_webhooks.queue import EventQueue
+    from tests.service import parsing_event
+
+    max_jobs = 3
+    # Jobs far from their deadline: no retry frees a slot while the workers fill up.
+    settings = make_settings(redis_server.url, worker_max_jobs=max_jobs, job_timeout_s=60)
+    running, most_running = 0, 0
+    release = asyncio.Event()
+    registry = Registry()
+
+    @registry.on("profile.parsing.success")
+    async def hold(event: Event) -> None:
+        nonlocal running, most_running
+        running += 1
+        most_running = max(most_running, running)
+        await release.wait()
+        running -= 1
+
+    events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(4 * max_jobs)]
+    await EventQueue(redis, settings.queue_name, 60).enqueue_events(events)
+    workers = [create_worker(settings, registry, handle_signals=False, burst=True) for _ in "ab"]
+
+    async def release_when_both_are_full() -> None:
+        for _ in range(250):  # liveness only: up to 5 s for both workers to fill up
+            if most_running == 2 * max_jobs:
+                break
+            await asyncio.sleep(0.02)
+        release.set()
+
+    watcher = asyncio.create_task(release_when_both_are_full())
+    await asyncio.gather(*(worker.main() for worker in workers))  # burst: until drained
+    await watcher
+    for worker in workers:
+        await worker.close()
+    assert most_running == 2 * max_jobs
+    assert sum(worker.jobs_complete for worker in workers) == len(events)

@@ -27,21 +27,24 @@ logger = logging.getLogger("hrflow_webhooks.worker")
 
 # A candidate is claimed when it is still queued, due, and not in progress anywhere:
 # arq's own checks, followed by arq's own in-progress write.
-# KEYS: the queue, then one in-progress key per candidate.
-# ARGV: now (ms), in-progress lifetime (ms), most to claim, then the candidates' ids.
+# KEYS: the queue. ARGV: now (ms), in-progress lifetime (ms), most to claim, the in-progress
+# key prefix, then the candidates' ids. Only ids travel: with several workers most
+# candidates are the other workers' running jobs, and arq reads five per free slot.
+# (The in-progress keys are derived here, not declared: arq's layout already assumes one
+# Redis server, not a cluster.)
 # Returns id, score, id, score... in queue order.
 _CLAIM_SCRIPT = """
 local claimed = {}
-local most = tonumber(ARGV[3])
-local now = tonumber(ARGV[1])
-for i = 2, #KEYS do
+local now, lifetime, most, prefix = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
+for i = 5, #ARGV do
     if #claimed >= most * 2 then
         break
     end
-    local job_id = ARGV[i + 2]
+    local job_id = ARGV[i]
     local score = redis.call('ZSCORE', KEYS[1], job_id)
-    if score and tonumber(score) <= now and redis.call('EXISTS', KEYS[i]) == 0 then
-        redis.call('SET', KEYS[i], '1', 'PX', ARGV[2])
+    local in_progress = prefix .. job_id
+    if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
+        redis.call('SET', in_progress, '1', 'PX', lifetime)
         claimed[#claimed + 1] = job_id
         claimed[#claimed + 1] = score
     end
@@ -74,12 +77,10 @@ class Worker(ArqWorker):
     async def _claim(self, candidates: list[str], most: int) -> list[tuple[str, int]]:
         if self._claim_script is None:
             self._claim_script = self.pool.register_script(_CLAIM_SCRIPT)
-        keys = [self.queue_name, *(in_progress_key_prefix + job_id for job_id in candidates)]
         lifetime_ms = int(self.in_progress_timeout_s * 1000)
+        args = [timestamp_ms(), lifetime_ms, most, in_progress_key_prefix, *candidates]
         try:
-            reply = await self._claim_script(
-                keys=keys, args=[timestamp_ms(), lifetime_ms, most, *candidates]
-            )
+            reply = await self._claim_script(keys=[self.queue_name], args=args)
         except ResponseError as error:
             # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
             # and polls again; so does this. Other writes (health check, results) still

@@ -13,6 +13,9 @@ arq's defaults are tuned away from, on purpose:
   stops its handlers 2 s before, because arq treats its own timeout as final;
 - ``max_tries`` is ours plus one: the extra try only dead-letters a job whose
   earlier tries never finished, instead of arq dropping it silently;
+- ``queue_read_limit`` stays arq's 5 x ``max_jobs``: another worker's running jobs
+  stay at the head of the queue until they finish, and a poll that read only
+  ``max_jobs`` ids saw nothing else, so a second worker added nothing;
 - ``health_check_interval`` 3600 s → 10 s, so the health key means something;
 - ``job_completion_wait``: on SIGTERM stop taking jobs, let running ones finish
   within the grace period, and cancel (re-queue) the rest;
@@ -97,7 +100,8 @@ def worker_options(settings: Settings, registry: Registry | None = None) -> dict
         "redis_settings": redis_settings(settings),
         "max_jobs": settings.worker_max_jobs,
         "poll_delay": settings.worker_poll_delay_s,
-        "queue_read_limit": settings.worker_max_jobs,
+        # arq's own default: a poll sees past the other workers' running jobs at the head.
+        "queue_read_limit": settings.worker_max_jobs * 5,
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
         "max_tries": settings.max_tries + 1,
