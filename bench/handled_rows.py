@@ -75,10 +75,11 @@ def p2_edit(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     measure.fill_queue(procs.redis_url, "p2-warm", 50, source_key=SAMPLE_SOURCE_KEY)
     measure.wait_handled(redis, 50, timeout_s=120)
     measure.reset_counters(redis)
+    prepared = measure.prepare_events("p2", events, source_key=SAMPLE_SOURCE_KEY)
     sum_before, count_before = _handler_seconds(metrics_url)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.monotonic()
-    measure.fill_queue(procs.redis_url, "p2", events, source_key=SAMPLE_SOURCE_KEY)
+    measure.enqueue_prepared(procs.redis_url, prepared)
     measure.wait_handled(redis, events, timeout_s=600)
     rate = events / (time.monotonic() - start)
     cpu_ms = {n: (cpu_seconds(p) - cpu_before[n]) / events * 1000 for n, p in pids.items()}

@@ -52,17 +52,24 @@ def fill_queue(
     redis_url: str, tag: str, count: int, batch: int = 500, source_key: str = "sk-1"
 ) -> None:
     """Queue ``count`` unique events through the receiver's own enqueue (one script per batch)."""
-    asyncio.run(_fill_queue(redis_url, tag, count, batch, source_key))
+    enqueue_prepared(redis_url, prepare_events(tag, count, source_key), batch)
 
 
-async def _fill_queue(redis_url: str, tag: str, count: int, batch: int, source_key: str) -> None:
+def prepare_events(tag: str, count: int, source_key: str = "sk-1") -> list[Event]:
+    """Events built (ids hashed) ahead of a timed fill, so the fill costs Redis time only."""
+    return [Event.from_payload(bench_event(tag, n, source_key)) for n in range(count)]
+
+
+def enqueue_prepared(redis_url: str, events: list[Event], batch: int = 1_000) -> None:
+    asyncio.run(_enqueue_prepared(redis_url, events, batch))
+
+
+async def _enqueue_prepared(redis_url: str, events: list[Event], batch: int) -> None:
     redis = AsyncRedis.from_url(redis_url)
     queue = EventQueue(redis, QUEUE, dedup_window_s=86_400)
     try:
-        for first in range(0, count, batch):
-            numbers = range(first, min(count, first + batch))
-            events = [Event.from_payload(bench_event(tag, n, source_key)) for n in numbers]
-            await queue.enqueue_events(events)
+        for first in range(0, len(events), batch):
+            await queue.enqueue_events(events[first : first + batch])
     finally:
         await redis.aclose()
 

@@ -16,10 +16,12 @@ from redis import Redis
 
 from bench import measure
 from bench.deliveries import write_deliveries
+from bench.handlers import IO_WAIT_S
 from bench.procs import PYTHON, Processes, cpu_seconds, rss_bytes, wait_for_http
 
 COUNTING = ["bench.handlers:register"]
 TIMED = ["bench.handlers:register_timed"]
+WAITING = ["bench.handlers:register_io"]
 
 
 @dataclass(frozen=True)
@@ -126,24 +128,28 @@ def _worker_rate(
     workers: int,
     tag: str,
     cpu_ms: dict[str, list[float]],
+    plugins: list[str] = COUNTING,
+    count: int | None = None,
 ) -> float:
     """Events per second that ``workers`` fresh worker processes handle from a full queue."""
     redis.flushall()
-    started = [procs.start_worker(f"worker-{i}", COUNTING) for i in range(workers)]
+    count = count or config.worker_events
+    started = [procs.start_worker(f"worker-{i}", plugins) for i in range(workers)]
     measure.fill_queue(procs.redis_url, f"{tag}-warm", 200 * workers)
     measure.wait_handled(redis, 200 * workers, timeout_s=60)
     measure.reset_counters(redis)
     pids = [p.pid for p in started]
+    events = measure.prepare_events(tag, count)
     cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(procs.redis_pid)
     start = time.monotonic()
-    measure.fill_queue(procs.redis_url, tag, config.worker_events)
-    measure.wait_handled(redis, config.worker_events, timeout_s=300)
-    rate = config.worker_events / (time.monotonic() - start)
+    measure.enqueue_prepared(procs.redis_url, events)
+    measure.wait_handled(redis, count, timeout_s=300)
+    rate = count / (time.monotonic() - start)
     cpu_ms[f"{workers} workers"].append(
-        (sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]) / config.worker_events * 1000
+        (sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]) / count * 1000
     )
     cpu_ms[f"redis with {workers}"].append(
-        (cpu_seconds(procs.redis_pid) - cpu_before[1]) / config.worker_events * 1000
+        (cpu_seconds(procs.redis_pid) - cpu_before[1]) / count * 1000
     )
     for process in started:
         procs.stop(process)
@@ -151,19 +157,37 @@ def _worker_rate(
 
 
 def p5_scale_out(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
+    """2 worker processes vs 1, with handlers that wait on I/O like real ones (the target
+    row), and with no-op handlers, where the pipeline's own CPU is all there is to scale."""
+    io_events = config.worker_events // 2
+    waiting = _scale_out(procs, redis, config, WAITING, io_events, "p5")
+    no_op = _scale_out(procs, redis, config, COUNTING, config.worker_events, "p5-noop")
+    return {**waiting, "handler_wait_ms": IO_WAIT_S * 1000, "no_op": no_op}
+
+
+def _scale_out(
+    procs: Processes,
+    redis: Redis,
+    config: Config,
+    plugins: list[str],
+    count: int,
+    tag: str,
+) -> dict[str, Any]:
     one: list[float] = []
     two: list[float] = []
     cpu_ms: dict[str, list[float]] = collections.defaultdict(list)  # CPU ms per event, all workers
     for rep in range(config.reps):
         for workers in (1, 2) if rep % 2 == 0 else (2, 1):
-            rate = _worker_rate(procs, redis, config, workers, f"p5-{rep}-{workers}", cpu_ms)
+            rate = _worker_rate(
+                procs, redis, config, workers, f"{tag}-{rep}-{workers}", cpu_ms, plugins, count
+            )
             (one if workers == 1 else two).append(rate)
     return _ratio_row(
         1.7,
         one,
         two,
         unit="events/s",
-        events=config.worker_events,
+        events=count,
         cpu_ms_per_event={name: measure.median(values) for name, values in cpu_ms.items()},
     )
 
@@ -210,11 +234,12 @@ def _arq_default_peak(procs: Processes, redis: Redis, config: Config) -> float:
     measure.fill_queue(procs.redis_url, "arq-warm", 10)
     measure.wait_handled(redis, 10, timeout_s=60)
     measure.reset_counters(redis)
-    events = 60 if config.smoke else 200
+    count = 60 if config.smoke else 200
+    events = measure.prepare_events("arq-peak", count)
     start = time.monotonic()
-    measure.fill_queue(procs.redis_url, "arq-peak", events)
-    measure.wait_handled(redis, events, timeout_s=120)
-    rate = events / (time.monotonic() - start)
+    measure.enqueue_prepared(procs.redis_url, events)
+    measure.wait_handled(redis, count, timeout_s=120)
+    rate = count / (time.monotonic() - start)
     procs.stop(worker)
     return rate
 
