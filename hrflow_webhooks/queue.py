@@ -37,6 +37,9 @@ JOB_FUNCTION = "handle_event"
 JOB_KEY_PREFIX = "arq:job:"  # arq's own prefix: its worker reads jobs from there
 # Events per script call when callers are batched; a bigger call would hold Redis for longer.
 MAX_BATCH_EVENTS = 1_000
+# Script calls in flight at once. With one, the receiver idled while Redis (sharing the
+# machine's cores) answered; a second keeps both busy. More did not help (docs/benchmarks.md).
+MAX_CALLS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +136,15 @@ class _Pending:
 class EventQueue:
     """Enqueue events on Redis with deduplication, atomically, with group commit.
 
-    Concurrent callers share round trips: while one script call is in flight,
-    new callers wait in a batch, and the next call writes the whole batch. One
-    busy receiver thus pays for a few Redis calls per event-loop turn instead
-    of one per delivery (the Redis client's Python overhead, not Redis, was
-    the cost), and a lone delivery still goes out at once. Each caller returns
-    only after the script that wrote its events has answered: an acknowledged
-    event is durably queued, as before.
+    Concurrent callers share round trips: while ``max_in_flight`` script calls
+    are in flight, new callers wait in a batch, and the next call writes the
+    whole batch. One busy receiver thus pays for a few Redis calls per
+    event-loop turn instead of one per delivery (the Redis client's Python
+    overhead, not Redis, was the cost), and a lone delivery still goes out at
+    once. Each caller returns only after the script that wrote its events has
+    answered: an acknowledged event is durably queued, as before. Calls in
+    flight together stay correct: Redis runs scripts one at a time, and with
+    ``appendfsync always`` it syncs a script's writes before any later reply.
     """
 
     def __init__(
@@ -148,14 +153,17 @@ class EventQueue:
         queue_name: str,
         dedup_window_s: int,
         max_batch_events: int = MAX_BATCH_EVENTS,
+        max_in_flight: int = MAX_CALLS_IN_FLIGHT,
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
         self.dedup_window_s = dedup_window_s
         self.max_batch_events = max_batch_events
+        self.max_in_flight = max_in_flight
         self._script = redis.register_script(_ENQUEUE_SCRIPT)
         self._waiting: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writing = 0  # writer tasks running; each sends batches while callers wait
+        self._writers: set[asyncio.Task[None]] = set()  # strong references, for the loop
         # The loop is looked up once: on Python 3.11 each lookup is a getpid() system call.
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -169,9 +177,12 @@ class EventQueue:
         loop = self._loop or self._bind_loop()
         pending = _Pending(keys, jobs, loop.create_future())
         self._waiting.append(pending)
-        if self._writer is None:
-            self._writer = loop.create_task(self._write_batches())
-        # A caller that goes away cancels only its own future: the writer task, not the
+        if self._writing < self.max_in_flight:
+            self._writing += 1
+            writer = loop.create_task(self._write_batches())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        # A caller that goes away cancels only its own future: a writer task, not the
         # caller, sends the batch, so the other callers' events are written all the same.
         return await pending.done
 
@@ -183,8 +194,8 @@ class EventQueue:
         try:
             while self._waiting:
                 await self._write(self._next_batch())
-        finally:
-            self._writer = None
+        finally:  # no await between the last check of _waiting and this: no caller is missed
+            self._writing -= 1
 
     def _next_batch(self) -> list[_Pending]:
         """Callers in arrival order, up to ``max_batch_events`` (always at least one caller)."""
