@@ -106,12 +106,15 @@ class Processes:
         self.children.append(process)
         return process
 
-    def start_app(self, name: str, app: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-        """One uvicorn process serving ``app``; returns it and its base URL."""
+    def start_app(
+        self, name: str, app: str, *, wrapper: tuple[str, ...] = (), **env: str
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """One uvicorn process serving ``app`` (under ``wrapper``, e.g. valgrind); returns it
+        and its base URL."""
         port = free_port()
         command = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-        process = self.spawn(name, [*command, *UVICORN_FLAGS], self.env(**env))
-        wait_for_port(port)
+        process = self.spawn(name, [*wrapper, *command, *UVICORN_FLAGS], self.env(**env))
+        wait_for_port(port, timeout_s=120 if wrapper else 20)
         return process, f"http://127.0.0.1:{port}"
 
     def start_worker(

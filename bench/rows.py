@@ -14,7 +14,7 @@ from typing import Any
 
 from redis import Redis
 
-from bench import measure
+from bench import instructions, measure
 from bench.deliveries import write_deliveries
 from bench.handlers import IO_WAIT_S
 from bench.procs import PYTHON, Processes, cpu_seconds, rss_bytes, wait_for_http
@@ -104,6 +104,7 @@ def p1_ingest(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     procs.stop(bare)
     procs.stop(receiver)
     redis.flushall()
+    counted = {} if config.smoke else _p1_instructions(procs, redis, deliveries)
     return _ratio_row(
         0.5,
         baseline,
@@ -115,7 +116,20 @@ def p1_ingest(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
             "subject": measure.median(subject_cpu),
         },
         checks=checks,
+        **counted,
     )
+
+
+def _p1_instructions(procs: Processes, redis: Redis, deliveries: Path) -> dict[str, Any]:
+    """Instructions per request under callgrind: the CPU-work ratio, free of the noise."""
+    if not instructions.available():
+        return {"instructions_per_request": "skipped: valgrind is not installed"}
+    counts = {}
+    for role, app in (("baseline", "bench.bare:app"), ("subject", "receiver.app:app")):
+        counts[role] = instructions.instructions_per_request(procs, role, app, deliveries, 20)
+        redis.flushall()
+    counts["ratio"] = counts["baseline"] / counts["subject"]
+    return {"instructions_per_request": counts}
 
 
 # --- P5: scale-out, and the one-worker peak the latency row needs --------------------------------
