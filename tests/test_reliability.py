@@ -33,6 +33,18 @@ def behaviour_registry() -> Registry:
     return registry
 
 
+def behaviour_and_steady_registry() -> tuple[Registry, list[str]]:
+    """The behaviour handler plus "steady", which always succeeds and records its runs."""
+    registry = behaviour_registry()
+    steady_runs: list[str] = []
+
+    @registry.on("profile.parsing.success", name="steady")
+    async def steady(event: Event, ctx: HandlerContext) -> None:
+        steady_runs.append(event.id)
+
+    return registry, steady_runs
+
+
 async def enqueue(settings: Settings, redis: Redis, *payloads: dict[str, Any]) -> list[Event]:
     events = [Event.from_payload(p) for p in payloads]
     queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
@@ -124,12 +136,7 @@ async def test_a_replay_runs_only_the_dead_lettered_handler(
 ) -> None:
     # A replay is a first try too (a new job, job_try 1): it must still honour the markers.
     settings = make_settings(redis_server.url)
-    registry = behaviour_registry()
-    steady_runs: list[str] = []
-
-    @registry.on("profile.parsing.success", name="steady")
-    async def steady(event: Event, ctx: HandlerContext) -> None:
-        steady_runs.append(event.id)
+    registry, steady_runs = behaviour_and_steady_registry()
 
     (event,) = await enqueue(settings, redis, parsing_event(test={"fail_permanent": True}))
     await drain(settings, registry)
@@ -162,12 +169,7 @@ async def test_a_retry_reruns_only_the_handlers_that_have_not_succeeded(
     redis: Redis, redis_server: RedisServer
 ) -> None:
     settings = make_settings(redis_server.url)
-    registry = behaviour_registry()
-    steady_runs: list[str] = []
-
-    @registry.on("profile.parsing.success", name="steady")
-    async def steady(event: Event, ctx: HandlerContext) -> None:
-        steady_runs.append(event.id)
+    registry, steady_runs = behaviour_and_steady_registry()
 
     (event,) = await enqueue(settings, redis, parsing_event(test={"fail_transient": 2}))
     await drain(settings, registry)
