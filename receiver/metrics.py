@@ -59,8 +59,7 @@ def _delivery_counter(outcome: str, reason: str) -> Counter:
 
 @functools.cache  # bounded: known canonical types, or "other"
 def _event_counter(canonical_type: str, queued: bool) -> Counter:
-    known = canonical_type in KNOWN_EVENT_NAMES
-    return EVENTS.labels(canonical_type if known else "other", "yes" if queued else "no")
+    return EVENTS.labels(canonical_type, "yes" if queued else "no")
 
 
 def delivery(outcome: str, reason: str = "") -> None:
@@ -69,10 +68,9 @@ def delivery(outcome: str, reason: str = "") -> None:
 
 def events(received: Sequence[Event], queued_flags: Sequence[bool]) -> None:
     for event, queued in zip(received, queued_flags, strict=True):
-        if event.canonical_type in KNOWN_EVENT_NAMES:
-            _event_counter(event.canonical_type, queued).inc()
-        else:  # an unknown type must not grow the cache: it counts as "other"
-            _event_counter("other", queued).inc()
+        # Unknown types count as "other", so they can grow neither the labels nor the cache.
+        known = event.canonical_type in KNOWN_EVENT_NAMES
+        _event_counter(event.canonical_type if known else "other", queued).inc()
 
 
 async def endpoint(request: Request) -> Response:
