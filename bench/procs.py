@@ -18,13 +18,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
 from tests.redis_server import RedisServer, free_port
 
 PYTHON = sys.executable
 WEBHOOK_SECRET = "bench-webhook-secret"
-# One uvicorn process with the fast parts of uvicorn[standard] named, and no access log:
-# the same flags for the baseline and the receiver, so the ratio compares apps only.
-UVICORN_FLAGS = ("--loop", "uvloop", "--http", "httptools", "--no-access-log")
+# One uvicorn process with the fast parts of uvicorn[standard] named, and no access log: the
+# same flags for the baseline and the receiver. Each is served with the HTTP protocol it is
+# deployed with: uvicorn's httptools for the bare endpoint, the receiver's own subclass of it
+# (one write per response, receiver/protocol.py) as in the Procfile and the Dockerfile.
+UVICORN_FLAGS = ("--loop", "uvloop", "--no-access-log")
+RECEIVER_APP = "receiver.app:app"
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
@@ -112,8 +116,10 @@ class Processes:
         """One uvicorn process serving ``app`` (under ``wrapper``, e.g. valgrind); returns it
         and its base URL."""
         port = free_port()
+        http = RECEIVER_HTTP_PROTOCOL if app == RECEIVER_APP else "httptools"
         command = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-        process = self.spawn(name, [*wrapper, *command, *UVICORN_FLAGS], self.env(**env))
+        command += ["--http", http, *UVICORN_FLAGS]
+        process = self.spawn(name, [*wrapper, *command], self.env(**env))
         wait_for_port(port, timeout_s=120 if wrapper else 20)
         return process, f"http://127.0.0.1:{port}"
 

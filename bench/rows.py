@@ -17,7 +17,7 @@ from redis import Redis
 from bench import instructions, measure
 from bench.deliveries import write_deliveries
 from bench.handlers import IO_WAIT_S
-from bench.procs import PYTHON, Processes, cpu_seconds, rss_bytes, wait_for_http
+from bench.procs import PYTHON, RECEIVER_APP, Processes, cpu_seconds, rss_bytes, wait_for_http
 
 COUNTING = ["bench.handlers:register"]
 TIMED = ["bench.handlers:register_timed"]
@@ -71,7 +71,7 @@ def p1_ingest(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     """Signed deliveries verified and durably queued per second vs a bare Starlette endpoint."""
     deliveries = write_deliveries(config.work_dir / "p1.txt", "p1", 12_000 * config.wrk_seconds)
     bare, bare_url = procs.start_app("bare", "bench.bare:app")
-    receiver, receiver_url = procs.start_app("receiver", "receiver.app:app")
+    receiver, receiver_url = procs.start_app("receiver", RECEIVER_APP)
     wait_for_http(f"{receiver_url}/healthz")
     connections = 64
     for url in (bare_url, receiver_url):  # warm-up: imports, JIT-free but caches and pools
@@ -125,7 +125,7 @@ def _p1_instructions(procs: Processes, redis: Redis, deliveries: Path) -> dict[s
     if not instructions.available():
         return {"instructions_per_request": "skipped: valgrind is not installed"}
     counts = {}
-    for role, app in (("baseline", "bench.bare:app"), ("subject", "receiver.app:app")):
+    for role, app in (("baseline", "bench.bare:app"), ("subject", RECEIVER_APP)):
         counts[role] = instructions.instructions_per_request(procs, role, app, deliveries, 20)
         redis.flushall()
     counts["ratio"] = counts["baseline"] / counts["subject"]
@@ -213,7 +213,7 @@ def _latency_run(
     procs: Processes, redis: Redis, config: Config, rate: float, arq_defaults: bool, tag: str
 ) -> dict[str, Any]:
     redis.flushall()
-    receiver, url = procs.start_app("receiver", "receiver.app:app")
+    receiver, url = procs.start_app("receiver", RECEIVER_APP)
     wait_for_http(f"{url}/healthz")
     worker = procs.start_worker("worker-latency", TIMED, arq_defaults=arq_defaults)
     measure.fill_queue(procs.redis_url, f"{tag}-warm", 20)
@@ -265,7 +265,7 @@ def _pipeline_peak(procs: Processes, redis: Redis, config: Config) -> float:
     cores: the worker's rate alone (P5) overstates what the whole pipeline sustains.
     """
     redis.flushall()
-    receiver, url = procs.start_app("receiver", "receiver.app:app")
+    receiver, url = procs.start_app("receiver", RECEIVER_APP)
     wait_for_http(f"{url}/healthz")
     worker = procs.start_worker("worker-peak", COUNTING)
     measure.fill_queue(procs.redis_url, "peak-warm", 20)

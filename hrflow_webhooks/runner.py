@@ -91,9 +91,14 @@ def h11_max_incomplete_event_size(max_body_bytes: int) -> int:
     return -(-max_body_bytes * 4 // 3) + 65_536
 
 
+# uvicorn's httptools protocol, one write per response (receiver/protocol.py).
+RECEIVER_HTTP_PROTOCOL = "receiver.protocol:HttpProtocol"
+
+
 def receiver_command(host: str, port: int, max_body_bytes: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "receiver.app:app",
+        "--http", RECEIVER_HTTP_PROTOCOL,
         "--host", host,
         "--port", str(port),
         "--h11-max-incomplete-event-size", str(h11_max_incomplete_event_size(max_body_bytes)),

@@ -20,9 +20,11 @@ import click
 import pytest
 import typer
 from starlette.routing import Route
+from uvicorn.importer import import_from_string
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hrflow_webhooks.cli import app as cli_app
-from hrflow_webhooks.runner import h11_max_incomplete_event_size
+from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL, h11_max_incomplete_event_size
 from hrflow_webhooks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +76,9 @@ def check_receiver_command(argv: list[str]) -> None:
     module, attribute = params["app"].split(":")
     assert isinstance(getattr(importlib.import_module(module), attribute), object)
     assert (params["host"], params["port"]) == ("0.0.0.0", 8000)
+    # The same HTTP protocol as `make run`, loaded the way uvicorn loads it.
+    assert params["http"] == RECEIVER_HTTP_PROTOCOL
+    assert issubclass(import_from_string(params["http"]), HttpToolsProtocol)
     assert params["proxy_headers"] is True
     assert params["forwarded_allow_ips"] == "*"
     assert params["workers"] == 3  # WEB_CONCURRENCY from the test's environment
