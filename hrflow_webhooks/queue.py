@@ -35,6 +35,7 @@ from hrflow_webhooks.events import Event
 
 JOB_FUNCTION = "handle_event"
 JOB_KEY_PREFIX = "arq:job:"  # arq's own prefix: its worker reads jobs from there
+JOB_KEY_PREFIX_BYTES = JOB_KEY_PREFIX.encode()
 # Events per script call when callers are batched; a bigger call would hold Redis for longer.
 MAX_BATCH_EVENTS = 1_000
 # Script calls in flight at once. With one, the receiver idled while Redis (sharing the
@@ -128,7 +129,7 @@ def deserialize_job(data: bytes) -> dict[str, Any]:
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
 
-    keys: list[str]  # (seen key, job key) per event
+    keys: list[bytes]  # (seen key, job key) per event
     jobs: list[bytes]
     done: asyncio.Future[list[bool]]
 
@@ -157,6 +158,7 @@ class EventQueue:
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
+        self._seen_prefix = self.keys.seen("").encode()
         self.dedup_window_s = dedup_window_s
         self.max_batch_events = max_batch_events
         self.max_in_flight = max_in_flight
@@ -170,9 +172,10 @@ class EventQueue:
     async def enqueue_events(self, events: Sequence[Event]) -> list[bool]:
         """Queue each event not seen within the dedup window; True where it was queued."""
         now_ms = int(time.time() * 1000)
-        keys: list[str] = []
-        for event in events:
-            keys += (self.keys.seen(event.id), self.keys.job(event.id))
+        keys: list[bytes] = []
+        for event in events:  # bytes: the Redis client sends them without encoding each
+            event_id = event.id.encode()
+            keys += (self._seen_prefix + event_id, JOB_KEY_PREFIX_BYTES + event_id)
         jobs = [serialize_job(event, now_ms) for event in events]
         loop = self._loop or self._bind_loop()
         pending = _Pending(keys, jobs, loop.create_future())
@@ -208,7 +211,7 @@ class EventQueue:
         return batch
 
     async def _write(self, batch: list[_Pending]) -> None:
-        keys: list[str] = [self.keys.queue]
+        keys: list[str | bytes] = [self.keys.queue]
         args: list[Any] = [self.dedup_window_s, int(time.time() * 1000)]
         for pending in batch:
             keys += pending.keys

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -34,6 +35,7 @@ SchemeChoice = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
 _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{64}")
 _STANDARD_B64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 _URLSAFE_B64 = re.compile(rb"[A-Za-z0-9_-]+={0,2}")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
 class SignatureError(Exception):
@@ -54,12 +56,11 @@ def _b64decode(part: bytes, alphabet: re.Pattern[bytes]) -> bytes | None:
     if not alphabet.fullmatch(part):
         return None
     unpadded = part.rstrip(b"=")
-    padded = unpadded + b"=" * (-len(unpadded) % 4)
-    try:
-        if alphabet is _STANDARD_B64:
-            return base64.b64decode(padded, validate=True)
-        return base64.urlsafe_b64decode(padded)
-    except (binascii.Error, ValueError):
+    if alphabet is _URLSAFE_B64:
+        unpadded = unpadded.translate(_URLSAFE_TO_STANDARD)
+    try:  # binascii itself: the base64 module's wrappers cost more than the decoding
+        return binascii.a2b_base64(unpadded + b"=" * (-len(unpadded) % 4))
+    except binascii.Error:
         return None
 
 
@@ -68,8 +69,16 @@ def _b64decode_any(part: bytes) -> bytes | None:
     return decoded if decoded is not None else _b64decode(part, _STANDARD_B64)
 
 
+@functools.lru_cache(maxsize=64)  # a few secrets (rotation); keyed once, not per delivery
+def _keyed_hmac(secret: bytes) -> hmac.HMAC:
+    return hmac.new(secret, digestmod=hashlib.sha256)
+
+
 def _hmac(secret: bytes, message: bytes) -> bytes:
-    return hmac.new(secret, message, hashlib.sha256).digest()
+    # Copying a keyed HMAC skips the key schedule that hmac.new() redoes on every call.
+    mac = _keyed_hmac(secret).copy()
+    mac.update(message)
+    return mac.digest()
 
 
 def _any_secret_matches(expected: bytes, message: bytes, secrets: Sequence[bytes]) -> bool:

@@ -37,13 +37,15 @@ from receiver.decoding import BadPayloadError, decode_events
 logger = logging.getLogger("hrflow_webhooks.receiver")
 
 # Header names HrFlow and its older SDKs use, as ASGI servers hand them over (lower case).
-SIGNATURE_HEADERS = (
-    b"http-hrflow-signature",
-    b"http-riminder-signature",
-    b"hrflow-signature",
-    b"riminder-signature",
-    b"http_hrflow_signature",
-    b"http_riminder_signature",
+SIGNATURE_HEADERS = frozenset(
+    {
+        b"http-hrflow-signature",
+        b"http-riminder-signature",
+        b"hrflow-signature",
+        b"riminder-signature",
+        b"http_hrflow_signature",
+        b"http_riminder_signature",
+    }
 )
 
 
@@ -75,11 +77,12 @@ class Answer:
     @classmethod
     def json(cls, status: int, content: object, **headers: str) -> Answer:
         body = orjson.dumps(content)
-        raw = (
+        raw: tuple[tuple[bytes, bytes], ...] = (
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *((name.encode(), value.encode()) for name, value in headers.items()),
+            (b"content-length", b"%d" % len(body)),
         )
+        if headers:
+            raw += tuple((name.encode(), value.encode()) for name, value in headers.items())
         return cls(status, body, raw)
 
 
@@ -168,11 +171,14 @@ class WebhookEndpoint:
 async def handle_webhook(receiver: Receiver, scope: Scope, receive: Receive, send: Send) -> None:
     delivery = Delivery.from_scope(scope)
     request_id = delivery.request_id or new_request_id()
-    with metrics.IN_FLIGHT_REQUESTS:
-        try:
-            answer = await _handle_delivery(receive, delivery, receiver, request_id)
-        except ClientGoneError:
-            return  # nobody to answer; nothing was queued
+    counts = metrics.COUNTS
+    counts.in_flight += 1
+    try:
+        answer = await _handle_delivery(receive, delivery, receiver, request_id)
+    except ClientGoneError:
+        return  # nobody to answer; nothing was queued
+    finally:
+        counts.in_flight -= 1
     headers = [*answer.headers, (b"x-request-id", request_id.encode("latin-1"))]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
@@ -201,52 +207,65 @@ async def _handle_delivery(
 ) -> Answer:
     header = delivery.signature
     if header is not None and len(header) > receiver.max_body_bytes:
-        metrics.delivery("too_large")
-        return _error(413, "too_large", "signature header exceeds HRFLOW_MAX_BODY_BYTES")
+        return _too_large("signature header exceeds HRFLOW_MAX_BODY_BYTES")
     try:
         body = await read_body(receive, receiver.max_body_bytes, delivery.content_length)
     except BodyTooLargeError:
-        metrics.delivery("too_large")
-        return _error(413, "too_large", "request body exceeds HRFLOW_MAX_BODY_BYTES")
+        return _too_large("request body exceeds HRFLOW_MAX_BODY_BYTES")
     received_at = time.time()
+    events = _verified_events(header, body, receiver, request_id, received_at)
+    if isinstance(events, Answer):
+        return events
+    try:
+        queued_flags = await receiver.queue.enqueue_events(events)
+    except (RedisError, OSError) as error:
+        return _unavailable(request_id, error)
+    return _queued(events, queued_flags, request_id, received_at)
+
+
+def _too_large(reason: str) -> Answer:
+    metrics.COUNTS.delivery("too_large")
+    return _error(413, "too_large", reason)
+
+
+def _verified_events(
+    header: bytes | None, body: bytes, receiver: Receiver, request_id: str, received_at: float
+) -> list[Event] | Answer:
+    """The events of a delivery signed by one of our secrets, or the answer that refuses it."""
     try:
         verified = verify_signature(header, body, receiver.secrets, receiver.scheme)
-        events = decode_events(verified.payload, received_at)
+        return decode_events(verified.payload, received_at)
     except SignatureError as error:
-        metrics.delivery("bad_signature", error.reason)
+        metrics.COUNTS.delivery("bad_signature", error.reason)
         logger.warning(
             "rejected delivery", extra={"request_id": request_id, "reason": error.reason}
         )
         return _error(401, "invalid_signature", error.reason)
     except BadPayloadError as error:
-        metrics.delivery("bad_request")
+        metrics.COUNTS.delivery("bad_request")
         logger.warning("rejected payload", extra={"request_id": request_id, "reason": error.reason})
         return _error(400, "bad_payload", error.reason)
-    return await _enqueue(receiver, events, request_id, received_at)
 
 
-async def _enqueue(
-    receiver: Receiver, events: list[Event], request_id: str, received_at: float
+def _unavailable(request_id: str, error: Exception) -> Answer:
+    metrics.COUNTS.delivery("unavailable")
+    logger.error(
+        "queue unavailable", extra={"request_id": request_id, "error_type": type(error).__name__}
+    )
+    return _error(
+        503, "unavailable", "the event queue is unavailable; retry later", **{"retry-after": "5"}
+    )
+
+
+def _queued(
+    events: list[Event], queued_flags: list[bool], request_id: str, received_at: float
 ) -> Answer:
-    try:
-        queued_flags = await receiver.queue.enqueue_events(events)
-    except (RedisError, OSError) as error:
-        metrics.delivery("unavailable")
-        logger.error(
-            "queue unavailable",
-            extra={"request_id": request_id, "error_type": type(error).__name__},
-        )
-        return _error(
-            503,
-            "unavailable",
-            "the event queue is unavailable; retry later",
-            **{"retry-after": "5"},
-        )
     enqueue_s = time.time() - received_at
-    metrics.ENQUEUE_SECONDS.observe(enqueue_s)
+    counts = metrics.COUNTS
+    counts.enqueued_in(enqueue_s)
     queued = sum(queued_flags)
-    metrics.delivery("queued" if queued else "duplicate")
-    metrics.events(events, queued_flags)
+    counts.delivery("queued" if queued else "duplicate")
+    counts.events_received(events, queued_flags)
     if logger.isEnabledFor(logging.INFO):  # the fields cost more than the check
         logger.info(
             "delivery queued",
