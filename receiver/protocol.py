@@ -22,6 +22,11 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# Past this many bytes held, writes go out at once: uvicorn pauses a sender whose client reads
+# slowly only once the real transport's buffer passes its high-water mark (64 KiB by default),
+# so a streamed body must reach that buffer as it is written, not at the next loop step.
+MAX_HELD_BYTES = 65_536
+
 
 class CoalescingTransport(asyncio.Transport):
     """A transport whose writes wait, in order, until :meth:`flush` or the next loop step."""
@@ -31,25 +36,35 @@ class CoalescingTransport(asyncio.Transport):
         self.transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._pending:
             self._loop.call_soon(self.flush)
         self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= MAX_HELD_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
         pending = self._pending
-        self._pending = []
+        self._pending, self._pending_bytes = [], 0
+        if self.transport.is_closing():
+            return  # the connection is gone or going: the socket would refuse it (uvloop raises)
         self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def discard(self) -> None:
+        """Forget what is held: the peer has gone."""
+        self._pending, self._pending_bytes = [], 0
 
     def close(self) -> None:
         self.flush()  # what was written before close() still goes out, as with the socket's
         self.transport.close()
 
     def abort(self) -> None:
-        self._pending = []
+        self.discard()
         self.transport.abort()
 
     def write_eof(self) -> None:
@@ -81,7 +96,7 @@ class CoalescingTransport(asyncio.Transport):
         return self.transport.get_protocol()
 
     def get_write_buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size() + sum(map(len, self._pending))
+        return self.transport.get_write_buffer_size() + self._pending_bytes
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self.transport.get_write_buffer_limits()
@@ -101,3 +116,9 @@ class HttpProtocol(HttpToolsProtocol):
         # uvicorn calls this right after writing the last part of a response: send it now.
         self.coalescing.flush()
         super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The peer reset the connection mid-response: uvicorn does not close the transport
+        # then, and a flush scheduled for the next step would write to a closed handle.
+        self.coalescing.discard()
+        super().connection_lost(exc)

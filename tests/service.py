@@ -18,6 +18,7 @@ import uvicorn
 
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
+from receiver.protocol import HttpProtocol
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -66,7 +67,10 @@ class ReceiverServer:
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         config = uvicorn.Config(
-            create_app(settings, own_logging=False), log_level="warning", lifespan="on"
+            create_app(settings, own_logging=False),
+            http=HttpProtocol,  # as deployed (Procfile, Dockerfile, make run)
+            log_level="warning",
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 from arq import Worker, func
 from arq.connections import RedisSettings, create_pool
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -34,6 +35,7 @@ from hrflow_webhooks.health import check
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
+from receiver.metrics import ENQUEUE_BUCKETS_S, ReceiverCollector, ReceiverCounts
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY, samples
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
@@ -658,3 +660,47 @@ async def test_check_reports_redis_unreachable(redis_server: RedisServer) -> Non
         redis_server.start()
     assert problems == ["redis is unreachable (ConnectionError)"]
     assert "127.0.0.1" not in problems[0]  # the URL may carry a password: never shown
+
+
+def test_receiver_counts_expose_what_prometheus_client_would() -> None:
+    """The receiver counts in plain ints: its histogram must read as prometheus_client's own."""
+    registry = CollectorRegistry()
+    reference = Histogram(
+        "hrflow_webhook_enqueue_seconds", "reference", buckets=ENQUEUE_BUCKETS_S, registry=registry
+    )
+    counts = ReceiverCounts()
+    for seconds in (0.0001, 0.0005, 0.0007, 0.001, 0.003, 0.02, 0.02, 0.3, 0.9, 1.0, 4.2):
+        reference.observe(seconds)
+        counts.enqueued_in(seconds)
+    counts.delivery("queued")
+    counts.delivery("bad_signature", "wrong secret")
+    ours = {
+        family.name: family
+        for family in text_string_to_metric_families(
+            generate_latest(registry_with(ReceiverCollector(counts))).decode()
+        )
+    }
+    expected = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    got = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for sample in ours["hrflow_webhook_enqueue_seconds"].samples
+    }
+    assert got == pytest.approx(expected)
+    deliveries = {
+        tuple(sorted(s.labels.items())): s.value for s in ours["hrflow_webhook_deliveries"].samples
+    }
+    assert deliveries == {
+        (("outcome", "queued"), ("reason", "")): 1,
+        (("outcome", "bad_signature"), ("reason", "wrong secret")): 1,
+    }
+
+
+def registry_with(collector: ReceiverCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry

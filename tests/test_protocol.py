@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Any
 
 import pytest
 import uvicorn
+import uvloop
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from receiver.protocol import CoalescingTransport, HttpProtocol
+from receiver.protocol import MAX_HELD_BYTES, CoalescingTransport, HttpProtocol
 
 REQUEST = b"POST /webhook HTTP/1.1\r\nhost: test\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -46,6 +48,9 @@ class RecordingTransport(asyncio.Transport):
 
     def pause_reading(self) -> None:
         pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # the kernel took everything
 
     def resume_reading(self) -> None:
         pass
@@ -93,6 +98,19 @@ async def test_writes_not_ended_by_a_response_go_out_on_the_next_loop_step() -> 
     assert recording.writes == [b"HTTP/1.1 100 Continue\r\n\r\nmore"]
     transport.flush()  # nothing left: no empty write
     assert len(recording.writes) == 1
+
+
+async def test_a_large_body_goes_out_as_it_is_written_so_flow_control_sees_it() -> None:
+    # uvicorn pauses a streaming app only once the real transport's buffer is full: held
+    # bytes must not pile up past MAX_HELD_BYTES between loop steps.
+    recording = RecordingTransport()
+    transport = CoalescingTransport(recording, asyncio.get_running_loop())
+    chunk = b"x" * 16_384
+    for _ in range(MAX_HELD_BYTES // len(chunk) * 3):
+        transport.write(chunk)
+        assert transport.get_write_buffer_size() < MAX_HELD_BYTES
+    assert len(recording.writes) == 3
+    assert all(len(write) == MAX_HELD_BYTES for write in recording.writes)
 
 
 async def test_close_sends_what_was_written_first_and_abort_drops_it() -> None:
@@ -175,3 +193,59 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(server_po
     assert rest.startswith(b"HTTP/1.1 200 OK")
     assert rest.endswith(b"0\r\n\r\n")
     writer.close()
+
+
+# --- a peer that resets mid-response, on uvloop (the production loop) -------------------------
+
+
+async def answer_when_told(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await RESET_GO.wait()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"first", "more_body": True})
+    await asyncio.sleep(0.01)
+    await send({"type": "http.response.body", "body": b""})
+
+
+RESET_GO = asyncio.Event()
+
+
+async def reset_mid_response(times: int) -> list[str]:
+    """Clients that reset (RST) just as the app writes; returns what the loop logged."""
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    loop.set_exception_handler(lambda _, context: errors.append(str(context.get("message"))))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(answer_when_told, http=HttpProtocol, log_level="critical")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    wake, tell = socket.socketpair()
+    wake.setblocking(False)
+    loop.add_reader(wake, lambda: (wake.recv(16), RESET_GO.set()))
+    for _ in range(times):
+        RESET_GO.clear()
+        client = socket.create_connection(sock.getsockname())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.sendall(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        await asyncio.sleep(0.02)  # the app now waits for RESET_GO
+        tell.send(b"x")  # the app's go and the reset reach the loop in the same poll
+        client.close()
+        await asyncio.sleep(0.03)
+    loop.remove_reader(wake)
+    wake.close()
+    tell.close()
+    server.should_exit = True
+    await serving
+    sock.close()
+    return errors
+
+
+def test_a_reset_mid_response_drops_what_was_held_without_an_error() -> None:
+    # Without connection_lost() discarding and flush() checking is_closing(), uvloop logged
+    # "Exception in callback CoalescingTransport.flush" (a write to a closed handle) for
+    # every one of these.
+    assert uvloop.run(reset_mid_response(20)) == []
