@@ -41,8 +41,9 @@ class CoalescingTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._pending:
             self._loop.call_soon(self.flush)
-        self._pending.append(bytes(data))
-        self._pending_bytes += len(data)
+        chunk = bytes(data)  # a copy only if the caller could still change it
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)  # bytes, whatever a memoryview's item size
         if self._pending_bytes >= MAX_HELD_BYTES:
             self.flush()
 
