@@ -97,6 +97,7 @@ async def measure(
         await _prepare(http, sandbox_url, events)
         queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
         await queue.enqueue_events([_event(i, run) for i in range(events)])
+        await queue.aclose()
         registry = Registry()
         edit.register(registry, settings)
         worker = create_worker(settings, registry, burst=True, handle_signals=False)

@@ -71,6 +71,7 @@ async def _enqueue_prepared(redis_url: str, events: list[Event], batch: int) -> 
         for first in range(0, len(events), batch):
             await queue.enqueue_events(events[first : first + batch])
     finally:
+        await queue.aclose()
         await redis.aclose()
 
 

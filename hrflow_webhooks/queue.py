@@ -23,6 +23,7 @@ Key layout (``<p>`` is the queue name, ``hrflow:queue`` by default):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import Event
 
@@ -125,6 +130,67 @@ def deserialize_job(data: bytes) -> dict[str, Any]:
     return job
 
 
+class ScriptConnection:
+    """A Redis connection of the queue's own, for its script calls, one call at a time.
+
+    Not the client's pool, for latency: each pool checkout polls the connection for
+    unread data, which suspends the caller for an event-loop turn, and with a socket
+    timeout redis-py 5 sends through ``asyncio.wait_for``: on Python 3.11, a task and two
+    more turns. Under
+    load a turn is a burst of deliveries, so a script call waited for several bursts
+    and the receiver idled (docs/benchmarks.md). This connection has no unread data
+    between calls by construction: a call that fails, times out or is cancelled leaves
+    it disconnected, and the next call connects afresh. One deadline covers the call.
+    """
+
+    def __init__(self, redis: Redis, script: str) -> None:
+        pool = redis.connection_pool
+        self.timeout_s: float | None = pool.connection_kwargs.get("socket_timeout")
+        # The deadline below replaces the socket timeout, so reads and writes carry none.
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection: AbstractConnection = pool.connection_class(**kwargs)
+        self._script = script
+        # Redis names scripts by SHA-1: an identifier, not a security measure.
+        self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+    async def evaluate(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """Run the script; one more try on a fresh connection if a kept one was found closed."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if not self._connection.is_connected:
+                    return await self._evaluate(keys, args)
+                try:
+                    return await self._evaluate(keys, args)
+                except RedisConnectionError:
+                    # Redis restarted or failed over, or dropped the idle connection, since
+                    # the last call (the pool's checkout poll used to catch this). A second
+                    # run is safe: an event the first run queued reads as a duplicate.
+                    return await self._evaluate(keys, args)
+        except TimeoutError as error:  # redis-py's own type, like its socket timeout
+            await self.close()
+            raise RedisTimeoutError("Redis did not answer the enqueue script in time") from error
+        except ResponseError:
+            raise  # Redis answered (with an error): the connection is in step
+        except BaseException:
+            await self.close()  # a reply may still be on its way: never reuse the socket
+            raise
+
+    async def _evaluate(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """EVALSHA, or EVAL when Redis does not know the script (restarted, SCRIPT FLUSH)."""
+        try:
+            return await self._command("EVALSHA", self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._command("EVAL", self._script, len(keys), *keys, *args)
+
+    async def _command(self, *parts: Any) -> Any:
+        connection = self._connection
+        await connection.send_packed_command(connection.pack_command(*parts), check_health=False)
+        return await connection.read_response()
+
+    async def close(self) -> None:
+        await self._connection.disconnect(nowait=True)
+
+
 @dataclass(slots=True)
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
@@ -162,7 +228,11 @@ class EventQueue:
         self.dedup_window_s = dedup_window_s
         self.max_batch_events = max_batch_events
         self.max_in_flight = max_in_flight
-        self._script = redis.register_script(_ENQUEUE_SCRIPT)
+        # One connection per writer: a writer takes one when it starts, returns it when done.
+        self._connections = tuple(
+            ScriptConnection(redis, _ENQUEUE_SCRIPT) for _ in range(max_in_flight)
+        )
+        self._free_connections = list(self._connections)
         self._waiting: list[_Pending] = []
         self._writing = 0  # writer tasks running; each sends batches while callers wait
         self._writers: set[asyncio.Task[None]] = set()  # strong references, for the loop
@@ -193,12 +263,25 @@ class EventQueue:
         self._loop = asyncio.get_running_loop()
         return self._loop
 
+    async def aclose(self) -> None:
+        """Close the queue's own connections (the Redis client's pool is the caller's)."""
+        for connection in self._connections:
+            await connection.close()
+
+    async def __aenter__(self) -> EventQueue:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def _write_batches(self) -> None:
+        connection = self._free_connections.pop()  # there are as many as writers may run
         try:
             while self._waiting:
-                await self._write(self._next_batch())
+                await self._write(connection, self._next_batch())
         finally:  # no await between the last check of _waiting and this: no caller is missed
             self._writing -= 1
+            self._free_connections.append(connection)
 
     def _next_batch(self) -> list[_Pending]:
         """Callers in arrival order, up to ``max_batch_events`` (always at least one caller)."""
@@ -210,14 +293,14 @@ class EventQueue:
         batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
         return batch
 
-    async def _write(self, batch: list[_Pending]) -> None:
+    async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
         keys: list[str | bytes] = [self.keys.queue]
         args: list[Any] = [self.dedup_window_s, int(time.time() * 1000)]
         for pending in batch:
             keys += pending.keys
             args += pending.jobs
         try:
-            flags = await self._script(keys=keys, args=args)
+            flags = await connection.evaluate(keys, args)
         except Exception as error:  # every caller of the batch learns of the failure
             for pending in batch:
                 if not pending.done.done():

@@ -323,6 +323,7 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         try:
             yield
         finally:
+            await queue.aclose()
             await redis.aclose()
 
     routes = [

@@ -106,7 +106,8 @@ async def test_a_second_worker_takes_jobs_while_the_first_is_full(
         running -= 1
 
     events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(4 * max_jobs)]
-    await EventQueue(redis, settings.queue_name, 60).enqueue_events(events)
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events(events)
     workers = [create_worker(settings, registry, handle_signals=False, burst=True) for _ in "ab"]
 
     async def release_when_both_are_full() -> None:

@@ -284,10 +284,10 @@ async def _traces(redis: Redis) -> set[str]:
 
 async def test_erase_removes_every_trace_of_one_profile_only(redis: Redis) -> None:
     keys = QueueKeys("hrflow:queue")
-    queue = EventQueue(redis, keys.queue, dedup_window_s=60)
     gone = [Event.from_payload(parsing_event("pk-gone", message=str(n))) for n in range(2)]
     kept = Event.from_payload(parsing_event("pk-kept"))
-    await queue.enqueue_events([*gone, kept])
+    async with EventQueue(redis, keys.queue, dedup_window_s=60) as queue:
+        await queue.enqueue_events([*gone, kept])
     await add_letter(redis, Event.from_payload(parsing_event("pk-gone", message="dead")))
     await add_letter(redis, kept)
     await redis.hset(keys.done(gone[0].id), "h.index", "ok")  # type: ignore[misc]
@@ -313,9 +313,8 @@ async def test_erase_removes_every_trace_of_one_profile_only(redis: Redis) -> No
 async def test_erase_command_reports_what_it_removed(
     redis: Redis, redis_server: RedisServer
 ) -> None:
-    await EventQueue(redis, "hrflow:queue", 60).enqueue_events(
-        [Event.from_payload(parsing_event("pk-x"))]
-    )
+    async with EventQueue(redis, "hrflow:queue", 60) as queue:
+        await queue.enqueue_events([Event.from_payload(parsing_event("pk-x"))])
     code, out, _ = await cli("erase", "--profile-key", "pk-x", env={"REDIS_URL": redis_server.url})
     assert code == 0
     assert out.strip() == (

@@ -5,18 +5,28 @@ receiver answers 503), and HrFlow's retries then queue every event exactly once.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import EventQueue, QueueKeys
+from tests.redis_server import RedisServer
 from tests.service import parsing_event
 
 
-async def test_out_of_memory_refuses_and_a_retry_queues_every_event_once(redis: Redis) -> None:
-    queue = EventQueue(redis, "hrflow:queue", dedup_window_s=60)
+@pytest.fixture
+async def queue(redis: Redis) -> AsyncIterator[EventQueue]:
+    async with EventQueue(redis, "hrflow:queue", dedup_window_s=60) as queue:
+        yield queue
+
+
+async def test_out_of_memory_refuses_and_a_retry_queues_every_event_once(
+    redis: Redis, queue: EventQueue
+) -> None:
     keys = QueueKeys("hrflow:queue")
     events = [
         Event.from_payload(parsing_event(f"oom-{i}", message="x" * 40_000)) for i in range(40)
@@ -44,9 +54,8 @@ async def _deliver_one_by_one(queue: EventQueue, events: list[Event]) -> None:
 
 
 async def test_concurrent_callers_share_script_calls_and_each_learns_its_own_flags(
-    redis: Redis,
+    redis: Redis, queue: EventQueue
 ) -> None:
-    queue = EventQueue(redis, "hrflow:queue", dedup_window_s=60)
     events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(300)]
     await redis.config_resetstat()
     # Every event once, and a third of them a second time, all at once.
@@ -63,3 +72,63 @@ async def test_concurrent_callers_share_script_calls_and_each_learns_its_own_fla
     # Callers arriving one at a time after the burst are still written (no writer is missed).
     for n in range(5):
         assert await queue.enqueue_events([Event.from_payload(parsing_event(f"late-{n}"))])
+
+
+def _events(prefix: str, count: int = 1) -> list[Event]:
+    return [Event.from_payload(parsing_event(f"{prefix}-{n}")) for n in range(count)]
+
+
+def _ids(events: list[Event]) -> list[bytes]:
+    return [event.id.encode() for event in events]
+
+
+async def test_a_redis_restart_between_deliveries_costs_no_error(
+    redis: Redis, redis_server: RedisServer, queue: EventQueue
+) -> None:
+    """The queue keeps its connections: after a restart the kept one is closed and Redis has
+    forgotten the script. The next delivery reconnects and sends the script again."""
+    before, after = _events("before"), _events("after")
+    assert await queue.enqueue_events(before) == [True]
+    await asyncio.to_thread(redis_server.restart)
+    assert await queue.enqueue_events(after) == [True]
+    assert await redis.zrange("hrflow:queue", 0, -1) == _ids(before + after)
+
+
+async def test_a_connection_redis_dropped_is_replaced_and_the_script_runs_once(
+    redis: Redis, queue: EventQueue
+) -> None:
+    await queue.enqueue_events(_events("first"))
+    killed = await redis.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the queue's own connection, idle since the first call
+    await redis.config_resetstat()
+    assert await queue.enqueue_events(_events("second")) == [True]
+    stats = (await redis.info("commandstats"))["cmdstat_evalsha"]
+    assert stats["calls"] == 1  # the dead connection's try never reached Redis
+
+
+async def test_a_script_redis_forgot_is_sent_again(redis: Redis, queue: EventQueue) -> None:
+    await queue.enqueue_events(_events("cached"))
+    await redis.script_flush()
+    assert await queue.enqueue_events(_events("flushed", 3)) == [True] * 3
+    assert await redis.zcard("hrflow:queue") == 4
+
+
+async def test_a_script_call_past_the_redis_timeout_fails_and_a_retry_queues_once(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """The client's socket timeout bounds a whole script call (the receiver answers 503),
+    and the connection is not reused with a reply still owed on it."""
+    impatient = Redis.from_url(redis_server.url, socket_timeout=0.2)
+    event = _events("paused")
+    try:
+        async with EventQueue(impatient, "hrflow:queue", dedup_window_s=60) as queue:
+            await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+            with pytest.raises(RedisTimeoutError):
+                await queue.enqueue_events(event)
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            await queue.enqueue_events(event)  # HrFlow's retry: queued now, or found queued
+            assert await redis.zrange("hrflow:queue", 0, -1) == _ids(event)
+            assert await queue.enqueue_events(_events("next")) == [True]
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await impatient.aclose()

@@ -47,8 +47,8 @@ def behaviour_and_steady_registry() -> tuple[Registry, list[str]]:
 
 async def enqueue(settings: Settings, redis: Redis, *payloads: dict[str, Any]) -> list[Event]:
     events = [Event.from_payload(p) for p in payloads]
-    queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
-    assert all(await queue.enqueue_events(events))
+    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
+        assert all(await queue.enqueue_events(events))
     return events
 
 

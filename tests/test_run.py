@@ -230,7 +230,8 @@ async def test_the_worker_loop_restarts_after_redis_comes_back(
     try:
         redis = Redis.from_url(server.url)
         event = Event.from_payload(parsing_event("pk-outage"))
-        await EventQueue(redis, settings.queue_name, 60).enqueue_events([event])
+        async with EventQueue(redis, settings.queue_name, 60) as queue:
+            await queue.enqueue_events([event])
         while not seen:
             await settle(running)
         loop.stop()
