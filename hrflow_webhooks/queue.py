@@ -113,6 +113,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
 
+def resp_bulk(value: bytes) -> bytes:
+    """One command argument as Redis reads it (a RESP bulk string), as redis-py packs it."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
 def serialize_job(event: Event, enqueue_time_ms: int, job_try: int | None = None) -> bytes:
     """arq's job layout, as JSON rather than arq's default pickle."""
     job: dict[str, Any] = {
@@ -128,6 +133,21 @@ def serialize_job(event: Event, enqueue_time_ms: int, job_try: int | None = None
 def deserialize_job(data: bytes) -> dict[str, Any]:
     job: dict[str, Any] = orjson.loads(data)
     return job
+
+
+@dataclass(frozen=True, slots=True)
+class PackedArguments:
+    """A script call's keys then arguments, packed (:func:`resp_bulk`), and how many."""
+
+    packed: list[bytes]  # each item may hold several arguments
+    keys: int
+    count: int  # keys and arguments
+
+
+def packed_script_call(command: bytes, arguments: PackedArguments) -> list[bytes]:
+    """EVALSHA/EVAL as Redis reads it; ``command`` is the packed name and SHA (or script)."""
+    head = b"*%d\r\n%s%s" % (3 + arguments.count, command, resp_bulk(b"%d" % arguments.keys))
+    return [head, *arguments.packed]
 
 
 class ScriptConnection:
@@ -149,23 +169,24 @@ class ScriptConnection:
         # The deadline below replaces the socket timeout, so reads and writes carry none.
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection: AbstractConnection = pool.connection_class(**kwargs)
-        self._script = script
         # Redis names scripts by SHA-1: an identifier, not a security measure.
-        self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        self._evalsha = resp_bulk(b"EVALSHA") + resp_bulk(sha.encode())
+        self._eval = resp_bulk(b"EVAL") + resp_bulk(script.encode())
 
-    async def evaluate(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+    async def evaluate(self, arguments: PackedArguments) -> Any:
         """Run the script; one more try on a fresh connection if a kept one was found closed."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 if not self._connection.is_connected:
-                    return await self._evaluate(keys, args)
+                    return await self._evaluate(arguments)
                 try:
-                    return await self._evaluate(keys, args)
+                    return await self._evaluate(arguments)
                 except RedisConnectionError:
                     # Redis restarted or failed over, or dropped the idle connection, since
                     # the last call (the pool's checkout poll used to catch this). A second
                     # run is safe: an event the first run queued reads as a duplicate.
-                    return await self._evaluate(keys, args)
+                    return await self._evaluate(arguments)
         except TimeoutError as error:  # redis-py's own type, like its socket timeout
             await self.close()
             raise RedisTimeoutError("Redis did not answer the enqueue script in time") from error
@@ -175,17 +196,18 @@ class ScriptConnection:
             await self.close()  # a reply may still be on its way: never reuse the socket
             raise
 
-    async def _evaluate(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+    async def _evaluate(self, arguments: PackedArguments) -> Any:
         """EVALSHA, or EVAL when Redis does not know the script (restarted, SCRIPT FLUSH)."""
         try:
-            return await self._command("EVALSHA", self._sha, len(keys), *keys, *args)
+            return await self._command(self._evalsha, arguments)
         except NoScriptError:
-            return await self._command("EVAL", self._script, len(keys), *keys, *args)
+            return await self._command(self._eval, arguments)
 
-    async def _command(self, *parts: Any) -> Any:
-        connection = self._connection
-        await connection.send_packed_command(connection.pack_command(*parts), check_health=False)
-        return await connection.read_response()
+    async def _command(self, command: bytes, arguments: PackedArguments) -> Any:
+        await self._connection.send_packed_command(
+            packed_script_call(command, arguments), check_health=False
+        )
+        return await self._connection.read_response()
 
     async def close(self) -> None:
         await self._connection.disconnect(nowait=True)
@@ -195,8 +217,9 @@ class ScriptConnection:
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
 
-    keys: list[bytes]  # (seen key, job key) per event
-    jobs: list[bytes]
+    events: int
+    keys: bytes  # (seen key, job key) per event, packed
+    jobs: bytes  # one job per event, packed
     done: asyncio.Future[list[bool]]
 
 
@@ -225,6 +248,8 @@ class EventQueue:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
         self._seen_prefix = self.keys.seen("").encode()
+        self._queue_key = resp_bulk(queue_name.encode())
+        self._window = b"%d" % dedup_window_s
         self.dedup_window_s = dedup_window_s
         self.max_batch_events = max_batch_events
         self.max_in_flight = max_in_flight
@@ -242,13 +267,19 @@ class EventQueue:
     async def enqueue_events(self, events: Sequence[Event]) -> list[bool]:
         """Queue each event not seen within the dedup window; True where it was queued."""
         now_ms = int(time.time() * 1000)
+        # Packed here, per caller: redis-py's pack_command took 3.6 µs per event in the
+        # receiver's writer, which every caller of a batch waits for (docs/benchmarks.md).
         keys: list[bytes] = []
-        for event in events:  # bytes: the Redis client sends them without encoding each
+        jobs: list[bytes] = []
+        for event in events:
             event_id = event.id.encode()
-            keys += (self._seen_prefix + event_id, JOB_KEY_PREFIX_BYTES + event_id)
-        jobs = [serialize_job(event, now_ms) for event in events]
+            keys += (
+                resp_bulk(self._seen_prefix + event_id),
+                resp_bulk(JOB_KEY_PREFIX_BYTES + event_id),
+            )
+            jobs.append(resp_bulk(serialize_job(event, now_ms)))
         loop = self._loop or self._bind_loop()
-        pending = _Pending(keys, jobs, loop.create_future())
+        pending = _Pending(len(events), b"".join(keys), b"".join(jobs), loop.create_future())
         self._waiting.append(pending)
         if self._writing < self.max_in_flight:
             self._writing += 1
@@ -287,20 +318,22 @@ class EventQueue:
         """Callers in arrival order, up to ``max_batch_events`` (always at least one caller)."""
         taken, events = 0, 0
         for pending in self._waiting:
-            if taken and events + len(pending.jobs) > self.max_batch_events:
+            if taken and events + pending.events > self.max_batch_events:
                 break
-            taken, events = taken + 1, events + len(pending.jobs)
+            taken, events = taken + 1, events + pending.events
         batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
         return batch
 
     async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
-        keys: list[str | bytes] = [self.keys.queue]
-        args: list[Any] = [self.dedup_window_s, int(time.time() * 1000)]
-        for pending in batch:
-            keys += pending.keys
-            args += pending.jobs
+        events = sum(pending.events for pending in batch)
+        window_and_score = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
+        arguments = PackedArguments(
+            [self._queue_key, *[p.keys for p in batch], window_and_score, *[p.jobs for p in batch]],
+            keys=1 + 2 * events,
+            count=1 + 2 * events + 2 + events,
+        )
         try:
-            flags = await connection.evaluate(keys, args)
+            flags = await connection.evaluate(arguments)
         except Exception as error:  # every caller of the batch learns of the failure
             for pending in batch:
                 if not pending.done.done():
@@ -313,7 +346,7 @@ class EventQueue:
             raise
         start = 0
         for pending in batch:
-            end = start + len(pending.jobs)
+            end = start + pending.events
             if not pending.done.done():
                 pending.done.set_result([bool(flag) for flag in flags[start:end]])
             start = end

@@ -9,11 +9,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import EventQueue, QueueKeys
+from hrflow_webhooks.queue import (
+    EventQueue,
+    PackedArguments,
+    QueueKeys,
+    deserialize_job,
+    packed_script_call,
+    resp_bulk,
+)
 from tests.redis_server import RedisServer
 from tests.service import parsing_event
 
@@ -132,3 +140,27 @@ async def test_a_script_call_past_the_redis_timeout_fails_and_a_retry_queues_onc
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
         await impatient.aclose()
+
+
+def test_a_packed_script_call_is_what_redis_py_would_send() -> None:
+    keys = [b"hrflow:queue", b"seen:\xc3\xa9", b"arq:job:\r\n"]
+    args = [b"86400", b"1700000000000", "é {}".encode(), b""]
+    arguments = PackedArguments(
+        [resp_bulk(keys[0]), resp_bulk(keys[1]) + resp_bulk(keys[2]), *map(resp_bulk, args)],
+        keys=len(keys),
+        count=len(keys) + len(args),
+    )
+    ours = packed_script_call(resp_bulk(b"EVALSHA") + resp_bulk(b"f" * 40), arguments)
+    theirs = Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args)
+    assert b"".join(ours) == b"".join(theirs)
+
+
+async def test_a_job_reads_back_as_the_event_it_was_made_of(
+    redis: Redis, queue: EventQueue
+) -> None:
+    payload = parsing_event("pk-é", message="ligne 1\r\nligne 2 — Zoë")
+    event = Event.from_payload(payload)
+    assert await queue.enqueue_events([event]) == [True]
+    job = deserialize_job(await redis.get(QueueKeys.job(event.id)))
+    assert job["a"] == [event.to_dict()]
+    assert job["f"] == "handle_event"
