@@ -235,6 +235,8 @@ class EventQueue:
     answered: an acknowledged event is durably queued, as before. Calls in
     flight together stay correct: Redis runs scripts one at a time, and with
     ``appendfsync always`` it syncs a script's writes before any later reply.
+    The calls go over the queue's own connections (:class:`ScriptConnection`):
+    close them with :meth:`aclose`, or use the queue as ``async with``.
     """
 
     def __init__(
