@@ -95,9 +95,8 @@ async def measure(
     await redis.flushall()
     async with aiohttp.ClientSession() as http:
         await _prepare(http, sandbox_url, events)
-        queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
-        await queue.enqueue_events([_event(i, run) for i in range(events)])
-        await queue.aclose()
+        async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
+            await queue.enqueue_events([_event(i, run) for i in range(events)])
         registry = Registry()
         edit.register(registry, settings)
         worker = create_worker(settings, registry, burst=True, handle_signals=False)

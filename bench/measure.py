@@ -66,12 +66,11 @@ def enqueue_prepared(redis_url: str, events: list[Event], batch: int = 1_000) ->
 
 async def _enqueue_prepared(redis_url: str, events: list[Event], batch: int) -> None:
     redis = AsyncRedis.from_url(redis_url)
-    queue = EventQueue(redis, QUEUE, dedup_window_s=86_400)
     try:
-        for first in range(0, len(events), batch):
-            await queue.enqueue_events(events[first : first + batch])
+        async with EventQueue(redis, QUEUE, dedup_window_s=86_400) as queue:
+            for first in range(0, len(events), batch):
+                await queue.enqueue_events(events[first : first + batch])
     finally:
-        await queue.aclose()
         await redis.aclose()
 
 

@@ -185,7 +185,8 @@ class ScriptConnection:
                 except RedisConnectionError:
                     # Redis restarted or failed over, or dropped the idle connection, since
                     # the last call (the pool's checkout poll used to catch this). A second
-                    # run is safe: an event the first run queued reads as a duplicate.
+                    # run cannot lose or double an event; if the first ran and only its reply
+                    # was lost, its events read as duplicates (the delivery is still queued).
                     return await self._evaluate(arguments)
         except TimeoutError as error:  # redis-py's own type, like its socket timeout
             await self.close()
@@ -252,9 +253,7 @@ class EventQueue:
         self._seen_prefix = self.keys.seen("").encode()
         self._queue_key = resp_bulk(queue_name.encode())
         self._window = b"%d" % dedup_window_s
-        self.dedup_window_s = dedup_window_s
         self.max_batch_events = max_batch_events
-        self.max_in_flight = max_in_flight
         # One connection per writer: a writer takes one when it starts, returns it when done.
         self._connections = tuple(
             ScriptConnection(redis, _ENQUEUE_SCRIPT) for _ in range(max_in_flight)
@@ -283,7 +282,7 @@ class EventQueue:
         loop = self._loop or self._bind_loop()
         pending = _Pending(len(events), b"".join(keys), b"".join(jobs), loop.create_future())
         self._waiting.append(pending)
-        if self._writing < self.max_in_flight:
+        if self._writing < len(self._connections):
             self._writing += 1
             writer = loop.create_task(self._write_batches())
             self._writers.add(writer)
@@ -297,7 +296,14 @@ class EventQueue:
         return self._loop
 
     async def aclose(self) -> None:
-        """Close the queue's own connections (the Redis client's pool is the caller's)."""
+        """Let the batches being written finish, then close the queue's own connections.
+
+        Closing under a writer would read as a dropped connection, and the writer would
+        open a new one (its one retry) that nothing then closes. Each call has a deadline,
+        so the wait is bounded. The Redis client's pool is the caller's to close.
+        """
+        if self._writers:
+            await asyncio.wait(self._writers)
         for connection in self._connections:
             await connection.close()
 

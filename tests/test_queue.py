@@ -164,3 +164,21 @@ async def test_a_job_reads_back_as_the_event_it_was_made_of(
     job = deserialize_job(await redis.get(QueueKeys.job(event.id)))
     assert job["a"] == [event.to_dict()]
     assert job["f"] == "handle_event"
+
+
+async def test_closing_the_queue_lets_a_batch_in_flight_finish_and_leaves_no_connection(
+    redis: Redis,
+) -> None:
+    async def clients() -> int:
+        return len(await redis.client_list())
+
+    before = await clients()
+    queue = EventQueue(redis, "hrflow:queue", dedup_window_s=60)
+    await redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # hold the script call
+    caller = asyncio.ensure_future(queue.enqueue_events(_events("in-flight")))
+    while await clients() == before:  # the queue's connection is open and its call sent
+        await asyncio.sleep(0.01)
+    await queue.aclose()
+    assert caller.done()  # answered before the close
+    assert caller.result() == [True]
+    assert await clients() == before
