@@ -156,11 +156,11 @@ class ScriptConnection:
     Not the client's pool, for latency: each pool checkout polls the connection for
     unread data, which suspends the caller for an event-loop turn, and with a socket
     timeout redis-py 5 sends through ``asyncio.wait_for``: on Python 3.11, a task and two
-    more turns. Under
-    load a turn is a burst of deliveries, so a script call waited for several bursts
-    and the receiver idled (docs/benchmarks.md). This connection has no unread data
-    between calls by construction: a call that fails, times out or is cancelled leaves
-    it disconnected, and the next call connects afresh. One deadline covers the call.
+    more turns. Under load a turn is a burst of deliveries, so a script call waited for
+    several bursts and the receiver idled (docs/benchmarks.md). This connection has no
+    unread data between calls by construction: a call that fails, times out or is
+    cancelled leaves it disconnected, and the next call connects afresh. One deadline
+    covers the call.
     """
 
     def __init__(self, redis: Redis, script: str) -> None:
@@ -176,13 +176,14 @@ class ScriptConnection:
 
     async def evaluate(self, arguments: PackedArguments) -> Any:
         """Run the script; one more try on a fresh connection if a kept one was found closed."""
+        kept = self._connection.is_connected
         try:
             async with asyncio.timeout(self.timeout_s):
-                if not self._connection.is_connected:
-                    return await self._evaluate(arguments)
                 try:
                     return await self._evaluate(arguments)
                 except RedisConnectionError:
+                    if not kept:
+                        raise
                     # Redis restarted or failed over, or dropped the idle connection, since
                     # the last call (the pool's checkout poll used to catch this). A second
                     # run cannot lose or double an event; if the first ran and only its reply
