@@ -92,6 +92,12 @@ def wait_handled(redis: Redis, target: int, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
+def redis_commands(redis: Redis) -> int:
+    """Commands Redis has run, every kind, including those inside scripts and MULTI/EXEC."""
+    stats = cast(dict[str, dict[str, int]], redis.info("commandstats"))
+    return sum(int(entry["calls"]) for entry in stats.values())
+
+
 def reset_counters(redis: Redis) -> None:
     redis.delete(HANDLED_KEY, PICKUP_KEY)
 

@@ -150,8 +150,12 @@ def _worker_rate(
     cpu_ms: dict[str, list[float]],
     plugins: list[str] = COUNTING,
     count: int | None = None,
+    commands: dict[str, list[float]] | None = None,
 ) -> float:
-    """Events per second that ``workers`` fresh worker processes handle from a full queue."""
+    """Events per second that ``workers`` fresh worker processes handle from a full queue.
+
+    ``commands`` collects Redis commands per event (INFO commandstats, scripts' and
+    MULTI/EXEC's own commands included), for enqueueing and handling it."""
     redis.flushall()
     count = count or config.worker_events
     started = [procs.start_worker(f"worker-{i}", plugins) for i in range(workers)]
@@ -161,10 +165,15 @@ def _worker_rate(
     pids = [p.pid for p in started]
     events = measure.prepare_events(tag, count)
     cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(procs.redis_pid)
+    commands_before = measure.redis_commands(redis)
     start = time.monotonic()
     measure.enqueue_prepared(procs.redis_url, events)
     measure.wait_handled(redis, count, timeout_s=300)
     rate = count / (time.monotonic() - start)
+    if commands is not None:
+        commands[f"{workers} workers"].append(
+            (measure.redis_commands(redis) - commands_before) / count
+        )
     cpu_ms[f"{workers} workers"].append(
         (sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]) / count * 1000
     )
@@ -196,11 +205,13 @@ def _scale_out(
     one: list[float] = []
     two: list[float] = []
     cpu_ms: dict[str, list[float]] = collections.defaultdict(list)  # CPU ms per event, all workers
+    commands: dict[str, list[float]] = collections.defaultdict(list)
     for rep in range(config.reps):
         for workers in (1, 2) if rep % 2 == 0 else (2, 1):
             rate = _worker_rate(
-                procs, redis, config, workers, f"{tag}-{rep}-{workers}", cpu_ms, plugins, count
-            )
+                procs, redis, config, workers, f"{tag}-{rep}-{workers}", cpu_ms, plugins, count,
+                commands,
+            )  # fmt: skip
             (one if workers == 1 else two).append(rate)
     return _ratio_row(
         1.7,
@@ -209,6 +220,7 @@ def _scale_out(
         unit="events/s",
         events=count,
         cpu_ms_per_event={name: measure.median(values) for name, values in cpu_ms.items()},
+        redis_commands_per_event={name: measure.median(v) for name, v in commands.items()},
     )
 
 

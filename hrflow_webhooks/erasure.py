@@ -1,20 +1,22 @@
 """Erasing a profile from Redis, for personal-data requests (``hrflow-webhooks erase``).
 
-What can name a profile key in Redis, and what goes:
+What can name a profile key in Redis, and what goes (every key class of
+``hrflow_webhooks.queue``'s layout is listed there):
 
-- queued jobs (``arq:job:<id>``, their member of the queue sorted set, and
-  arq's ``arq:retry:``, ``arq:in-progress:`` and ``arq:result:`` keys) whose
-  event payload names the profile;
+- runs whose event names the profile: the job (``arq:job:<run id>``), its
+  member of the queue, arq's retry, in-progress and result keys, the run's
+  completion markers, its place in its subject's order list and the
+  (type, subject)'s waiting pointer;
 - dead letters whose stored event names it;
-- the dedup and completion markers of those events (``<q>:seen:<id>``,
-  ``<q>:done:<id>``): they hold no personal data, but they tie an event to the
-  profile while its job or letter exists;
+- the dedup markers of those events (``<q>:seen:<event id>``): no personal
+  data, but they tie an event to the profile while its run or letter exists;
 - the write fingerprints the built-in handlers keep to skip the echo of their
-  own writes (``<q>:written:<handler>:<source key>:<profile key>``, see
-  ``workers.handlers.common.WriteEchoes``).
+  own writes, and the handlers' locks named after the profile.
 
-Markers of events whose job already finished and left no letter carry only the
-sha256 of the event, not the profile key, and expire with the dedup window.
+Order lists and waiting pointers are named by a hash of the subject and hold
+only run ids; they disappear with the profile's last run. Dedup markers of
+events whose run already finished and left no letter carry only the sha256 of
+the event, not the profile key, and expire with the dedup window.
 A job a worker is running at the moment of erasure may still finish and write
 its effects: stop the workers first, or run ``erase`` again afterwards.
 
@@ -29,10 +31,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from arq.constants import in_progress_key_prefix, result_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from hrflow_webhooks.queue import JOB_KEY_PREFIX, QueueKeys, deserialize_job
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import (
+    FORGET_RUN_SCRIPT,
+    JOB_KEY_PREFIX,
+    QueueKeys,
+    deserialize_job,
+    tag_of,
+)
 from workers.dead_letters import DeadLetters
 
 SCAN_BATCH = 500
@@ -82,29 +90,32 @@ class ProfileEraser:
         return ErasureReport(jobs, letters, markers, fingerprints)
 
     async def _erase_jobs(self, profile_key: str) -> tuple[int, set[str]]:
-        """(jobs deleted, their event ids); a replayed event may have several jobs."""
+        """(runs deleted, their event ids); one event may have several runs."""
         jobs = 0
         event_ids: set[str] = set()
         async for job_key in self.redis.scan_iter(match=JOB_KEY_PREFIX + "*", count=SCAN_BATCH):
             raw = await self.redis.get(job_key)
-            event = None if raw is None else _job_event(raw)
-            if event is None or not names_profile(event.get("payload") or {}, profile_key):
+            data = None if raw is None else _job_event(raw)
+            if data is None or not names_profile(data.get("payload") or {}, profile_key):
                 continue
-            await self._delete_job(job_key.decode()[len(JOB_KEY_PREFIX) :])
-            event_ids.add(str(event["id"]))
+            event = Event.from_dict(data)
+            await self._forget_run(job_key.decode()[len(JOB_KEY_PREFIX) :], event)
+            event_ids.add(event.id)
             jobs += 1
         return jobs, event_ids
 
-    async def _delete_job(self, job_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.queue, job_id)
-            pipe.delete(
-                self.keys.job(job_id),
-                retry_key_prefix + job_id,
-                in_progress_key_prefix + job_id,
-                result_key_prefix + job_id,
-            )
-            await pipe.execute()
+    async def _forget_run(self, run_id: str, event: Event) -> None:
+        keys = self.keys
+        run_keys = [
+            keys.job(run_id),
+            keys.retry(run_id),
+            keys.in_progress(run_id),
+            keys.result(run_id),
+            keys.done(run_id),
+        ]
+        order = keys.order(tag_of(event.subject))
+        script_keys = [keys.queue, order, keys.marker_of(event), *run_keys]
+        await self.redis.eval(FORGET_RUN_SCRIPT, len(script_keys), *script_keys, run_id)  # type: ignore[misc]
 
     async def _erase_dead_letters(self, profile_key: str) -> tuple[int, set[str]]:
         # Letters are per (event, handler): several may share one event.
@@ -120,17 +131,19 @@ class ProfileEraser:
     async def _erase_markers(self, event_ids: set[str]) -> int:
         if not event_ids:
             return 0
-        keys = [key for eid in event_ids for key in (self.keys.seen(eid), self.keys.done(eid))]
-        return int(await self.redis.delete(*keys))
+        return int(await self.redis.delete(*[self.keys.seen(eid) for eid in event_ids]))
 
     async def _erase_fingerprints(self, profile_key: str) -> int:
-        pattern = f"{glob_escape(self.keys.queue)}:written:*:{glob_escape(profile_key)}"
-        suffix = f":{profile_key}".encode()
-        found = [
-            key
-            async for key in self.redis.scan_iter(match=pattern, count=SCAN_BATCH)
-            if key.endswith(suffix)
-        ]
+        """Write fingerprints (``written:<h>:<src>:<key>``) and locks naming the profile."""
+        escaped = glob_escape(profile_key)
+        patterns = (
+            f"{glob_escape(self.keys.written_prefix)}*:{escaped}",
+            f"{glob_escape(self.keys.lock_prefix)}*{escaped}",
+        )
+        found: set[bytes] = set()
+        for pattern in patterns:
+            async for key in self.redis.scan_iter(match=pattern, count=SCAN_BATCH):
+                found.add(key)
         return int(await self.redis.delete(*found)) if found else 0
 
 

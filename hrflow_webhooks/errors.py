@@ -4,7 +4,11 @@
 
     HandlerError                 carries the event and handler it belongs to
     ├── TransientError           retry later (with backoff, honouring retry_after_s)
+    │   └── SubjectNotReadableError  the event's own subject is 404 inside the grace
+    │                                period: waited for, without using up a try
     └── PermanentError           dead-letter now: retrying cannot help
+        └── SubjectGoneError     the subject is still 404 after the grace period: one
+                                 recorded skip for the run, not a dead letter
 
 The HrFlow client's ``ApiError`` family (``hrflow_webhooks.client.errors``)
 slots under these two, so a 429 is a ``TransientError`` and a 404 a
@@ -37,6 +41,19 @@ class TransientError(HandlerError):
 
 class PermanentError(HandlerError):
     """Retrying cannot help (bad input, missing keys, 400/401/404): dead-letter at once."""
+
+
+class SubjectNotReadableError(TransientError):
+    """The event's own subject answered 404, inside ``HRFLOW_NOT_FOUND_GRACE_S``.
+
+    HrFlow sends parsing webhooks after parsing and before indexing, so a profile
+    can be unreadable for a while after ``profile.parsing.success``.
+    """
+
+
+class SubjectGoneError(PermanentError):
+    """The event's own subject is still 404 after the grace period: deleted, archived or
+    never indexed. The run records one skip (``profile not found``) instead of dead letters."""
 
 
 _TRANSIENT_INFRASTRUCTURE: tuple[type[BaseException], ...] = (

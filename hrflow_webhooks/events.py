@@ -3,7 +3,21 @@
 An :class:`Event` is what travels from the receiver to the workers. It behaves
 as a read-only mapping over the payload HrFlow signed, so SDK-style callbacks
 written as ``webhook_data["profile"]["key"]`` keep working, and it carries what
-the SDK never had: a stable id, the canonical type and the time we received it.
+the SDK never had: a stable id, the canonical type, the time we received it,
+its class and its subject.
+
+HrFlow's webhooks are state-change notifications without an id or a timestamp,
+so every event has a **class**:
+
+- ``once``: ``*.success`` ("parsed/saved for the 1st time") and ``*.error``
+  happen once per subject. A redelivery inside the dedup window is a duplicate.
+- ``latest``: ``*.update`` and every type this table does not know announce
+  that the subject's state changed. Two of them can be byte-identical and still
+  mean two changes, so they are never dropped once handled: a new one runs again.
+
+The **subject** is what the event is about (``profile/<source key>/key:<key>``,
+``job/<board key>/key:<key>``, by reference when there is no key, or the event
+itself when the payload names nothing). Runs for one subject never overlap.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import hashlib
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -50,6 +64,23 @@ LEGACY_EVENT_NAMES: Mapping[str, str] = {
 KNOWN_EVENT_NAMES: frozenset[str] = CURRENT_EVENT_NAMES | frozenset(LEGACY_EVENT_NAMES)
 
 
+EventClass = Literal["once", "latest"]
+ONCE: EventClass = "once"
+LATEST: EventClass = "latest"
+_ONCE_STATUSES = ("success", "error")
+
+
+def event_class_of(canonical_type: str) -> EventClass:
+    """``once`` for today's ``*.success`` and ``*.error``; ``latest`` for the rest, unknown too.
+
+    An unknown type is ``latest`` because that is the safe side: a notification
+    we cannot classify is run again rather than dropped as a duplicate.
+    """
+    if canonical_type in CURRENT_EVENT_NAMES and canonical_type.endswith(_ONCE_STATUSES):
+        return ONCE
+    return LATEST
+
+
 class UnknownEventNameError(ValueError):
     """A handler was registered for a name HrFlow never sends."""
 
@@ -80,6 +111,44 @@ def event_id_of(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+# Where each object kind keeps its container's key: a profile's source, a job's board.
+_CONTAINERS = {"profile": "source", "job": "board"}
+
+
+def source_key_of(payload: Mapping[str, Any]) -> str | None:
+    """The profile's source key (or the job's board key), wherever this sender put it.
+
+    Current senders: ``profile.source.key``; older ones ``profile.source_key`` or a
+    top-level ``source.key``.
+    """
+    for kind, container in _CONTAINERS.items():
+        obj = _mapping(payload.get(kind))
+        found = _text(_mapping(obj.get(container)).get("key")) or _text(obj.get(f"{container}_key"))
+        if found:
+            return found
+    return _text(_mapping(payload.get("source")).get("key"))
+
+
+def subject_of(payload: Mapping[str, Any], event_id: str) -> str:
+    """What the event is about: by key, else by reference, else the event itself."""
+    for kind in _CONTAINERS:
+        obj = _mapping(payload.get(kind))
+        key = _text(obj.get("key")) or _text(obj.get(f"{kind}_key"))
+        reference = _text(obj.get("reference")) or _text(obj.get(f"{kind}_reference"))
+        if key or reference:
+            name = f"key:{key}" if key else f"reference:{reference}"
+            return f"{kind}/{source_key_of(payload) or ''}/{name}"
+    return f"event/{event_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Event(Mapping[str, Any]):
     id: str
@@ -87,17 +156,27 @@ class Event(Mapping[str, Any]):
     canonical_type: str
     payload: Mapping[str, Any] = field(repr=False)
     received_at: float
+    event_class: EventClass = LATEST
+    subject: str = ""
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], received_at: float | None = None) -> Event:
         event_type = str(payload["type"])
+        event_id = event_id_of(payload)
+        canonical_type = canonical_event_name(event_type)
         return cls(
-            id=event_id_of(payload),
+            id=event_id,
             type=event_type,
-            canonical_type=canonical_event_name(event_type),
+            canonical_type=canonical_type,
             payload=payload,
             received_at=time.time() if received_at is None else received_at,
+            event_class=event_class_of(canonical_type),
+            subject=subject_of(payload, event_id),
         )
+
+    @property
+    def source_key(self) -> str | None:
+        return source_key_of(self.payload)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,16 +185,22 @@ class Event(Mapping[str, Any]):
             "canonical_type": self.canonical_type,
             "payload": self.payload,
             "received_at": self.received_at,
+            "event_class": self.event_class,
+            "subject": self.subject,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        canonical_type = data["canonical_type"]
         return cls(
             id=data["id"],
             type=data["type"],
-            canonical_type=data["canonical_type"],
+            canonical_type=canonical_type,
             payload=data["payload"],
             received_at=data["received_at"],
+            # Jobs queued before classes existed carry neither: derive them the same way.
+            event_class=data.get("event_class") or event_class_of(canonical_type),
+            subject=data.get("subject") or subject_of(data["payload"], data["id"]),
         )
 
     # Mapping over the payload, so SDK-style callbacks read it like the SDK's dict.

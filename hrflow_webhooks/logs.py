@@ -18,6 +18,7 @@ import orjson
 # Fields a log call may attach. Keys and ids only, never profile contents or secrets.
 LOGGED_FIELDS = (
     "event_id",
+    "run_id",
     "event_type",
     "canonical_type",
     "handler",
@@ -28,7 +29,9 @@ LOGGED_FIELDS = (
     "status",
     "reason",
     "queued",
+    "coalesced",
     "duplicates",
+    "blocked_s",
     "dead_letter_id",
     "retry_in_s",
     "profile_key",

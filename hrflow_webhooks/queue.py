@@ -1,23 +1,52 @@
-"""The queue seam: the only module that knows how events sit on Redis.
+"""The queue seam and the one owner of the Redis layout.
 
-The receiver calls :func:`enqueue_events`; the workers are arq workers whose
-job function is :data:`JOB_FUNCTION`. Jobs use arq's own layout (a job key
-``arq:job:<id>`` plus a member of the queue's sorted set) serialised as JSON,
-but are written by one Lua script, so a delivery costs one round trip however
-many events it carries, and the dedup check and the enqueue are atomic: an
-event is either marked seen *and* queued, or neither.
+Every key the service writes and every Lua script it runs are defined here;
+the receiver, the workers, dead letters, erasure, health and stats import them
+instead of building key strings. The receiver calls :func:`EventQueue.enqueue_events`;
+the workers are arq workers whose job function is :data:`JOB_FUNCTION`. Jobs
+use arq's own layout (a job key plus a member of the queue's sorted set),
+serialised as JSON, so arq's format stays behind this module.
 
-Key layout (``<p>`` is the queue name, ``hrflow:queue`` by default):
+**Runs.** A run is one execution of the handlers for an event (or for a group
+of identical waiting notifications). Its id is ``<subject tag>.<n>``: unique per
+run (``n`` from one counter), never the event id, so finishing an old run can
+never delete a newer one, and the claim script can find the run's subject from
+the id alone. One script per delivery decides, per event (``events.Event``):
 
-============================= ==============================================
-``<p>``                        arq's queue (sorted set of job ids by run time)
-``arq:job:<event id>``         the job: ``{"f", "a": [event], "k", "t", "et"}``
-``<p>:seen:<event id>``        dedup marker, expires after the dedup window
-``<p>:done:<event id>``        hash handler → outcome, one per event
-``<p>:dead:<dead-letter id>``  one dead letter (JSON), no expiry
-``<p>:dead-letters``           sorted set of dead-letter ids by time
-``<p>:unrouted``               hash canonical type → events with no handler
-============================= ==============================================
+- a *once* event already seen inside the dedup window is a duplicate (0);
+- a *latest* event whose (type, subject) has a run that is waiting (queued,
+  parked or deferred for a retry, but not running) merges into it (2): that run
+  reads the subject's current state anyway;
+- otherwise a new run is queued (1) and appended to its subject's order list.
+
+**Per-subject order.** Runs of one subject run one at a time, in arrival order:
+the claim only takes a run that heads its subject's order list; a run behind
+another is parked (its score moved later) without taking a worker slot or a
+try, and the run ahead wakes it when it finishes (:data:`FINISH_RUN_SCRIPT`).
+
+Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
+
+================================ ===============================================
+``<q>``                          arq's queue (sorted set of run ids by due time)
+``arq:job:<run id>``             the job: ``{"f", "a": [event], "k", "t", "et"}``
+``arq:in-progress:<run id>``     arq's claim of a run (``arq:retry:``: its tries)
+``<q>:runs``                     the run id counter
+``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
+``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
+``<q>:waiting:<type tag>``       latest events: the (type, subject)'s newest run
+``<q>:done:<run id>``            hash handler → ok | dead, while the run lives
+``<q>:dead:<dead-letter id>``    one dead letter (JSON), no expiry
+``<q>:dead-letters``             sorted set of dead-letter ids by time
+``<q>:unrouted``                 hash canonical type → events with no handler
+``<q>:skipped``                  hash ``<handler>:<reason>`` → events skipped
+``<q>:written:<h>:<src>:<key>``  a handler's write fingerprint (echo detection)
+``<q>:lock:<h>:<name>``          a handler's lock across workers
+``<q>:api-budget``               the HrFlow API rate budget (token bucket)
+``<q>:readyz``                   the receiver's readiness probe write
+``<q>:health-check``             arq's worker health key
+================================ ===============================================
+
+Tags are sha256 prefixes: key names stay short and hold no profile key.
 """
 
 from __future__ import annotations
@@ -36,16 +65,40 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hrflow_webhooks.events import Event
+from hrflow_webhooks.events import ONCE, Event
 
 JOB_FUNCTION = "handle_event"
-JOB_KEY_PREFIX = "arq:job:"  # arq's own prefix: its worker reads jobs from there
+# arq's own prefixes (arq.constants; tests/test_queue.py checks they still match): its
+# worker reads jobs from there.
+JOB_KEY_PREFIX = "arq:job:"
+IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
+RETRY_KEY_PREFIX = "arq:retry:"
+RESULT_KEY_PREFIX = "arq:result:"
 JOB_KEY_PREFIX_BYTES = JOB_KEY_PREFIX.encode()
 # Events per script call when callers are batched; a bigger call would hold Redis for longer.
 MAX_BATCH_EVENTS = 1_000
 # Script calls in flight at once. With one, the receiver idled while Redis (sharing the
 # machine's cores) answered; a second keeps both busy. More did not help (docs/benchmarks.md).
 MAX_CALLS_IN_FLIGHT = 2
+# How long a run whose subject is busy stays parked before the claim looks at it again. The
+# run ahead wakes it when it finishes; this only bounds recovery when that run was lost.
+PARK_MS = 2_000
+# A run's completion markers outlive any run's retries (tries x backoff, grace); the run's
+# finish removes them, this only bounds what a lost run leaves behind.
+RUN_MARKERS_LIFETIME_S = 86_400
+# Outcomes of the enqueue script, per event.
+DUPLICATE, QUEUED, COALESCED = 0, 1, 2
+_TAG_HEX = 24  # 96 bits: a collision would only serialise (or merge) two subjects' runs
+
+
+def tag_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:_TAG_HEX]
+
+
+def subject_tag_of_run(run_id: str) -> str | None:
+    """The subject tag of a run id; None for ids of the older layout (the event id)."""
+    tag, dot, number = run_id.partition(".")
+    return tag if dot and number.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +107,38 @@ class QueueKeys:
 
     queue: str
 
+    # --- runs and their order ------------------------------------------------------------
+    @property
+    def runs(self) -> str:
+        return f"{self.queue}:runs"
+
+    def order(self, subject_tag: str) -> str:
+        return f"{self.queue}:order:{subject_tag}"
+
+    def order_of_run(self, run_id: str) -> str | None:
+        tag = subject_tag_of_run(run_id)
+        return None if tag is None else self.order(tag)
+
+    @property
+    def order_prefix(self) -> str:
+        return self.order("")
+
     def seen(self, event_id: str) -> str:
         return f"{self.queue}:seen:{event_id}"
 
-    def done(self, event_id: str) -> str:
-        return f"{self.queue}:done:{event_id}"
+    def waiting(self, canonical_type: str, subject: str) -> str:
+        return f"{self.queue}:waiting:{tag_of(canonical_type + chr(10) + subject)}"
 
+    def marker_of(self, event: Event) -> str:
+        """The key the enqueue script decides with: dedup (once) or waiting run (latest)."""
+        if event.event_class == ONCE:
+            return self.seen(event.id)
+        return self.waiting(event.canonical_type, event.subject)
+
+    def done(self, run_id: str) -> str:
+        return f"{self.queue}:done:{run_id}"
+
+    # --- what handlers and operators leave ---------------------------------------------------
     def dead_letter(self, dead_letter_id: str) -> str:
         return f"{self.queue}:dead:{dead_letter_id}"
 
@@ -72,44 +151,242 @@ class QueueKeys:
         return f"{self.queue}:unrouted"
 
     @property
+    def skipped(self) -> str:
+        return f"{self.queue}:skipped"
+
+    @property
+    def written_prefix(self) -> str:
+        return f"{self.queue}:written:"
+
+    def written(self, handler: str, source_key: str, profile_key: str) -> str:
+        return f"{self.written_prefix}{handler}:{source_key}:{profile_key}"
+
+    @property
+    def lock_prefix(self) -> str:
+        return f"{self.queue}:lock:"
+
+    def lock(self, handler: str, name: str) -> str:
+        return f"{self.lock_prefix}{handler}:{name}"
+
+    @property
+    def api_budget(self) -> str:
+        return f"{self.queue}:api-budget"
+
+    @property
+    def readiness_probe(self) -> str:
+        return f"{self.queue}:readyz"
+
+    @property
     def health_check(self) -> str:
         return f"{self.queue}:health-check"  # arq's default for a queue name
 
+    # --- arq's keys of a run --------------------------------------------------------------
     @staticmethod
     def job(job_id: str) -> str:
         return JOB_KEY_PREFIX + job_id
 
+    @staticmethod
+    def in_progress(job_id: str) -> str:
+        return IN_PROGRESS_KEY_PREFIX + job_id
 
-# KEYS: queue, then (seen key, job key) per event. ARGV: window s, score ms, then job per event.
-# Returns 1 per queued event, 0 per duplicate.
-# The seen marker is written last. Redis does not roll a script back; it refuses a script for
-# lack of memory only at its first write (tests/test_queue.py), but should any write fail
-# half-way, an event may then be queued without its marker (a retried delivery rewrites the
-# same job id: harmless), never marked without its job (a retried delivery would be
-# acknowledged as a duplicate and the event lost).
-_ENQUEUE_SCRIPT = """
-local window, score = ARGV[1], ARGV[2]
-local queued = {}
-for i = 2, #KEYS, 2 do
-  local n = i / 2
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    queued[n] = 0
-  else
-    redis.call('SET', KEYS[i + 1], ARGV[n + 2])
-    redis.call('ZADD', KEYS[1], score, string.sub(KEYS[i + 1], #'arq:job:' + 1))
-    redis.call('SET', KEYS[i], '1', 'EX', window)
-    queued[n] = 1
-  end
+    @staticmethod
+    def retry(job_id: str) -> str:
+        return RETRY_KEY_PREFIX + job_id
+
+    @staticmethod
+    def result(job_id: str) -> str:
+        return RESULT_KEY_PREFIX + job_id
+
+
+# A new run: its id from the counter, its job, its place in the queue and in its subject's
+# order. Shared by the enqueue and replay scripts. KEYS[1] is the queue, KEYS[2] the counter.
+_NEW_RUN_LUA = """
+local function new_run(tag, order, job, score)
+  local run_id = tag .. '.' .. redis.call('INCR', KEYS[2])
+  redis.call('SET', 'arq:job:' .. run_id, job)
+  redis.call('ZADD', KEYS[1], score, run_id)
+  redis.call('RPUSH', order, run_id)
+  return run_id
 end
-return queued
 """
 
+# KEYS: queue, run counter, then (marker, order list) per event: the marker is the seen key of
+# a once event, the waiting key of a latest one. ARGV: window s, score ms, then (class 'o' or
+# 'l', subject tag, job) per event. Returns per event 1 queued, 0 duplicate, 2 coalesced.
+# A latest event merges only into a run that is still waiting: its job exists and no worker
+# holds it (arq's in-progress key), so a notification that arrives once a run has started
+# always gets a run after it. The seen marker is written last. Redis does not roll a script
+# back; it refuses a script for lack of memory only at its first write (tests/test_queue.py),
+# but should any write fail half-way, an event may then be queued without its marker (a
+# retried delivery queues it again: harmless), never marked without its job (a retried
+# delivery would be acknowledged as a duplicate and the event lost).
+_ENQUEUE_SCRIPT = (
+    _NEW_RUN_LUA
+    + """
+local window, score = ARGV[1], ARGV[2]
+local outcomes = {}
+for n = 1, (#KEYS - 2) / 2 do
+  local marker, order = KEYS[2 * n + 1], KEYS[2 * n + 2]
+  local class, tag, job = ARGV[3 * n], ARGV[3 * n + 1], ARGV[3 * n + 2]
+  if class == 'o' then
+    if redis.call('EXISTS', marker) == 1 then
+      outcomes[n] = 0
+    else
+      new_run(tag, order, job, score)
+      redis.call('SET', marker, '1', 'EX', window)
+      outcomes[n] = 1
+    end
+  else
+    local waiting = redis.call('GET', marker)
+    if waiting and redis.call('EXISTS', 'arq:job:' .. waiting) == 1
+        and redis.call('EXISTS', 'arq:in-progress:' .. waiting) == 0 then
+      outcomes[n] = 2
+    else
+      redis.call('SET', marker, new_run(tag, order, job, score), 'EX', window)
+      outcomes[n] = 1
+    end
+  end
+end
+return outcomes
+"""
+)
 
-# KEYS: the event's done hash. ARGV: handler name, dedup window s. One call, atomic: the
-# marker never exists without its expiry, in one round trip instead of MULTI/EXEC's four.
-MARK_DONE_SCRIPT = """
-redis.call('HSET', KEYS[1], ARGV[1], 'ok')
+# Whether a run may start: it heads its subject's order list (or is in none: an older
+# layout's job). A head whose job is gone (erased, or dropped by arq) is skipped for good.
+SUBJECT_FREE_LUA = """
+local function subject_free(run_id, order_prefix)
+  local tag = string.match(run_id, '^([0-9a-f]+)%.%d+$')
+  if not tag then return true end
+  local order = order_prefix .. tag
+  while true do
+    local head = redis.call('LINDEX', order, 0)
+    if not head or head == run_id then return true end
+    if redis.call('EXISTS', 'arq:job:' .. head) == 1 then
+      return not redis.call('LPOS', order, run_id)
+    end
+    redis.call('LPOP', order)
+  end
+end
+"""
+
+# arq's checks for each candidate (still queued, due, not in progress anywhere), then the
+# subject's order, then arq's own in-progress write; a run whose subject is busy is parked.
+# KEYS: the queue. ARGV: now (ms), in-progress lifetime (ms), most to claim, order prefix, park
+# (ms), then the candidates' ids. Only ids travel: with several workers most candidates are
+# the other workers' running jobs, and arq reads five per free slot. (Keys are derived here,
+# not declared: arq's layout already assumes one Redis server, not a cluster.)
+# Returns id, score, id, score... in queue order.
+CLAIM_SCRIPT = (
+    SUBJECT_FREE_LUA
+    + """
+local claimed = {}
+local now, lifetime, most = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local order_prefix, park = ARGV[4], tonumber(ARGV[5])
+for i = 6, #ARGV do
+  if #claimed >= most * 2 then
+    break
+  end
+  local run_id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], run_id)
+  local in_progress = 'arq:in-progress:' .. run_id
+  if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
+    if subject_free(run_id, order_prefix) then
+      redis.call('SET', in_progress, '1', 'PX', lifetime)
+      claimed[#claimed + 1] = run_id
+      claimed[#claimed + 1] = score
+    else
+      redis.call('ZADD', KEYS[1], now + park, run_id)
+    end
+  end
+end
+return claimed
+"""
+)
+
+# For a worker that did not claim through the claim script (the plain `arq` command): the
+# job asks here first. KEYS: the run's retry key. ARGV: run id, order prefix. 1: go on. 0: the
+# subject is busy; the try this start counted is given back, and the job defers itself.
+BEGIN_RUN_SCRIPT = (
+    SUBJECT_FREE_LUA
+    + """
+if subject_free(ARGV[1], ARGV[2]) then return 1 end
+redis.call('DECR', KEYS[1])
+return 0
+"""
+)
+
+# The run is over (handled, dead-lettered, skipped or unrouted): it leaves its subject's
+# order, wakes the run behind it, and its job and markers go, atomically, so nothing can run
+# it again even if arq's own bookkeeping after it fails. KEYS: queue, order list (or the
+# queue again for an older job), job, done hash. ARGV: run id, now ms.
+FINISH_RUN_SCRIPT = """
+local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+if order ~= queue then
+  if redis.call('LINDEX', order, 0) == run_id then
+    redis.call('LPOP', order)
+  else
+    redis.call('LREM', order, 1, run_id)
+  end
+  local next_run = redis.call('LINDEX', order, 0)
+  if next_run then
+    local due = redis.call('ZSCORE', queue, next_run)
+    if due and tonumber(due) > now then redis.call('ZADD', queue, now, next_run) end
+  end
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('ZREM', queue, run_id)
+"""
+
+# Erasure: a run leaves the queue, its subject's order and the (type, subject)'s waiting
+# pointer. KEYS: queue, order list, the event's marker, then the run's own keys to delete.
+# ARGV: run id.
+FORGET_RUN_SCRIPT = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if redis.call('TYPE', KEYS[3]).ok == 'string' and redis.call('GET', KEYS[3]) == ARGV[1] then
+  redis.call('DEL', KEYS[3])
+end
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+"""
+
+# KEYS: the run's done hash. ARGV: handler name, marker lifetime s, value (ok | dead). One
+# call, atomic: the marker never exists without its expiry.
+MARK_HANDLER_SCRIPT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: queue, run counter, dead-letter index, the letter, the order list. ARGV: letter id,
+# subject tag, job, score ms. Claims the letter and queues a new run for it, or returns 0.
+REPLAY_SCRIPT = (
+    _NEW_RUN_LUA
+    + """
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+new_run(ARGV[2], KEYS[5], ARGV[3], ARGV[4])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+)
+
+
+# The HrFlow API rate budget (hrflow_webhooks.client.rate), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
+RATE_BUDGET_SCRIPT = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local last_ms = tonumber(state[2]) or now_ms
+tokens = math.min(burst, tokens + math.max(0, now_ms - last_ms) * rate / 1000)
+local wait_ms = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait_ms = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now_ms))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return wait_ms
 """
 
 
@@ -118,13 +395,15 @@ def resp_bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def serialize_job(event: Event, enqueue_time_ms: int, job_try: int | None = None) -> bytes:
-    """arq's job layout, as JSON rather than arq's default pickle."""
+def serialize_job(
+    event: Event, enqueue_time_ms: int, handlers: Sequence[str] | None = None
+) -> bytes:
+    """arq's job layout, as JSON rather than arq's default pickle. ``handlers``: a replay's."""
     job: dict[str, Any] = {
-        "t": job_try,
+        "t": None,
         "f": JOB_FUNCTION,
         "a": [event.to_dict()],
-        "k": {},
+        "k": {} if handlers is None else {"handlers": list(handlers)},
         "et": enqueue_time_ms,
     }
     return orjson.dumps(job)
@@ -187,7 +466,8 @@ class ScriptConnection:
                     # Redis restarted or failed over, or dropped the idle connection, since
                     # the last call (the pool's checkout poll used to catch this). A second
                     # run cannot lose or double an event; if the first ran and only its reply
-                    # was lost, its events read as duplicates (the delivery is still queued).
+                    # was lost, its events read as duplicates or as merged into the runs the
+                    # first one queued (the delivery is queued either way).
                     return await self._evaluate(arguments)
         except TimeoutError as error:  # redis-py's own type, like its socket timeout
             await self.close()
@@ -215,18 +495,22 @@ class ScriptConnection:
         await self._connection.disconnect(nowait=True)
 
 
+_ONCE_FLAG = resp_bulk(b"o")
+_LATEST_FLAG = resp_bulk(b"l")
+
+
 @dataclass(slots=True)
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
 
     events: int
-    keys: bytes  # (seen key, job key) per event, packed
-    jobs: bytes  # one job per event, packed
-    done: asyncio.Future[list[bool]]
+    keys: bytes  # (marker, order list) per event, packed
+    runs: bytes  # (class, subject tag, job) per event, packed
+    done: asyncio.Future[list[int]]
 
 
 class EventQueue:
-    """Enqueue events on Redis with deduplication, atomically, with group commit.
+    """Enqueue events on Redis with deduplication and coalescing, atomically, with group commit.
 
     Concurrent callers share round trips: while ``max_in_flight`` script calls
     are in flight, new callers wait in a batch, and the next call writes the
@@ -251,8 +535,9 @@ class EventQueue:
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
-        self._seen_prefix = self.keys.seen("").encode()
-        self._queue_key = resp_bulk(queue_name.encode())
+        self._queue_and_counter = resp_bulk(queue_name.encode()) + resp_bulk(
+            self.keys.runs.encode()
+        )
         self._window = b"%d" % dedup_window_s
         self.max_batch_events = max_batch_events
         # One connection per writer: a writer takes one when it starts, returns it when done.
@@ -266,22 +551,26 @@ class EventQueue:
         # The loop is looked up once: on Python 3.11 each lookup is a getpid() system call.
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def enqueue_events(self, events: Sequence[Event]) -> list[bool]:
-        """Queue each event not seen within the dedup window; True where it was queued."""
+    async def enqueue_events(self, events: Sequence[Event]) -> list[int]:
+        """Per event: :data:`QUEUED`, :data:`DUPLICATE` (once) or :data:`COALESCED` (latest)."""
         now_ms = int(time.time() * 1000)
         # Packed here, per caller: redis-py's pack_command took 3.6 µs per event in the
         # receiver's writer, which every caller of a batch waits for (docs/benchmarks.md).
         keys: list[bytes] = []
-        jobs: list[bytes] = []
+        runs: list[bytes] = []
         for event in events:
-            event_id = event.id.encode()
+            subject_tag = tag_of(event.subject).encode()
             keys += (
-                resp_bulk(self._seen_prefix + event_id),
-                resp_bulk(JOB_KEY_PREFIX_BYTES + event_id),
+                resp_bulk(self.keys.marker_of(event).encode()),
+                resp_bulk(self.keys.order_prefix.encode() + subject_tag),
             )
-            jobs.append(resp_bulk(serialize_job(event, now_ms)))
+            runs += (
+                _ONCE_FLAG if event.event_class == ONCE else _LATEST_FLAG,
+                resp_bulk(subject_tag),
+                resp_bulk(serialize_job(event, now_ms)),
+            )
         loop = self._loop or self._bind_loop()
-        pending = _Pending(len(events), b"".join(keys), b"".join(jobs), loop.create_future())
+        pending = _Pending(len(events), b"".join(keys), b"".join(runs), loop.create_future())
         self._waiting.append(pending)
         if self._writing < len(self._connections):
             self._writing += 1
@@ -337,12 +626,17 @@ class EventQueue:
         events = sum(pending.events for pending in batch)
         window_and_score = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
         arguments = PackedArguments(
-            [self._queue_key, *[p.keys for p in batch], window_and_score, *[p.jobs for p in batch]],
-            keys=1 + 2 * events,
-            count=1 + 2 * events + 2 + events,
+            [
+                self._queue_and_counter,
+                *[p.keys for p in batch],
+                window_and_score,
+                *[p.runs for p in batch],
+            ],
+            keys=2 + 2 * events,
+            count=2 + 2 * events + 2 + 3 * events,
         )
         try:
-            flags = await connection.evaluate(arguments)
+            outcomes = await connection.evaluate(arguments)
         except Exception as error:  # every caller of the batch learns of the failure
             for pending in batch:
                 if not pending.done.done():
@@ -357,5 +651,5 @@ class EventQueue:
         for pending in batch:
             end = start + pending.events
             if not pending.done.done():
-                pending.done.set_result([bool(flag) for flag in flags[start:end]])
+                pending.done.set_result(outcomes[start:end])
             start = end

@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     shutdown_grace_s: int = Field(default=25, ge=0)
+    not_found_grace_s: float = Field(default=300.0, ge=0)
     health_check_interval_s: int = Field(default=10, ge=1)
 
     # --- HrFlow API ---------------------------------------------------------------------------
@@ -82,7 +83,9 @@ class Settings(BaseSettings):
 
     # --- built-in handlers --------------------------------------------------------------------
     index_source_key: str | None = None
+    index_from_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
     edit_tags: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    edit_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_consent: bool = False
     write_echo_ttl_s: int = Field(default=3_600, ge=1)
 
@@ -92,7 +95,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     check_max_queue_age_s: float = Field(default=300.0, gt=0)  # `check` fails past this
 
-    @field_validator("webhook_secrets", "handlers", mode="before")
+    @field_validator(
+        "webhook_secrets", "handlers", "index_from_sources", "edit_sources", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

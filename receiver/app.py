@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
-from hrflow_webhooks.queue import EventQueue
+from hrflow_webhooks.queue import COALESCED, QUEUED, EventQueue
 from hrflow_webhooks.redis_setup import connect_redis, warn_on_unsafe_redis_config
 from hrflow_webhooks.settings import Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
@@ -217,10 +217,10 @@ async def _handle_delivery(
     if isinstance(events, Answer):
         return events
     try:
-        queued_flags = await receiver.queue.enqueue_events(events)
+        outcomes = await receiver.queue.enqueue_events(events)
     except (RedisError, OSError) as error:
         return _unavailable(request_id, error)
-    return _queued(events, queued_flags, request_id, received_at)
+    return _queued(events, outcomes, request_id, received_at)
 
 
 def _too_large(reason: str) -> Answer:
@@ -258,21 +258,23 @@ def _unavailable(request_id: str, error: Exception) -> Answer:
 
 
 def _queued(
-    events: list[Event], queued_flags: list[bool], request_id: str, received_at: float
+    events: list[Event], outcomes: list[int], request_id: str, received_at: float
 ) -> Answer:
     enqueue_s = time.time() - received_at
     counts = metrics.COUNTS
     counts.enqueued_in(enqueue_s)
-    queued = sum(queued_flags)
-    counts.delivery("queued" if queued else "duplicate")
-    counts.events_received(events, queued_flags)
+    queued, coalesced = outcomes.count(QUEUED), outcomes.count(COALESCED)
+    duplicates = len(events) - queued - coalesced
+    counts.delivery("queued" if queued else "coalesced" if coalesced else "duplicate")
+    counts.events_received(events, outcomes)
     if logger.isEnabledFor(logging.INFO):  # the fields cost more than the check
         logger.info(
             "delivery queued",
             extra={
                 "request_id": request_id,
                 "queued": queued,
-                "duplicates": len(events) - queued,
+                "coalesced": coalesced,
+                "duplicates": duplicates,
                 "event_id": events[0].id if len(events) == 1 else None,
                 "canonical_type": events[0].canonical_type if len(events) == 1 else None,
                 "duration_ms": round(enqueue_s * 1000, 2),
@@ -280,7 +282,8 @@ def _queued(
         )
     body = {
         "queued": queued,
-        "duplicates": len(events) - queued,
+        "coalesced": coalesced,
+        "duplicates": duplicates,
         "event_ids": [event.id for event in events],
     }
     return Answer.json(202, body)
@@ -294,7 +297,7 @@ async def readyz(request: Request) -> Response:
     """Ready when Redis answers and accepts a write (a read-only replica is not ready)."""
     receiver: Receiver = request.app.state.receiver
     try:
-        await receiver.queue.redis.set(f"{receiver.queue.keys.queue}:readyz", "1", ex=10)
+        await receiver.queue.redis.set(receiver.queue.keys.readiness_probe, "1", ex=10)
     except (RedisError, OSError) as error:
         content = {"error": "unavailable", "reason": f"redis: {type(error).__name__}"}
         return JSONResponse(content, status_code=503)

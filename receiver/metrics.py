@@ -26,8 +26,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hrflow_webhooks.events import KNOWN_EVENT_NAMES, Event
+from hrflow_webhooks.queue import COALESCED, DUPLICATE, QUEUED
 
 ENQUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+# The enqueue script's outcome (hrflow_webhooks.queue) as the "queued" label's value.
+_QUEUED_LABEL = {QUEUED: "yes", DUPLICATE: "no", COALESCED: "coalesced"}
 
 
 class ReceiverCounts:
@@ -43,11 +48,11 @@ class ReceiverCounts:
     def delivery(self, outcome: str, reason: str = "") -> None:
         self.deliveries[outcome, reason] += 1
 
-    def events_received(self, received: Sequence[Event], queued_flags: Sequence[bool]) -> None:
-        for event, queued in zip(received, queued_flags, strict=True):
+    def events_received(self, received: Sequence[Event], outcomes: Sequence[int]) -> None:
+        for event, outcome in zip(received, outcomes, strict=True):
             # Unknown types count as "other", so they cannot grow the label values.
             known = event.canonical_type in KNOWN_EVENT_NAMES
-            self.events[event.canonical_type if known else "other", "yes" if queued else "no"] += 1
+            self.events[event.canonical_type if known else "other", _QUEUED_LABEL[outcome]] += 1
 
     def enqueued_in(self, seconds: float) -> None:
         self.enqueue_buckets[bisect.bisect_left(ENQUEUE_BUCKETS_S, seconds)] += 1
@@ -63,7 +68,7 @@ class ReceiverCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield _counter_family(
             "hrflow_webhook_deliveries",
-            "Webhook deliveries by outcome (queued, duplicate, bad_signature, bad_request, "
+            "Webhook deliveries by outcome (queued, coalesced, duplicate, bad_signature, bad_request, "
             "too_large, unavailable) and, for bad signatures, the reason.",
             ["outcome", "reason"],
             self.counts.deliveries,
@@ -71,7 +76,7 @@ class ReceiverCollector(Collector):
         yield _counter_family(
             "hrflow_webhook_events",
             "Events received, by canonical type (unknown types count as 'other') and whether "
-            "queued.",
+            "queued (yes), a duplicate (no) or merged into a waiting run (coalesced).",
             ["canonical_type", "queued"],
             self.counts.events,
         )

@@ -10,12 +10,16 @@ import hashlib
 import hmac
 import json
 import socket
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 import uvicorn
+from redis.asyncio import Redis
 
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 from receiver.protocol import HttpProtocol
@@ -56,6 +60,47 @@ def parsing_event(
         "profile": {"key": profile_key, "reference": None, "source": {"key": source_key}},
         **extra,
     }
+
+
+def update_event(
+    profile_key: str = "pk-1", source_key: str = "sk-1", family: str = "parsing", **extra: Any
+) -> dict[str, Any]:
+    """``profile.<family>.update``: byte-identical for every change of one profile."""
+    return {
+        **parsing_event(profile_key, source_key, **extra),
+        "type": f"profile.{family}.update",
+        "message": "Profile updated",
+    }
+
+
+async def queued_event_ids(redis: Redis, queue: str = "hrflow:queue") -> list[str]:
+    """The event id of every run in the queue, in queue order."""
+    ids = []
+    for run_id in await redis.zrange(queue, 0, -1):
+        raw = await redis.get(QueueKeys.job(run_id.decode()))
+        ids.append(deserialize_job(raw)["a"][0]["id"] if raw else f"<no job {run_id!r}>")
+    return ids
+
+
+async def runs_of(redis: Redis, event: Event, queue: str = "hrflow:queue") -> list[str]:
+    """The live runs of the event's subject, oldest first (its order list)."""
+    order = QueueKeys(queue).order(tag_of(event.subject))
+    return [run_id.decode() for run_id in await redis.lrange(order, 0, -1)]
+
+
+async def run_leftovers(redis: Redis) -> list[str]:
+    """Keys a finished run must not leave: jobs, markers, order lists, arq's claims."""
+    patterns = ("arq:job:*", "arq:in-progress:*", "arq:retry:*", "*:done:*", "*:order:*")
+    return sorted([k.decode() for p in patterns async for k in redis.scan_iter(match=p)])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
+    """Liveness, not speed: fail only if the condition never holds within a generous limit."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
 
 
 class ReceiverServer:

@@ -21,10 +21,17 @@ from redis.asyncio import Redis
 from hrflow_webhooks.cli import parse_since, redacted_letter
 from hrflow_webhooks.erasure import erase_profile, glob_escape
 from hrflow_webhooks.events import Event, event_id_of
-from hrflow_webhooks.queue import EventQueue, QueueKeys
+from hrflow_webhooks.queue import EventQueue, QueueKeys, deserialize_job, tag_of
 from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from tests.redis_server import RedisServer, free_port
-from tests.service import WEBHOOK_SECRET, make_settings, parsing_event, receiver
+from tests.service import (
+    WEBHOOK_SECRET,
+    make_settings,
+    parsing_event,
+    queued_event_ids,
+    receiver,
+    runs_of,
+)
 from workers.dead_letters import DeadLetters
 
 SCHEMES = ("python-sdk", "js-sdk", "docs", "body-hex")
@@ -150,10 +157,11 @@ async def test_send_is_queued_by_the_receiver_for_each_scheme(
     expected = parsing_event("pk-1", "sk-1", message="Profile parsing success")
     assert json.loads(answer) == {
         "queued": 1,
+        "coalesced": 0,
         "duplicates": 0,
         "event_ids": [event_id_of(expected)],
     }
-    assert await redis.zscore(settings.queue_name, event_id_of(expected)) is not None
+    assert await queued_event_ids(redis, settings.queue_name) == [event_id_of(expected)]
 
 
 async def test_send_exits_non_zero_when_the_receiver_refuses(
@@ -196,7 +204,7 @@ def personal_event(profile_key: str = "pk-dead") -> Event:
 async def add_letter(redis: Redis, event: Event, handler: str = "h.edit") -> str:
     error = ValueError(f"invalid field for {PERSONAL}")
     return await DeadLetters(redis, QueueKeys("hrflow:queue")).add(
-        event, handler, error, 3, "permanent error"
+        event, "finished-run", handler, error, 3, "permanent error"
     )
 
 
@@ -225,8 +233,9 @@ async def test_dead_letters_list_show_replay_purge(redis: Redis, redis_server: R
 
     assert (await cli("dead-letters", "replay", replayed_id, env=env))[0] == 0
     keys = QueueKeys("hrflow:queue")
-    [job_id] = [m.decode() for m in await redis.zrange(keys.queue, 0, -1)]
-    assert job_id.startswith(f"{event.id}:replay:{replayed_id}")
+    [run_id] = [m.decode() for m in await redis.zrange(keys.queue, 0, -1)]
+    job = deserialize_job(await redis.get(keys.job(run_id)))
+    assert (job["a"][0]["id"], job["k"]) == (event.id, {"handlers": ["h.edit"]})  # that one only
     assert (await cli("dead-letters", "replay", replayed_id, env=env))[0] == 1  # once only
     assert (await cli("dead-letters", "purge", purged_id, env=env))[0] == 0
     assert await redis.zcard(keys.dead_letters) == 0
@@ -290,8 +299,9 @@ async def test_erase_removes_every_trace_of_one_profile_only(redis: Redis) -> No
         await queue.enqueue_events([*gone, kept])
     await add_letter(redis, Event.from_payload(parsing_event("pk-gone", message="dead")))
     await add_letter(redis, kept)
-    await redis.hset(keys.done(gone[0].id), "h.index", "ok")  # type: ignore[misc]
-    await redis.set("arq:retry:" + gone[0].id, 1)
+    gone_runs = [run for event in gone for run in await runs_of(redis, event)]
+    await redis.hset(keys.done(gone_runs[0]), "h.index", "ok")  # type: ignore[misc]
+    await redis.set(keys.retry(gone_runs[0]), 1)
     await redis.set(f"{keys.queue}:written:w.edit:sk-1:pk-gone", "fp")
     await redis.set(f"{keys.queue}:written:w.edit:sk-1:pk-gone-not", "fp")
     before = await _traces(redis)
@@ -300,14 +310,16 @@ async def test_erase_removes_every_trace_of_one_profile_only(redis: Redis) -> No
 
     after = await _traces(redis)
     assert (report.jobs, report.dead_letters, report.fingerprints) == (2, 1, 1)
-    assert not [key for key in after if any(e.id in key for e in gone)]
+    traces = [e.id for e in gone] + gone_runs + [keys.order(tag_of(gone[0].subject))]
+    assert not [key for key in after if any(trace in key for trace in traces)]
     assert f"{keys.queue}:written:w.edit:sk-1:pk-gone" not in after
     assert f"{keys.queue}:written:w.edit:sk-1:pk-gone-not" in after
-    assert await redis.zrange(keys.queue, 0, -1) == [kept.id.encode()]
+    assert await queued_event_ids(redis) == [kept.id]
     remaining = [letter async for letter in DeadLetters(redis, keys).iter()]
     assert [letter["event"]["id"] for letter in remaining] == [kept.id]
     assert keys.seen(kept.id) in after
-    assert len(before) - len(after) == report.total + 1  # + arq's retry key, not counted
+    # + the run's markers, arq's retry key and the subject's emptied order list, not counted
+    assert len(before) - len(after) == report.total + 3
 
 
 async def test_erase_command_reports_what_it_removed(

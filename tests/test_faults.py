@@ -26,6 +26,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tests.plugins import blocking
 from tests.processes import ROOT, WorkerProcess, wait_until_answering
 from tests.redis_server import RedisServer, free_port
 from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
@@ -36,6 +37,7 @@ KILLS = int(os.environ.get("HRFLOW_FAULT_KILLS", "3"))
 ORIGIN, TARGET = "fault-origin", "fault-target"
 API_KEY, API_USER = "sandbox-api-key", "sandbox@hrflow.local"
 JOB_TIMEOUT_S = 4  # crash recovery bound: job_timeout + 10 s
+SEND_PAUSE_S = 12 / EVENTS
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,19 @@ class SandboxProcess:
         self.log.close()
 
 
+def sandbox_worker_args(sandbox: SandboxProcess, **extra: Any) -> dict[str, Any]:
+    """Worker settings: the built-in index handler against the sandbox, patient tries."""
+    return {
+        "index_source_key": TARGET,
+        "api_url": f"{sandbox.url}/v1",
+        "api_key": API_KEY,
+        "api_user": API_USER,
+        "job_timeout_s": JOB_TIMEOUT_S,
+        "max_tries": 20,
+        **extra,
+    }
+
+
 def _source_of(profile: dict[str, Any]) -> str | None:
     source = profile.get("source")
     return source.get("key") if isinstance(source, dict) else profile.get("source_key")
@@ -86,6 +101,7 @@ class Chaos:
 
     kills: int = 0
     terminations: int = 0
+    sending_at_restart: bool = False
     redis_restarts: int = 0
     retried_deliveries: int = 0
     recovery_s: list[tuple[int, float]] = field(default_factory=list)  # (jobs held, seconds)
@@ -157,19 +173,20 @@ async def inject_faults(
         workers[0] = WorkerProcess(
             redis_server.url, tmp_path / f"w0-{round_number}.log", **worker_args
         )
-        if round_number == 0:
+        if round_number == 0:  # while deliveries flow: they get 503 and are re-sent
+            chaos.sending_at_restart = not sending.done()
+            await redis.aclose()
+            await asyncio.to_thread(redis_server.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(redis_server.start)
+            chaos.redis_restarts += 1
+            redis = Redis.from_url(redis_server.url)
+        if round_number == 1:
             await asyncio.to_thread(workers[1].terminate)
             chaos.terminations += 1
             workers[1] = WorkerProcess(
                 redis_server.url, tmp_path / "w1-after-term.log", **worker_args
             )
-        if round_number == 1:
-            await redis.aclose()
-            await asyncio.to_thread(redis_server.stop)
-            await asyncio.sleep(1.0)  # deliveries meanwhile must get 503 and be retried
-            await asyncio.to_thread(redis_server.start)
-            chaos.redis_restarts += 1
-            redis = Redis.from_url(redis_server.url)
     await sending
     await asyncio.gather(*recoveries)
     await redis.aclose()
@@ -181,17 +198,9 @@ async def test_no_event_is_lost_or_applied_twice_under_crashes_and_restarts(
     chaos = Chaos()
     sandbox = SandboxProcess(tmp_path / "sandbox.log")
     receiver = ReceiverProcess(redis_server.url, tmp_path / "receiver.log")
-    worker_args = {
-        "handlers": "",
-        "index_source_key": TARGET,
-        "api_url": f"{sandbox.url}/v1",
-        "api_key": API_KEY,
-        "api_user": API_USER,
-        "job_timeout_s": JOB_TIMEOUT_S,
-        "shutdown_grace_s": 2,
-        "max_tries": 20,
-        "webhook_secret": WEBHOOK_SECRET,
-    }
+    worker_args = sandbox_worker_args(
+        sandbox, handlers="", shutdown_grace_s=2, webhook_secret=WEBHOOK_SECRET
+    )
     workers = [
         WorkerProcess(redis_server.url, tmp_path / f"w{i}.log", **worker_args) for i in range(2)
     ]
@@ -215,6 +224,9 @@ async def test_no_event_is_lost_or_applied_twice_under_crashes_and_restarts(
                             for k in batch
                         )
                     )
+                    # Paced like a webhook sender (about 3 s for 2,000), so that every fault
+                    # lands while deliveries flow.
+                    await asyncio.sleep(SEND_PAUSE_S)
 
             started = time.monotonic()
             sending = asyncio.create_task(send_all())
@@ -251,8 +263,123 @@ async def test_no_event_is_lost_or_applied_twice_under_crashes_and_restarts(
         f"left queued {queued_left}, dead letters {dead_letters}"
     )
     assert (chaos.kills, chaos.terminations, chaos.redis_restarts) == (KILLS, 1, 1)
+    assert chaos.sending_at_restart  # Redis went down while deliveries were flowing...
+    assert chaos.retried_deliveries > 0  # ...and those refused were re-sent, and counted
     assert lost == 0
     assert duplicates == 0
     assert handled_once == EVENTS
     assert set(references) == expected
     assert (queued_left, dead_letters, jobs_left) == (0, 0, [])
+
+
+# --- a Redis stall and a loop-blocking plugin ---------------------------------------------------
+
+STALL_EVENTS = 200
+STALL_BLOCKED = 10  # events whose plugin run blocks its worker's event loop past the timeout
+STALL_PAUSE_MS = 6_000  # longer than the job timeout (4 s)
+EDIT_TAG = {"name": "stall", "value": "survived"}
+
+
+async def _stall_outcomes(
+    sandbox: SandboxProcess, session: aiohttp.ClientSession, redis: Redis, keys: list[str]
+) -> dict[str, Any]:
+    """Per handler: events handled (seen in the sandbox or the plugin's record), dead-lettered,
+    and lost (neither)."""
+    async with session.get(f"{sandbox.url}/_sandbox/profiles") as response:
+        profiles = (await response.json())["profiles"]
+    copies = Counter(p.get("reference") for p in profiles if _source_of(p) == TARGET)
+    tagged = {
+        p["key"] for p in profiles if _source_of(p) == ORIGIN and EDIT_TAG in (p.get("tags") or [])
+    }
+    blocked_ran = {k.decode() for k in await redis.smembers(blocking.EFFECTS_KEY)}  # type: ignore[misc]
+    dead: set[tuple[str, str]] = set()
+    for letter_id in await redis.zrange("hrflow:queue:dead-letters", 0, -1):
+        raw = await redis.get(f"hrflow:queue:dead:{letter_id.decode()}")
+        letter = json.loads(raw)
+        dead.add((letter["handler"], letter["event"]["payload"]["profile"]["key"]))
+    handled = {
+        "builtin.index": {k for k in keys if copies[f"origin-{k}"] >= 1},
+        "builtin.edit": tagged,
+        "blocking": blocked_ran,
+    }
+    return {
+        handler: {
+            "handled": len(done & set(keys)),
+            "dead": sum(1 for k in keys if (handler, k) in dead),
+            "lost": sorted(k for k in keys if k not in done and (handler, k) not in dead),
+        }
+        for handler, done in handled.items()
+    } | {"duplicate_copies": sum(n - 1 for n in copies.values() if n > 1)}
+
+
+async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    sandbox = SandboxProcess(tmp_path / "sandbox.log")
+    receiver = ReceiverProcess(redis_server.url, tmp_path / "receiver.log")
+    worker_args = sandbox_worker_args(
+        sandbox,
+        handlers="tests.plugins.blocking",
+        edit_tags=f"{EDIT_TAG['name']}={EDIT_TAG['value']}",
+        test_block_s=STALL_PAUSE_MS / 1000,
+    )
+    logs = [tmp_path / f"stall-w{i}.log" for i in range(2)]
+    workers = [WorkerProcess(redis_server.url, log, **worker_args) for log in logs]
+    keys = [
+        f"stall-{i:04d}" + ("-block" if i % (STALL_EVENTS // STALL_BLOCKED) == 7 else "")
+        for i in range(STALL_EVENTS)
+    ]
+    chaos = Chaos()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
+            await sandbox.wait_ready(session)
+            await receiver.wait_ready(session)
+            await asyncio.gather(*(sandbox.store(session, k) for k in keys))
+
+            async def send_all() -> None:
+                for chunk in range(0, STALL_EVENTS, 8):
+                    await asyncio.gather(
+                        *(
+                            deliver(session, receiver.url, parsing_event(k, ORIGIN), chaos)
+                            for k in keys[chunk : chunk + 8]
+                        )
+                    )
+
+            sending = asyncio.create_task(send_all())
+            held = []
+            for _ in range(400):  # pause Redis while the workers hold runs
+                held = await in_progress_jobs(redis)
+                if len(held) >= 4:
+                    break
+                await asyncio.sleep(0.01)
+            await redis.execute_command("CLIENT", "PAUSE", STALL_PAUSE_MS, "ALL")
+            await sending
+            for _ in range(1800):  # liveness: up to three minutes to drain
+                if not await redis.zcard("hrflow:queue"):
+                    break
+                await asyncio.sleep(0.1)
+            queued_left = await redis.zcard("hrflow:queue")
+            outcomes = await _stall_outcomes(sandbox, session, redis, keys)
+    finally:
+        for worker in workers:
+            worker.close()
+        receiver.close()
+        sandbox.close()
+    blocked_lines = sum(
+        1 for log in logs for line in log.read_text().splitlines() if "event loop blocked" in line
+    )
+    print(
+        f"\nstall: {STALL_EVENTS} events, Redis paused {STALL_PAUSE_MS} ms (job timeout "
+        f"{JOB_TIMEOUT_S} s) while workers held {len(held)} runs; {STALL_BLOCKED} plugin runs "
+        f"blocked the event loop {STALL_PAUSE_MS / 1000:g} s ({blocked_lines} 'event loop "
+        f"blocked' log lines); {chaos.retried_deliveries} deliveries re-sent after a 503; "
+        f"per handler {outcomes}; left queued {queued_left}"
+    )
+    assert len(held) >= 4  # the stall hit runs in flight
+    assert blocked_lines >= STALL_BLOCKED  # each blocking run was named
+    assert chaos.retried_deliveries > 0  # deliveries during the stall got 503 and were re-sent
+    for handler in ("builtin.index", "builtin.edit", "blocking"):
+        assert outcomes[handler]["lost"] == [], handler
+        assert outcomes[handler]["handled"] + outcomes[handler]["dead"] == STALL_EVENTS
+    assert outcomes["duplicate_copies"] == 0
+    assert queued_left == 0

@@ -199,8 +199,8 @@ async def test_queue_gauges_read_depth_age_and_dead_letters_from_redis(
     settings = make_settings(redis_server.url)
     keys = QueueKeys(settings.queue_name)
     async with receiver(settings) as server:
-        _, body = await server.post(session, [parsing_event(f"pk-{i}") for i in range(4)])
-    first, _, _, last = body["event_ids"]
+        _, _body = await server.post(session, [parsing_event(f"pk-{i}") for i in range(4)])
+    first, _, _, last = [run.decode() for run in await redis.zrange(keys.queue, 0, -1)]
     now_ms = time.time() * 1000
     await redis.zadd(keys.queue, {first: now_ms - 120_000}, xx=True)  # due two minutes ago
     await redis.zadd(keys.queue, {last: now_ms + 600_000}, xx=True)  # a retry, later
@@ -642,10 +642,11 @@ async def test_check_reports_an_event_waiting_too_long(
     settings = make_settings(redis_server.url)
     keys = QueueKeys(settings.queue_name)
     async with receiver(settings) as server:
-        _, body = await server.post(session, parsing_event())
+        _, _body = await server.post(session, parsing_event())
     await redis.set(keys.health_check, b"a worker", px=60_000)  # as arq's heartbeat does
     assert await check(settings, max_queue_age_s=300) == []
-    await redis.zadd(keys.queue, {body["event_ids"][0]: time.time() * 1000 - 400_000}, xx=True)
+    [run_id] = await redis.zrange(keys.queue, 0, -1)
+    await redis.zadd(keys.queue, {run_id: time.time() * 1000 - 400_000}, xx=True)
     problems = await check(settings, max_queue_age_s=300)
     assert len(problems) == 1
     assert "the oldest queued event has waited 400 s, over the 300 s limit" in problems[0]

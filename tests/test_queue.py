@@ -1,6 +1,7 @@
-"""The queue seam: group commit under concurrent callers, and memory pressure (maxmemory
-with noeviction): Redis refuses a whole enqueue script, the caller gets the error (the
-receiver answers 503), and HrFlow's retries then queue every event exactly once."""
+"""The queue seam: once and latest events (dedup, coalescing, runs in subject order), group
+commit under concurrent callers, and memory pressure (maxmemory with noeviction): Redis
+refuses a whole enqueue script, the caller gets the error (the receiver answers 503), and
+HrFlow's retries then queue every event exactly once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
+    COALESCED,
+    DUPLICATE,
+    QUEUED,
     EventQueue,
     PackedArguments,
     QueueKeys,
@@ -23,7 +27,7 @@ from hrflow_webhooks.queue import (
     resp_bulk,
 )
 from tests.redis_server import RedisServer
-from tests.service import parsing_event
+from tests.service import parsing_event, queued_event_ids, runs_of, update_event
 
 
 @pytest.fixture
@@ -46,14 +50,15 @@ async def test_out_of_memory_refuses_and_a_retry_queues_every_event_once(
             await _deliver_one_by_one(queue, events)  # until Redis refuses
         for event in events:  # whatever was written, a marker never stands without its job
             if await redis.exists(keys.seen(event.id)):
-                assert await redis.exists(keys.job(event.id))
-                assert await redis.zscore(keys.queue, event.id) is not None
+                (run_id,) = await runs_of(redis, event)
+                assert await redis.exists(keys.job(run_id))
+                assert await redis.zscore(keys.queue, run_id) is not None
     finally:
         await redis.config_set("maxmemory", 0)
     flags = [(await queue.enqueue_events([event]))[0] for event in events]  # HrFlow's retries
     assert await redis.zcard(keys.queue) == len(events)
     assert [await redis.exists(keys.seen(e.id)) for e in events] == [1] * len(events)
-    assert 0 < flags.count(False) < len(events)  # the first ones were already queued
+    assert 0 < flags.count(DUPLICATE) < len(events)  # the first ones were already queued
 
 
 async def _deliver_one_by_one(queue: EventQueue, events: list[Event]) -> None:
@@ -86,8 +91,8 @@ def _events(prefix: str, count: int = 1) -> list[Event]:
     return [Event.from_payload(parsing_event(f"{prefix}-{n}")) for n in range(count)]
 
 
-def _ids(events: list[Event]) -> list[bytes]:
-    return [event.id.encode() for event in events]
+def _ids(events: list[Event]) -> list[str]:
+    return [event.id for event in events]
 
 
 async def test_a_redis_restart_between_deliveries_costs_no_error(
@@ -99,7 +104,7 @@ async def test_a_redis_restart_between_deliveries_costs_no_error(
     assert await queue.enqueue_events(before) == [True]
     await asyncio.to_thread(redis_server.restart)
     assert await queue.enqueue_events(after) == [True]
-    assert await redis.zrange("hrflow:queue", 0, -1) == _ids(before + after)
+    assert await queued_event_ids(redis) == _ids(before + after)
 
 
 async def test_a_connection_redis_dropped_is_replaced_and_the_script_runs_once(
@@ -135,7 +140,7 @@ async def test_a_script_call_past_the_redis_timeout_fails_and_a_retry_queues_onc
                 await queue.enqueue_events(event)
             await redis.execute_command("CLIENT", "UNPAUSE")
             await queue.enqueue_events(event)  # HrFlow's retry: queued now, or found queued
-            assert await redis.zrange("hrflow:queue", 0, -1) == _ids(event)
+            assert await queued_event_ids(redis) == _ids(event)
             assert await queue.enqueue_events(_events("next")) == [True]
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
@@ -161,7 +166,8 @@ async def test_a_job_reads_back_as_the_event_it_was_made_of(
     payload = parsing_event("pk-é", message="ligne 1\r\nligne 2 — Zoë")
     event = Event.from_payload(payload)
     assert await queue.enqueue_events([event]) == [True]
-    job = deserialize_job(await redis.get(QueueKeys.job(event.id)))
+    (run_id,) = await runs_of(redis, event)
+    job = deserialize_job(await redis.get(QueueKeys.job(run_id)))
     assert job["a"] == [event.to_dict()]
     assert job["f"] == "handle_event"
 
@@ -182,3 +188,56 @@ async def test_closing_the_queue_lets_a_batch_in_flight_finish_and_leaves_no_con
     assert caller.done()  # answered before the close
     assert caller.result() == [True]
     assert await clients() == before
+
+
+def test_arq_keeps_the_key_prefixes_the_layout_relies_on() -> None:
+    from arq import constants
+
+    assert QueueKeys.job("r") == constants.job_key_prefix + "r"
+    assert QueueKeys.in_progress("r") == constants.in_progress_key_prefix + "r"
+    assert QueueKeys.retry("r") == constants.retry_key_prefix + "r"
+    assert QueueKeys.result("r") == constants.result_key_prefix + "r"
+
+
+async def test_a_once_event_is_queued_once_inside_the_dedup_window(
+    redis: Redis, queue: EventQueue
+) -> None:
+    event = Event.from_payload(parsing_event("once"))
+    assert event.event_class == "once"
+    assert await queue.enqueue_events([event, event]) == [QUEUED, DUPLICATE]
+    assert await queue.enqueue_events([event]) == [DUPLICATE]
+    (run_id,) = await runs_of(redis, event)
+    assert run_id != event.id  # a run's id is its own, never the event's
+
+
+async def test_identical_latest_events_merge_only_while_their_run_waits(
+    redis: Redis, queue: EventQueue
+) -> None:
+    keys = QueueKeys("hrflow:queue")
+    event = Event.from_payload(update_event("latest"))
+    assert event.event_class == "latest"
+    assert await queue.enqueue_events([event] * 10) == [QUEUED] + [COALESCED] * 9
+    (first,) = await runs_of(redis, event)
+    await redis.set(keys.in_progress(first), "1")  # a worker starts the run
+    assert await queue.enqueue_events([event]) == [QUEUED]  # exactly one follow-up run
+    assert await queue.enqueue_events([event] * 3) == [COALESCED] * 3  # merged into it
+    first_again, follow_up = await runs_of(redis, event)
+    assert first_again == first
+    assert follow_up != first
+    await redis.delete(keys.job(follow_up), keys.job(first))  # both runs finished (or were lost)
+    assert await queue.enqueue_events([event]) == [QUEUED]  # never dropped after a run
+
+
+async def test_events_of_one_subject_share_one_order_and_run_ids_never_repeat(
+    redis: Redis, queue: EventQueue
+) -> None:
+    success = Event.from_payload(parsing_event("ordered"))
+    update = Event.from_payload(update_event("ordered", family="storing"))
+    other = Event.from_payload(update_event("someone-else"))
+    assert success.subject == update.subject != other.subject
+    await queue.enqueue_events([success, update, other])
+    runs = await runs_of(redis, success)
+    assert len(runs) == 2
+    assert len(set(runs)) == 2
+    assert sorted(await queued_event_ids(redis)) == sorted([success.id, update.id, other.id])
+    assert (await runs_of(redis, other))[0] not in runs

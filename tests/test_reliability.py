@@ -5,8 +5,8 @@ how its handler fails."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,14 @@ from hrflow_webhooks.settings import Settings
 from tests.plugins import behaviour
 from tests.processes import ARQ_CLI, PROCFILE_WORKER, WorkerProcess
 from tests.redis_server import RedisServer
-from tests.service import drain, make_settings, parsing_event
+from tests.service import (
+    drain,
+    eventually,
+    make_settings,
+    parsing_event,
+    run_leftovers,
+    runs_of,
+)
 from workers.context import HandlerContext
 from workers.dead_letters import DeadLetters
 from workers.jobs import retry_delay_s
@@ -60,15 +67,6 @@ async def tries(redis: Redis, event: Event) -> int:
     return int(await redis.hget(behaviour.TRIES_KEY, event.id) or 0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
-    """Liveness, not speed: fail only if the condition never holds within a generous limit."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.05)
-
-
 def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:
     delays = [retry_delay_s(n, base_s=1, max_s=300, retry_after_s=None) for n in range(1, 8)]
     for n, delay in enumerate(delays, start=1):
@@ -94,9 +92,10 @@ async def test_retry_after_sets_the_next_run_time(redis: Redis, redis_server: Re
     (event,) = await enqueue(
         settings, redis, parsing_event(test={"fail_transient": 1, "retry_after_s": 30})
     )
+    (run_id,) = await runs_of(redis, event)
     before_ms = time.time() * 1000
     await drain(settings, behaviour_registry(), max_burst_jobs=1)
-    score = await redis.zscore(settings.queue_name, event.id)
+    score = await redis.zscore(settings.queue_name, run_id)
     assert score is not None
     assert score - before_ms >= 29_000  # Retry-After (30 s) wins over our 0.1 s backoff cap
 
@@ -147,8 +146,7 @@ async def test_a_replay_runs_only_the_dead_lettered_handler(
     await drain(settings, registry)
     assert steady_runs == [event.id]
     assert await effects(redis) == [event.id]
-    markers = await redis.hgetall(QueueKeys(settings.queue_name).done(event.id))
-    assert markers == {b"steady": b"ok", b"behaviour": b"ok"}
+    assert await run_leftovers(redis) == []  # markers went with the runs
 
 
 async def test_tries_exhausted_lands_in_dead_letters_with_the_count(
@@ -175,9 +173,7 @@ async def test_a_retry_reruns_only_the_handlers_that_have_not_succeeded(
     await drain(settings, registry)
     assert steady_runs == [event.id]  # ran once although the event ran three times
     assert await tries(redis, event) == 3
-    markers = await redis.hgetall(QueueKeys(settings.queue_name).done(event.id))
-    assert markers == {b"steady": b"ok", b"behaviour": b"ok"}
-    assert await redis.ttl(QueueKeys(settings.queue_name).done(event.id)) > 0
+    assert await run_leftovers(redis) == []  # the run, its markers and its order are gone
 
 
 async def test_a_handler_past_the_job_deadline_is_retried_not_dropped(
@@ -221,7 +217,8 @@ async def test_tries_lost_to_crashes_end_in_dead_letters_not_silence(
     """arq drops a job past max_tries without a trace; we dead-letter it on the extra try."""
     settings = make_settings(redis_server.url, max_tries=3)
     (event,) = await enqueue(settings, redis, parsing_event())
-    await redis.set(f"arq:retry:{event.id}", 3)  # three earlier tries that never reported back
+    (run_id,) = await runs_of(redis, event)
+    await redis.set(QueueKeys.retry(run_id), 3)  # three earlier tries that never reported back
     await drain(settings, behaviour_registry())
     assert await effects(redis) == []
     (letter,) = [
@@ -286,14 +283,15 @@ async def test_sigterm_requeues_jobs_that_outlive_the_grace_period(
 ) -> None:
     settings = make_settings(redis_server.url)
     (event,) = await enqueue(settings, redis, parsing_event(test={"sleep_s": 60}))
+    (run_id,) = await runs_of(redis, event)
     worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", shutdown_grace_s=1)
     try:
         await eventually(lambda: _tries_at_least(redis, event, 1))
         await asyncio.to_thread(worker.terminate)
     finally:
         worker.close()
-    assert await redis.zscore(settings.queue_name, event.id) is not None  # back in the queue
-    assert not await redis.exists(f"arq:in-progress:{event.id}")  # free to run at once
+    assert await redis.zscore(settings.queue_name, run_id) is not None  # back in the queue
+    assert not await redis.exists(QueueKeys.in_progress(run_id))  # free to run at once
     await drain(settings, behaviour_registry())
     assert await effects(redis) == [event.id]
 
@@ -324,3 +322,48 @@ async def _tries_at_least(redis: Redis, event: Event, count: int) -> bool:
 
 async def _has_effect(redis: Redis, event: Event) -> bool:
     return event.id in await effects(redis)
+
+
+# --- arq's own timeout never ends a run --------------------------------------------------------
+
+
+async def test_a_handler_blocking_the_event_loop_is_named_and_its_event_is_not_lost(
+    redis: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(redis_server.url, job_timeout_s=2)
+    registry = Registry()
+    effects: list[int] = []
+
+    @registry.on("profile.parsing.success", name="sleepy")
+    async def sleepy(event: Event, ctx: HandlerContext) -> None:
+        if ctx.job_try == 1:
+            time.sleep(2.6)
+        effects.append(ctx.job_try)
+
+    await enqueue(settings, redis, parsing_event())
+    with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.worker"):
+        worker = await drain(settings, registry)
+    assert "event loop blocked 2.6 s by handler sleepy" in caplog.messages
+    assert effects == [1, 2]  # its first run overran arq's timeout: retried, not dropped
+    assert (worker.jobs_failed, worker.jobs_complete) == (0, 1)
+    assert await DeadLetters(redis, QueueKeys(settings.queue_name)).count() == 0
+
+
+async def test_a_redis_stall_longer_than_the_job_timeout_ends_in_a_retry_not_a_lost_event(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, job_timeout_s=2)
+    registry = Registry()
+    effects: list[int] = []
+
+    @registry.on("profile.parsing.success")
+    async def stalls_redis(event: Event, ctx: HandlerContext) -> None:
+        effects.append(ctx.job_try)
+        if ctx.job_try == 1:  # the job's bookkeeping now meets a Redis that does not answer
+            await ctx.redis.execute_command("CLIENT", "PAUSE", 3500, "ALL")
+
+    await enqueue(settings, redis, parsing_event())
+    worker = await drain(settings, registry)
+    assert effects == [1, 2]
+    assert (worker.jobs_failed, worker.jobs_complete) == (0, 1)
+    assert await run_leftovers(redis) == []

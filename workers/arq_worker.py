@@ -8,9 +8,13 @@ workers' jobs, which lose the WATCH race. Profiled, that serial start was what
 capped a worker near half of ``max_jobs ÷ handler time`` and kept a second
 worker from adding throughput.
 
-Here one Lua script makes the same checks and the same write for every
-candidate at once, atomically (so two workers can never both claim an id,
-as with WATCH), and the jobs are then started exactly as arq starts them.
+Here one Lua script (``hrflow_webhooks.queue.CLAIM_SCRIPT``) makes the same
+checks and the same write for every candidate at once, atomically (so two
+workers can never both claim an id, as with WATCH), and the jobs are then
+started exactly as arq starts them. The same script keeps each subject's runs
+in order: a run behind another run of its subject is parked, not claimed, so it
+takes no slot and no try while it waits (``RUNS_CLAIMED_IN_ORDER`` tells the
+job so).
 """
 
 from __future__ import annotations
@@ -19,44 +23,22 @@ import logging
 from typing import Any
 
 from arq import Worker as ArqWorker
-from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.exceptions import ResponseError
 
-logger = logging.getLogger("hrflow_webhooks.worker")
+from hrflow_webhooks.queue import CLAIM_SCRIPT, PARK_MS, QueueKeys
 
-# A candidate is claimed when it is still queued, due, and not in progress anywhere:
-# arq's own checks, followed by arq's own in-progress write.
-# KEYS: the queue. ARGV: now (ms), in-progress lifetime (ms), most to claim, the in-progress
-# key prefix, then the candidates' ids. Only ids travel: with several workers most
-# candidates are the other workers' running jobs, and arq reads five per free slot.
-# (The in-progress keys are derived here, not declared: arq's layout already assumes one
-# Redis server, not a cluster.)
-# Returns id, score, id, score... in queue order.
-_CLAIM_SCRIPT = """
-local claimed = {}
-local now, lifetime, most, prefix = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4]
-for i = 5, #ARGV do
-    if #claimed >= most * 2 then
-        break
-    end
-    local job_id = ARGV[i]
-    local score = redis.call('ZSCORE', KEYS[1], job_id)
-    local in_progress = prefix .. job_id
-    if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
-        redis.call('SET', in_progress, '1', 'PX', lifetime)
-        claimed[#claimed + 1] = job_id
-        claimed[#claimed + 1] = score
-    end
-end
-return claimed
-"""
+logger = logging.getLogger("hrflow_webhooks.worker")
+# In the jobs' context: this worker claimed the run in its subject's order already.
+RUNS_CLAIMED_IN_ORDER = "runs_claimed_in_order"
 
 
 class Worker(ArqWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._claim_script: Any = None
+        self._order_prefix = QueueKeys(self.queue_name).order_prefix
+        self.ctx[RUNS_CLAIMED_IN_ORDER] = True
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
@@ -76,9 +58,9 @@ class Worker(ArqWorker):
 
     async def _claim(self, candidates: list[str], most: int) -> list[tuple[str, int]]:
         if self._claim_script is None:
-            self._claim_script = self.pool.register_script(_CLAIM_SCRIPT)
+            self._claim_script = self.pool.register_script(CLAIM_SCRIPT)
         lifetime_ms = int(self.in_progress_timeout_s * 1000)
-        args = [timestamp_ms(), lifetime_ms, most, in_progress_key_prefix, *candidates]
+        args = [timestamp_ms(), lifetime_ms, most, self._order_prefix, PARK_MS, *candidates]
         try:
             reply = await self._claim_script(keys=[self.queue_name], args=args)
         except ResponseError as error:

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from hrflow_webhooks.client.api import HrflowClient
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import MARK_DONE_SCRIPT, QueueKeys
+from hrflow_webhooks.queue import FINISH_RUN_SCRIPT, MARK_HANDLER_SCRIPT, QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers.registry import Registry
 
@@ -27,10 +27,12 @@ class WorkerServices:
     keys: QueueKeys
     hrflow: HrflowClient | None = None  # None without HRFLOW_API_KEY/HRFLOW_API_USER
     extras: dict[str, Any] = field(default_factory=dict)  # plugins' own shared clients
-    mark_done_script: Any = field(init=False)  # redis-py's AsyncScript
+    mark_handler_script: Any = field(init=False)  # redis-py's AsyncScript
+    finish_run_script: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        self.mark_done_script = self.redis.register_script(MARK_DONE_SCRIPT)
+        self.mark_handler_script = self.redis.register_script(MARK_HANDLER_SCRIPT)
+        self.finish_run_script = self.redis.register_script(FINISH_RUN_SCRIPT)
 
 
 class EventLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

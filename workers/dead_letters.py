@@ -3,6 +3,11 @@ person replays or purges them. They never expire, unlike arq's result keys.
 
 One dead letter per (event, handler); its id is derived from both, so failing
 again after a replay overwrites the same entry instead of piling up copies.
+A dead letter marks its handler ``dead`` in its run's completion markers, so
+the run's other retries skip it; those markers go with the run, so a later
+run of an identical event is never skipped because of a dead letter. A replay
+queues a new run of the event for that handler only, behind the subject's
+other runs.
 """
 
 from __future__ import annotations
@@ -17,19 +22,19 @@ import orjson
 from redis.asyncio import Redis
 
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys, serialize_job
+from hrflow_webhooks.queue import (
+    MARK_HANDLER_SCRIPT,
+    REPLAY_SCRIPT,
+    RUN_MARKERS_LIFETIME_S,
+    QueueKeys,
+    serialize_job,
+    tag_of,
+)
 
-# KEYS: index, done hash, job key, queue, letter. ARGV: letter id, handler, job, score, job id.
-_REPLAY_SCRIPT = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
-redis.call('DEL', KEYS[5])
-return 1
-"""
-
-DEAD = "dead"  # the completion-marker value of a dead-lettered handler: retries skip it
+# Completion-marker values of a run's handlers: a retry of the run skips every one of them.
+DONE = "ok"
+DEAD = "dead"
+SKIPPED = "skip"
 
 
 def dead_letter_id(event_id: str, handler: str) -> str:
@@ -53,13 +58,20 @@ class DeadLetters:
     keys: QueueKeys
 
     async def add(
-        self, event: Event, handler: str, error: BaseException, tries: int, reason: str
+        self,
+        event: Event,
+        run_id: str,
+        handler: str,
+        error: BaseException,
+        tries: int,
+        reason: str,
     ) -> str:
         letter_id = dead_letter_id(event.id, handler)
         now = time.time()
         letter = {
             "id": letter_id,
             "event": event.to_dict(),
+            "run_id": run_id,
             "handler": handler,
             "reason": reason,
             "error": describe_error(error),
@@ -70,7 +82,8 @@ class DeadLetters:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.dead_letter(letter_id), orjson.dumps(letter))
             pipe.zadd(self.keys.dead_letters, {letter_id: now})
-            pipe.hset(self.keys.done(event.id), handler, DEAD)
+            done = self.keys.done(run_id)
+            pipe.eval(MARK_HANDLER_SCRIPT, 1, done, handler, str(RUN_MARKERS_LIFETIME_S), DEAD)
             await pipe.execute()
         return letter_id
 
@@ -99,27 +112,29 @@ class DeadLetters:
         return int(await self.redis.zcard(self.keys.dead_letters))
 
     async def replay(self, letter_id: str) -> bool:
-        """Queue the event again for this handler, through the normal job path.
+        """Queue a new run of the event for this handler only, through the normal job path.
 
-        One script claims the letter, clears the handler's marker and queues the
-        job, so replaying twice (or from two terminals at once) queues it once,
-        and a crash cannot leave it half replayed. False: nothing to replay.
+        One script claims the letter and queues the run, so replaying twice (or from two
+        terminals at once) queues it once, and a crash cannot leave it half replayed.
+        False: nothing to replay.
         """
         letter = await self.get(letter_id)
         if letter is None:
             return False
         event = Event.from_dict(letter["event"])
         now_ms = int(time.time() * 1000)
-        job_id = f"{event.id}:replay:{letter_id}:{now_ms}"
+        subject_tag = tag_of(event.subject)
         keys = [
-            self.keys.dead_letters,
-            self.keys.done(event.id),
-            self.keys.job(job_id),
             self.keys.queue,
+            self.keys.runs,
+            self.keys.dead_letters,
             self.keys.dead_letter(letter_id),
+            self.keys.order(subject_tag),
         ]
-        args = [letter_id, letter["handler"], serialize_job(event, now_ms), now_ms, job_id]
-        return bool(await self.redis.eval(_REPLAY_SCRIPT, len(keys), *keys, *args))  # type: ignore[misc]
+        job = serialize_job(event, now_ms, handlers=[letter["handler"]])
+        args = [letter_id, subject_tag, job, str(now_ms)]
+        replayed = self.redis.eval(REPLAY_SCRIPT, len(keys), *keys, *args)  # type: ignore[arg-type]
+        return bool(await replayed)  # type: ignore[misc]
 
     async def purge(self, letter_id: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:

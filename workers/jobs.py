@@ -1,15 +1,29 @@
-"""The job: run every handler registered for one event, once each.
+"""The job: one run of the handlers for an event.
 
+A run is one execution of the handlers for an event, or for a group of
+identical notifications that merged while it waited (``hrflow_webhooks.queue``).
 arq gives at-least-once execution; this module turns it into "each handler's
-effect once, or a dead letter with the reason":
+effect once per run, or a dead letter with the reason, or a recorded skip":
 
-- a completion marker per (event, handler) is written when a handler
-  succeeds, so a re-run (retry, crash, SIGTERM) skips what already happened;
+- runs of one subject never overlap and start in arrival order: the claim
+  script parks a run whose subject is busy; a job started by another claimer
+  (the plain ``arq`` command) asks ``BEGIN_RUN_SCRIPT`` first and defers
+  itself without using up a try;
+- a completion marker per (run, handler) is written when a handler succeeds,
+  so a re-run of the same run (retry, crash, SIGTERM) skips what already
+  happened; the markers go with the run when it finishes
+  (``FINISH_RUN_SCRIPT``), so a later run never skips a handler;
 - a transient failure raises arq's ``Retry`` with exponential backoff and
   jitter (arq retries nothing else), honouring the error's Retry-After;
+- a 404 on the event's own subject inside the grace period is waited for
+  without using up a try; after it, the run records one skip;
 - a permanent failure, or the last try, writes a dead letter;
-- the whole run has a deadline below arq's ``job_timeout``, because arq
-  treats its own timeout as final and would drop the event.
+- arq treats its own ``job_timeout`` as final and would drop the event, so it
+  must never be what ends a run: handlers stop at the run's deadline, every
+  Redis call of the bookkeeping has a deadline of its own before arq's, and
+  should arq's timer fire all the same (a handler blocked the event loop past
+  it), the cancellation becomes a retry. A handler that blocks the loop is
+  named in a log line.
 """
 
 from __future__ import annotations
@@ -18,19 +32,33 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from arq import Retry
 
-from hrflow_webhooks.errors import is_transient, retry_after_of
+from hrflow_webhooks.errors import (
+    SubjectGoneError,
+    SubjectNotReadableError,
+    is_transient,
+    retry_after_of,
+)
 from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import BEGIN_RUN_SCRIPT, PARK_MS, RUN_MARKERS_LIFETIME_S, QueueKeys
 from workers import metrics
+from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
 from workers.context import EventLogger, HandlerContext, WorkerServices
-from workers.dead_letters import DeadLetters
+from workers.dead_letters import DONE, SKIPPED, DeadLetters
 from workers.registry import Handler
 
 logger = logging.getLogger("hrflow_webhooks.worker")
+T = TypeVar("T")
+
+# A handler step that holds the event loop this long is named in a warning: it also stalls
+# every other run of the worker, and past the job timeout it makes arq's timer fire.
+LOOP_BLOCK_WARNING_S = 1.0
+NOT_FOUND_SKIP_REASON = "profile not found"
 
 
 def deadline_margin_s(job_timeout_s: float) -> float:
@@ -44,7 +72,7 @@ class HandlerTimeoutError(TimeoutError):
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    handler: Handler
+    handler: str
     error: BaseException
 
     @property
@@ -59,171 +87,358 @@ def retry_delay_s(job_try: int, base_s: float, max_s: float, retry_after_s: floa
     return max(delay, retry_after_s or 0.0)
 
 
-async def handle_event(arq_ctx: dict[str, Any], event_data: dict[str, Any]) -> str:
-    """arq's entry point: one job per event. Returns the outcome, for tests and logs."""
+def not_found_delay_s(age_s: float, grace_s: float) -> float:
+    """Backoff while a subject is not readable yet: about its age (so doubling), at most 30 s,
+    and the last wait lands just past the grace period, where the run gives up."""
+    return max(0.2, min(age_s, 30.0, grace_s - age_s + 0.1))
+
+
+@dataclass(frozen=True, slots=True)
+class RunClock:
+    """The run's deadlines, all before arq's own ``job_timeout`` (which is final)."""
+
+    handlers_until: float  # loop time
+    bookkeeping_until: float
+
+    @classmethod
+    def start(cls, job_timeout_s: float) -> RunClock:
+        now = asyncio.get_running_loop().time()
+        margin = deadline_margin_s(job_timeout_s)
+        return cls(now + job_timeout_s - margin, now + job_timeout_s - margin / 4)
+
+    def overran(self) -> bool:
+        return asyncio.get_running_loop().time() >= self.bookkeeping_until
+
+    async def bounded(self, call: Awaitable[T] | T) -> T:
+        """One bookkeeping call, with the run's deadline: the worker's Redis client retries
+        forever, and a Redis stall must end in a retry, not in arq's timeout."""
+        async with asyncio.timeout_at(self.bookkeeping_until):
+            return await cast(Awaitable[T], call)
+
+
+class TimedSteps:
+    """Awaits a coroutine, timing each step it runs on the event loop.
+
+    A step is the code between two awaits: one that takes seconds blocks every other
+    run of this worker (``time.sleep`` inside ``async def``), and only a step's own
+    duration tells which handler did it.
+    """
+
+    __slots__ = ("_coroutine", "longest_step_s")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self._coroutine = coroutine
+        self.longest_step_s = 0.0
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine = self._coroutine
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                yielded = coroutine.send(value) if error is None else coroutine.throw(error)
+            except StopIteration:
+                return
+            finally:
+                self.longest_step_s = max(self.longest_step_s, time.perf_counter() - started)
+            value, error = None, None
+            try:
+                value = yield yielded
+            except BaseException as caught:  # cancellation too: the handler sees it
+                error = caught
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What arq tells the job about this run."""
+
+    run_id: str
+    job_try: int
+    score_ms: int | None
+    claimed_in_order: bool
+    only_handlers: tuple[str, ...] | None = None  # a replay runs the dead-lettered ones
+
+    @classmethod
+    def from_arq(cls, arq_ctx: dict[str, Any], handlers: list[str] | None) -> RunInfo:
+        return cls(
+            run_id=str(arq_ctx["job_id"]),
+            job_try=int(arq_ctx["job_try"]),
+            score_ms=arq_ctx.get("score"),
+            claimed_in_order=bool(arq_ctx.get(RUNS_CLAIMED_IN_ORDER)),
+            only_handlers=None if handlers is None else tuple(handlers),
+        )
+
+
+async def handle_event(
+    arq_ctx: dict[str, Any], event_data: dict[str, Any], handlers: list[str] | None = None
+) -> str:
+    """arq's entry point: one job per run. Returns the outcome, for tests and logs."""
     services: WorkerServices = arq_ctx["services"]
     event = Event.from_dict(event_data)
-    job_try = int(arq_ctx["job_try"])
-    # The receiver queues an event under its own id; replays use another job id. The first
-    # try of the receiver's job can have no completion markers to honour: nothing ran yet.
-    first_run = job_try == 1 and arq_ctx.get("job_id") == event.id
-    run = EventRun(services, event, job_try, arq_ctx.get("score"), first_run=first_run)
+    info = RunInfo.from_arq(arq_ctx, handlers)
+    run = EventRun(services, event, info, RunClock.start(services.settings.job_timeout_s))
     try:
         return await run.execute()
     except Retry:
         raise
+    except asyncio.CancelledError:
+        # arq's timer fired (a handler held the loop past the job timeout), or the worker is
+        # stopping; either way a retry, never arq's final "timed out". When stopping, arq
+        # cancels the job's caller as well and re-queues the run itself.
+        if run.clock.overran():
+            logger.error("run overran the job timeout, will retry", extra=run.log_fields)
+        else:
+            logger.info("run cancelled, will run again", extra=run.log_fields)
+        raise Retry(defer=run.backoff_s(None)) from None
     except Exception as error:
-        # Our own bookkeeping failed (Redis went away mid-job...). arq would record the job
-        # as failed and drop it: retry instead; the try limit still bounds this.
+        # Our own bookkeeping failed or ran out of time (Redis went away or stalled). arq
+        # would record the job as failed and drop it: retry instead; the try limit bounds it.
         logger.warning(
             "job bookkeeping failed, will retry",
-            extra={"event_id": event.id, "job_try": job_try, "error_type": type(error).__name__},
+            extra={**run.log_fields, "error_type": type(error).__name__},
         )
-        s = services.settings
-        raise Retry(defer=retry_delay_s(job_try, s.retry_base_s, s.retry_max_s, None)) from error
+        raise Retry(defer=run.backoff_s(None)) from error
+
+
+@dataclass(slots=True)
+class Settled:
+    """What became of the handlers of one try."""
+
+    failures: list[Failure] = field(default_factory=list)
+    succeeded: list[str] = field(default_factory=list)
 
 
 class EventRun:
     def __init__(
-        self,
-        services: WorkerServices,
-        event: Event,
-        job_try: int,
-        score_ms: int | None,
-        *,
-        first_run: bool = False,
+        self, services: WorkerServices, event: Event, info: RunInfo, clock: RunClock
     ) -> None:
         self.services = services
         self.event = event
-        self.job_try = job_try
-        self.first_run = first_run
+        self.info = info
+        self.clock = clock
         self.settings = services.settings
+        self.keys: QueueKeys = services.keys
         self.dead_letters = DeadLetters(services.redis, services.keys)
         self.log_fields = {
             "event_id": event.id,
+            "run_id": info.run_id,
             "canonical_type": event.canonical_type,
-            "job_try": job_try,
+            "job_try": info.job_try,
         }
-        if score_ms is not None and job_try == 1:
-            metrics.PICKUP_SECONDS.observe(max(0.0, time.time() - score_ms / 1000))
+        if info.score_ms is not None and info.job_try == 1:
+            metrics.PICKUP_SECONDS.observe(max(0.0, time.time() - info.score_ms / 1000))
+
+    def backoff_s(self, retry_after_s: float | None) -> float:
+        s = self.settings
+        return retry_delay_s(self.info.job_try, s.retry_base_s, s.retry_max_s, retry_after_s)
 
     async def execute(self) -> str:
-        handlers = self.services.registry.handlers_for(self.event.canonical_type)
-        if not handlers:
+        if not await self._subject_free():
+            raise Retry(defer=PARK_MS / 1000)  # its try was given back
+        registered = self.services.registry.handlers_for(self.event.canonical_type)
+        if not registered and self.info.only_handlers is None:
             return await self._unrouted()
-        if self.job_try > self.settings.max_tries:
-            # Only reachable when earlier tries never reported back (worker killed, arq timeout).
-            pending = await self._pending(handlers)
+        handlers = self._handlers_to_run(registered)
+        if not handlers:
+            return await self._finish("not for these sources")
+        if self.info.job_try > self.settings.max_tries:
+            # Only reachable when earlier tries never reported back (worker killed, timeout).
             lost = HandlerTimeoutError(
-                f"gave up after {self.job_try - 1} tries that never finished"
+                f"gave up after {self.info.job_try - 1} tries that never finished"
             )
-            await self._dead_letter([Failure(h, lost) for h in pending], "tries exhausted")
-            return "dead_lettered" if pending else "done"
-        failures = await self._run_pending(await self._pending(handlers))
-        return await self._settle(failures)
+            pending = await self._pending(handlers)
+            await self._dead_letter([Failure(name, lost) for name in pending], "tries exhausted")
+            return await self._finish("dead_lettered" if pending else "done")
+        settled = await self._run_pending(await self._pending(handlers))
+        return await self._settle(settled.failures)
+
+    # --- before the handlers -----------------------------------------------------------------
+
+    async def _subject_free(self) -> bool:
+        if self.info.claimed_in_order:
+            return True
+        free = await self.clock.bounded(
+            self.services.redis.eval(
+                BEGIN_RUN_SCRIPT,
+                1,
+                self.keys.retry(self.info.run_id),
+                self.info.run_id,
+                self.keys.order_prefix,
+            )
+        )
+        return bool(free)
+
+    def _handlers_to_run(self, registered: tuple[Handler, ...]) -> list[str]:
+        """Names of the handlers for this run: those for the event's source, or a replay's."""
+        if self.info.only_handlers is not None:
+            return list(self.info.only_handlers)
+        source_key = self.event.source_key
+        return [h.name for h in registered if h.accepts_source(source_key)]
 
     async def _unrouted(self) -> str:
-        await self.services.redis.hincrby(  # type: ignore[misc]
-            self.services.keys.unrouted, self.event.canonical_type, 1
+        await self.clock.bounded(
+            self.services.redis.hincrby(self.keys.unrouted, self.event.canonical_type, 1)
         )
         metrics.handler_outcome(self.event.canonical_type, "-", "unrouted")
         logger.info("no handler for event type", extra={**self.log_fields, "outcome": "unrouted"})
-        return "unrouted"
+        return await self._finish("unrouted")
 
-    async def _pending(self, handlers: tuple[Handler, ...]) -> list[Handler]:
-        if self.first_run:  # one Redis round trip less per event (docs/benchmarks.md)
-            return list(handlers)
-        finished = await self.services.redis.hkeys(  # type: ignore[misc]
-            self.services.keys.done(self.event.id)
+    async def _pending(self, names: list[str]) -> list[str]:
+        if self.info.job_try == 1:  # a run's first try has no markers: one round trip less
+            return names
+        finished = await self.clock.bounded(
+            self.services.redis.hkeys(self.keys.done(self.info.run_id))
         )
         finished_names = {name.decode() for name in finished}
-        return [h for h in handlers if h.name not in finished_names]
+        return [name for name in names if name not in finished_names]
 
-    async def _run_pending(self, pending: list[Handler]) -> list[Failure]:
-        deadline = (
-            asyncio.get_running_loop().time()
-            + self.settings.job_timeout_s
-            - deadline_margin_s(self.settings.job_timeout_s)
-        )
-        failures: list[Failure] = []
-        for handler in pending:
-            error = await self._run_one(handler, deadline)
-            if error is None:
-                await self._mark_done(handler)
-            else:
-                failures.append(Failure(handler, error))
-        return failures
+    # --- the handlers --------------------------------------------------------------------------
 
-    async def _run_one(self, handler: Handler, deadline: float) -> BaseException | None:
-        fields = {**self.log_fields, "handler": handler.name}
+    async def _run_pending(self, pending: list[str]) -> Settled:
+        settled = Settled()
+        for position, name in enumerate(pending):
+            error = await self._run_one(name)
+            if error is not None:
+                settled.failures.append(Failure(name, error))
+                continue
+            settled.succeeded.append(name)
+            finishes_now = position == len(pending) - 1 and not settled.failures
+            if not finishes_now:  # the finish removes the run with its markers: none needed
+                await self._mark(name, DONE)
+        return settled
+
+    async def _run_one(self, name: str) -> BaseException | None:
+        handler = self.services.registry.named(self.event.canonical_type, name)
+        if handler is None:
+            return LookupError(f"handler {name!r} is no longer registered for this event type")
+        fields = {**self.log_fields, "handler": name}
         ctx = HandlerContext(
-            self.event, handler.name, self.job_try, EventLogger(logger, fields), self.services
+            self.event, name, self.info.job_try, EventLogger(logger, fields), self.services
         )
+        steps = TimedSteps(handler.run(self.event, ctx))
         started = time.perf_counter()
         try:
-            async with asyncio.timeout_at(deadline):
-                await handler.run(self.event, ctx)
+            async with asyncio.timeout_at(self.clock.handlers_until):
+                await steps
         except TimeoutError:
             error: BaseException | None = HandlerTimeoutError("job deadline reached")
         except Exception as caught:
             error = caught
         else:
             error = None
-        duration = time.perf_counter() - started
+        self._report(name, error, time.perf_counter() - started, steps.longest_step_s)
+        return error
+
+    def _report(
+        self, name: str, error: BaseException | None, duration_s: float, longest_step_s: float
+    ) -> None:
+        fields = {**self.log_fields, "handler": name}
+        if longest_step_s >= LOOP_BLOCK_WARNING_S:
+            logger.warning(
+                f"event loop blocked {longest_step_s:.1f} s by handler {name}",
+                extra={**fields, "blocked_s": round(longest_step_s, 2)},
+            )
         outcome = "ok" if error is None else ("retry" if is_transient(error) else "failed")
-        metrics.handler_outcome(self.event.canonical_type, handler.name, outcome, duration)
+        metrics.handler_outcome(self.event.canonical_type, name, outcome, duration_s)
         logger.log(
             logging.INFO if error is None else logging.WARNING,
             "handler finished" if error is None else "handler failed",
             extra={
                 **fields,
                 "outcome": outcome,
-                "duration_ms": round(duration * 1000, 1),
+                "duration_ms": round(duration_s * 1000, 1),
                 "error_type": None if error is None else type(error).__name__,
             },
         )
-        return error
 
-    async def _mark_done(self, handler: Handler) -> None:
-        done_key = self.services.keys.done(self.event.id)
-        await self.services.mark_done_script(
-            keys=[done_key], args=[handler.name, self.settings.dedup_window_s]
-        )
+    # --- after the handlers --------------------------------------------------------------------
 
     async def _settle(self, failures: list[Failure]) -> str:
         if not failures:
-            return "done"
-        permanent = [f for f in failures if not f.transient]
+            return await self._finish("done")
+        gone = [f for f in failures if isinstance(f.error, SubjectGoneError)]
+        permanent = [f for f in failures if not f.transient and f not in gone]
         transient = [f for f in failures if f.transient]
+        await self._skip_gone(gone, finishing=not transient)
         await self._dead_letter(permanent, "permanent error")
         if not transient:
-            return "dead_lettered"
-        if self.job_try >= self.settings.max_tries:
-            await self._dead_letter(transient, f"still failing after {self.job_try} tries")
-            return "dead_lettered"
-        delay = retry_delay_s(
-            self.job_try,
-            self.settings.retry_base_s,
-            self.settings.retry_max_s,
-            max((retry_after_of(f.error) or 0.0) for f in transient),
-        )
-        metrics.RETRIES.labels(self.event.canonical_type).inc()
+            return await self._finish("dead_lettered" if permanent else "skipped")
+        if all(isinstance(f.error, SubjectNotReadableError) for f in transient):
+            await self._wait_for_subject()
+        if self.info.job_try >= self.settings.max_tries:
+            await self._dead_letter(transient, f"still failing after {self.info.job_try} tries")
+            return await self._finish("dead_lettered")
+        delay = self.backoff_s(max((retry_after_of(f.error) or 0.0) for f in transient))
+        metrics.RETRIES.labels(metrics.bounded_type(self.event.canonical_type)).inc()
         logger.info(
             "event will be retried", extra={**self.log_fields, "retry_in_s": round(delay, 2)}
         )
         raise Retry(defer=delay)
 
+    async def _wait_for_subject(self) -> None:
+        """Not readable yet, inside the grace period: retry later without using up a try."""
+        age_s = time.time() - self.event.received_at
+        delay = not_found_delay_s(age_s, self.settings.not_found_grace_s)
+        await self.clock.bounded(self.services.redis.decr(self.keys.retry(self.info.run_id)))
+        logger.info(
+            "subject not readable yet, will retry",
+            extra={**self.log_fields, "retry_in_s": round(delay, 2)},
+        )
+        raise Retry(defer=delay)
+
+    async def _skip_gone(self, gone: list[Failure], *, finishing: bool) -> None:
+        """One skip per run, however many handlers found the subject gone."""
+        if not gone:
+            return
+        await self.clock.bounded(
+            self.services.redis.hincrby(
+                self.keys.skipped, f"{self.event.canonical_type}:{NOT_FOUND_SKIP_REASON}", 1
+            )
+        )
+        logger.info(
+            "event skipped",
+            extra={**self.log_fields, "outcome": "skipped", "reason": NOT_FOUND_SKIP_REASON},
+        )
+        if not finishing:  # a retry follows: these handlers must not run again in this run
+            for failure in gone:
+                await self._mark(failure.handler, SKIPPED)
+
+    async def _mark(self, handler: str, value: str) -> None:
+        await self.clock.bounded(
+            self.services.mark_handler_script(
+                keys=[self.keys.done(self.info.run_id)],
+                args=[handler, RUN_MARKERS_LIFETIME_S, value],
+            )
+        )
+
+    async def _finish(self, outcome: str) -> str:
+        run_id = self.info.run_id
+        order = self.keys.order_of_run(run_id) or self.keys.queue
+        await self.clock.bounded(
+            self.services.finish_run_script(
+                keys=[self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id)],
+                args=[run_id, int(time.time() * 1000)],
+            )
+        )
+        return outcome
+
     async def _dead_letter(self, failures: list[Failure], reason: str) -> None:
         for failure in failures:
-            letter_id = await self.dead_letters.add(
-                self.event, failure.handler.name, failure.error, self.job_try, reason
-            )
-            metrics.DEAD_LETTERS.labels(self.event.canonical_type, failure.handler.name).inc()
+            letter_id: str = await self.clock.bounded(
+                self.dead_letters.add(
+                    self.event, self.info.run_id, failure.handler, failure.error,
+                    self.info.job_try, reason,
+                )
+            )  # fmt: skip
+            metrics.DEAD_LETTERS.labels(
+                metrics.bounded_type(self.event.canonical_type), failure.handler
+            ).inc()
             logger.error(
                 "event dead-lettered",
                 extra={
                     **self.log_fields,
-                    "handler": failure.handler.name,
+                    "handler": failure.handler,
                     "dead_letter_id": letter_id,
                     "reason": reason,
                     "error_type": type(failure.error).__name__,

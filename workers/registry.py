@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +28,7 @@ from hrflow_webhooks.events import Event, canonical_event_name, checked_event_na
 if TYPE_CHECKING:
     from workers.context import HandlerContext
 
-HandlerFunc = Callable[["Event", "HandlerContext"], Awaitable[None]]
+HandlerFunc = Callable[["Event", "HandlerContext"], Coroutine[Any, Any, None]]
 Callback = Callable[..., Any]
 C = TypeVar("C", bound=Callback)
 
@@ -39,6 +39,20 @@ class Handler:
     event_type: str  # canonical
     callback: Callback
     run: HandlerFunc
+    sources: frozenset[str] | None = None  # None: events of every source
+
+    def accepts_source(self, source_key: str | None) -> bool:
+        """HrFlow configures webhooks per workspace, not per source: handlers pick sources."""
+        return self.sources is None or source_key in self.sources
+
+
+def _sources(sources: Iterable[str] | None) -> frozenset[str] | None:
+    if sources is None:
+        return None
+    if isinstance(sources, str):
+        raise TypeError(f"sources must be a list of source keys, not the string {sources!r}")
+    chosen = frozenset(sources)
+    return chosen or None  # an empty list means no filter, as an unset setting does
 
 
 def _wants_context(parameter: inspect.Parameter) -> bool:
@@ -112,12 +126,18 @@ class Registry:
         *,
         name: str | None = None,
         allow_unknown: bool = False,
+        sources: Iterable[str] | None = None,
     ) -> Handler:
+        """Register ``callback``; ``sources``: only events of these source keys reach it."""
         event_type = (
             canonical_event_name(event_name) if allow_unknown else checked_event_name(event_name)
         )
         handler = Handler(
-            name or handler_name(callback), event_type, callback, adapt_callback(callback)
+            name or handler_name(callback),
+            event_type,
+            callback,
+            adapt_callback(callback),
+            _sources(sources),
         )
         return self._store(handler)
 
@@ -136,12 +156,17 @@ class Registry:
         return handler
 
     def on(
-        self, event_name: str, *, name: str | None = None, allow_unknown: bool = False
+        self,
+        event_name: str,
+        *,
+        name: str | None = None,
+        allow_unknown: bool = False,
+        sources: Iterable[str] | None = None,
     ) -> Callable[[C], C]:
-        """Decorator: ``@registry.on("profile.parsing.success")``."""
+        """Decorator: ``@registry.on("profile.parsing.success", sources=["my-source"])``."""
 
         def decorate(callback: C) -> C:
-            self.add(event_name, callback, name=name, allow_unknown=allow_unknown)
+            self.add(event_name, callback, name=name, allow_unknown=allow_unknown, sources=sources)
             return callback
 
         return decorate
@@ -175,6 +200,9 @@ class Registry:
 
     def handlers_for(self, canonical_type: str) -> tuple[Handler, ...]:
         return tuple(self._handlers.get(canonical_type, ()))
+
+    def named(self, canonical_type: str, name: str) -> Handler | None:
+        return next((h for h in self._handlers.get(canonical_type, ()) if h.name == name), None)
 
     def __iter__(self) -> Iterator[Handler]:
         for handlers in self._handlers.values():

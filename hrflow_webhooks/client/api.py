@@ -24,6 +24,7 @@ from hrflow_webhooks import client_metrics
 from hrflow_webhooks.client.errors import ApiError, UpstreamError, error_for_status
 from hrflow_webhooks.client.profiles import ProfileWrite
 from hrflow_webhooks.client.rate import RateBudget
+from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 
 logger = logging.getLogger("hrflow_webhooks.client")
@@ -98,7 +99,9 @@ class HrflowClient:
             )
         budget = None
         if settings.api_rate_per_s is not None:
-            budget = RateBudget(redis, f"{settings.queue_name}:api-budget", settings.api_rate_per_s)
+            budget = RateBudget(
+                redis, QueueKeys(settings.queue_name).api_budget, settings.api_rate_per_s
+            )
         return cls(
             session,
             settings.api_url,

@@ -14,25 +14,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
-# KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
-_TAKE_SCRIPT = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1]) or burst
-local last_ms = tonumber(state[2]) or now_ms
-tokens = math.min(burst, tokens + math.max(0, now_ms - last_ms) * rate / 1000)
-local wait_ms = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait_ms = math.ceil((1 - tokens) * 1000 / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now_ms))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return wait_ms
-"""
+from hrflow_webhooks.queue import RATE_BUDGET_SCRIPT
 
 
 class RateBudget:
@@ -46,7 +28,7 @@ class RateBudget:
         self.burst = burst
         # An idle bucket is full again after burst / rate seconds: keep it no longer than that.
         self._ttl_ms = max(1_000, int(burst / rate_per_s * 1000) + 1_000)
-        self._take = redis.register_script(_TAKE_SCRIPT)
+        self._take = redis.register_script(RATE_BUDGET_SCRIPT)
 
     async def acquire(self) -> None:
         while True:

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hrflow_webhooks.client.api import HrflowClient
+from hrflow_webhooks.client.errors import NotFound
 from hrflow_webhooks.client.profiles import Profile
-from hrflow_webhooks.errors import PermanentError, TransientError
+from hrflow_webhooks.errors import (
+    HandlerError,
+    PermanentError,
+    SubjectGoneError,
+    SubjectNotReadableError,
+    TransientError,
+)
 from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers.context import HandlerContext
 
@@ -47,23 +56,16 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
 def profile_ref_of(event: Event) -> ProfileRef:
     """The profile and source keys, wherever this sender put them.
 
     Current senders: ``profile.key`` + ``profile.source.key``; older ones
     ``profile.profile_key`` / ``profile.source_key`` or a top-level ``source.key``.
     """
-    profile = _mapping(event.get("profile"))
+    profile = event.get("profile")
+    profile = profile if isinstance(profile, Mapping) else {}
     profile_key = _text(profile.get("key")) or _text(profile.get("profile_key"))
-    source_key = (
-        _text(_mapping(profile.get("source")).get("key"))
-        or _text(profile.get("source_key"))
-        or _text(_mapping(event.get("source")).get("key"))
-    )
+    source_key = event.source_key
     missing = [
         name
         for name, value in (("profile key", profile_key), ("source key", source_key))
@@ -93,8 +95,30 @@ def client_of(ctx: HandlerContext) -> HrflowClient:
     return client
 
 
+def subject_not_found(ctx: HandlerContext) -> HandlerError:
+    """What a 404 on the event's own subject means: not readable *yet* inside
+    ``HRFLOW_NOT_FOUND_GRACE_S`` after the event was received (HrFlow sends parsing
+    webhooks before indexing), gone after it. Plugins raise it the same way."""
+    age_s = time.time() - ctx.event.received_at
+    if age_s < ctx.settings.not_found_grace_s:
+        return SubjectNotReadableError(f"{ctx.event.canonical_type}: subject not readable yet")
+    return SubjectGoneError(
+        f"{ctx.event.canonical_type}: subject still not found "
+        f"{ctx.settings.not_found_grace_s:g} s after the event"
+    )
+
+
 async def fetch_profile(ctx: HandlerContext, ref: ProfileRef) -> Profile:
-    data = await client_of(ctx).profile_indexing_get(ref.source_key, key=ref.profile_key)
+    """The event's profile as HrFlow has it now (the notification says only that it changed)."""
+    if ctx.event.canonical_type.endswith(".error"):
+        raise PermanentError(
+            f"{ctx.event.canonical_type}: HrFlow says the subject of an error event cannot be "
+            "retrieved; handle it without fetching"
+        )
+    try:
+        data = await client_of(ctx).profile_indexing_get(ref.source_key, key=ref.profile_key)
+    except NotFound:
+        raise subject_not_found(ctx) from None
     if not isinstance(data, Mapping):
         raise PermanentError(f"HrFlow answered profile {ref.profile_key} without a profile object")
     return Profile.model_validate(data)
@@ -102,7 +126,7 @@ async def fetch_profile(ctx: HandlerContext, ref: ProfileRef) -> Profile:
 
 def skips_key(settings: Settings) -> str:
     """Hash ``<handler>:<reason>`` → count of events a handler skipped on purpose."""
-    return f"{settings.queue_name}:skipped"
+    return QueueKeys(settings.queue_name).skipped
 
 
 async def record_skip(ctx: HandlerContext, ref: ProfileRef | None, reason: str) -> None:
@@ -130,11 +154,12 @@ class WriteEchoes:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self._redis = ctx.redis
-        self._prefix = f"{ctx.settings.queue_name}:written:{ctx.handler}"
+        self._keys = ctx.services.keys
+        self._handler = ctx.handler
         self._ttl_s = ctx.settings.write_echo_ttl_s
 
     def _key(self, ref: ProfileRef) -> str:
-        return f"{self._prefix}:{ref.source_key}:{ref.profile_key}"
+        return self._keys.written(self._handler, ref.source_key, ref.profile_key)
 
     async def is_echo(self, ref: ProfileRef, fingerprint: str) -> bool:
         written = await self._redis.get(self._key(ref))
@@ -157,7 +182,7 @@ async def exclusive(ctx: HandlerContext, name: str) -> AsyncIterator[None]:
 
     The lock expires with the job's timeout, so a killed worker cannot hold it forever.
     """
-    key = f"{ctx.settings.queue_name}:lock:{ctx.handler}:{name}"
+    key = ctx.services.keys.lock(ctx.handler, name)
     token = secrets.token_hex(8)
     if not await ctx.redis.set(key, token, nx=True, ex=ctx.settings.job_timeout_s):
         remaining_ms = await ctx.redis.pttl(key)

@@ -1,8 +1,10 @@
 """Built-in handler ``edit``: enrich each parsed profile in place.
 
-Enabled by ``HRFLOW_EDIT_TAGS=name=value,name2=value2``. On
-``profile.parsing.success``: fetch the profile and PUT back, to its own source,
-only what changes, plus the identifiers:
+Enabled by ``HRFLOW_EDIT_TAGS=name=value,name2=value2``. On a new profile
+(``profile.parsing.success`` or ``profile.storing.success``) and a changed one
+(``profile.parsing.update`` or ``profile.storing.update``: a re-parse replaces
+the profile and can drop our tags): fetch the profile as it is now and PUT back,
+to its own source, only what changes, plus the identifiers:
 
 - ``tags``: ours merged in, one tag per name (our value wins over an older one);
 - ``text`` when empty: names, summary, experiences and educations (title,
@@ -11,7 +13,9 @@ only what changes, plus the identifiers:
 - ``experiences_duration`` / ``educations_duration`` when missing: years
   covered by the periods' dates, overlaps counted once, an open end is today.
 
-A profile that already has all of it is not written.
+A profile that already has all of it is not written, so the echo of our own
+PUT (``profile.storing.update``) and the second family's announcement of the
+same profile change nothing. ``HRFLOW_EDIT_SOURCES`` limits the sources.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ from workers.handlers.common import (
 from workers.registry import Registry
 
 HANDLER_NAME = "builtin.edit"
-EVENT_TYPE = "profile.parsing.success"
+EVENT_TYPES = (
+    "profile.parsing.success",
+    "profile.parsing.update",
+    "profile.storing.success",
+    "profile.storing.update",
+)
 CONSENT_NEEDED = ("parsing",)
 _DAYS_PER_YEAR = 365.25
 
@@ -168,4 +177,5 @@ def register(registry: Registry, settings: Settings) -> None:
     if not settings.edit_tags:
         return
     require_api_credentials(settings, "HRFLOW_EDIT_TAGS")
-    registry.add(EVENT_TYPE, edit_profile, name=HANDLER_NAME)
+    for event_type in EVENT_TYPES:
+        registry.add(event_type, edit_profile, name=HANDLER_NAME, sources=settings.edit_sources)

@@ -1,8 +1,13 @@
 """Built-in handler ``index``: copy each parsed profile into another source.
 
-Enabled by ``HRFLOW_INDEX_SOURCE_KEY=<target source key>``. On
-``profile.parsing.success`` and ``.update``: fetch the profile from the event's
-source and index it into the target source. Idempotent: the copy's reference
+Enabled by ``HRFLOW_INDEX_SOURCE_KEY=<target source key>``. On a new profile
+(``profile.parsing.success`` or ``profile.storing.success``) and a changed one
+(``profile.parsing.update`` or ``profile.storing.update``): fetch the profile as
+it is now from the event's source and index it into the target source, so the
+copy follows the profile. Parsing webhooks are off by default at HrFlow, so many
+workspaces send only the storing family; a workspace that sends both gets one
+write per change: the second run finds the copy as it would write it (the write
+fingerprint) and skips. ``HRFLOW_INDEX_FROM_SOURCES`` limits the origin sources. Idempotent: the copy's reference
 is the profile's own reference, or ``origin-<profile key>`` when it has none,
 and a target profile with that reference is edited (PUT) instead of
 duplicated. The copy also records its origin in a metadata entry.
@@ -39,7 +44,12 @@ from workers.handlers.common import (
 from workers.registry import Registry
 
 HANDLER_NAME = "builtin.index"
-EVENT_TYPES = ("profile.parsing.success", "profile.parsing.update")
+EVENT_TYPES = (
+    "profile.parsing.success",
+    "profile.parsing.update",
+    "profile.storing.success",
+    "profile.storing.update",
+)
 ORIGIN_METADATA = "hrflow_webhooks_origin"
 # Copying a profile into a searchable source processes its parsed data and embeds it.
 CONSENT_NEEDED = ("parsing", "embedding")
@@ -118,4 +128,6 @@ def register(registry: Registry, settings: Settings) -> None:
         return
     require_api_credentials(settings, "HRFLOW_INDEX_SOURCE_KEY")
     for event_type in EVENT_TYPES:
-        registry.add(event_type, index_profile, name=HANDLER_NAME)
+        registry.add(
+            event_type, index_profile, name=HANDLER_NAME, sources=settings.index_from_sources
+        )
