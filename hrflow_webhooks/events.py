@@ -70,15 +70,18 @@ LATEST: EventClass = "latest"
 _ONCE_STATUSES = ("success", "error")
 
 
+ONCE_EVENT_NAMES: frozenset[str] = frozenset(
+    name for name in CURRENT_EVENT_NAMES if name.endswith(_ONCE_STATUSES)
+)
+
+
 def event_class_of(canonical_type: str) -> EventClass:
     """``once`` for today's ``*.success`` and ``*.error``; ``latest`` for the rest, unknown too.
 
     An unknown type is ``latest`` because that is the safe side: a notification
     we cannot classify is run again rather than dropped as a duplicate.
     """
-    if canonical_type in CURRENT_EVENT_NAMES and canonical_type.endswith(_ONCE_STATUSES):
-        return ONCE
-    return LATEST
+    return ONCE if canonical_type in ONCE_EVENT_NAMES else LATEST
 
 
 class UnknownEventNameError(ValueError):
@@ -119,8 +122,18 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-# Where each object kind keeps its container's key: a profile's source, a job's board.
-_CONTAINERS = {"profile": "source", "job": "board"}
+# Per object kind: its container (a profile's source, a job's board) and the older senders'
+# field names for its key, reference and container key.
+_KINDS = (
+    ("profile", "source", "profile_key", "profile_reference", "source_key"),
+    ("job", "board", "job_key", "job_reference", "board_key"),
+)
+
+
+def _container_key(obj: Mapping[str, Any], container: str, legacy: str) -> str | None:
+    nested = obj.get(container)
+    found = nested.get("key") if isinstance(nested, Mapping) else None
+    return _text(found) or _text(obj.get(legacy))
 
 
 def source_key_of(payload: Mapping[str, Any]) -> str | None:
@@ -129,23 +142,31 @@ def source_key_of(payload: Mapping[str, Any]) -> str | None:
     Current senders: ``profile.source.key``; older ones ``profile.source_key`` or a
     top-level ``source.key``.
     """
-    for kind, container in _CONTAINERS.items():
-        obj = _mapping(payload.get(kind))
-        found = _text(_mapping(obj.get(container)).get("key")) or _text(obj.get(f"{container}_key"))
+    for kind, container, _, _, legacy in _KINDS:
+        obj = payload.get(kind)
+        found = _container_key(obj, container, legacy) if isinstance(obj, Mapping) else None
         if found:
             return found
     return _text(_mapping(payload.get("source")).get("key"))
 
 
 def subject_of(payload: Mapping[str, Any], event_id: str) -> str:
-    """What the event is about: by key, else by reference, else the event itself."""
-    for kind in _CONTAINERS:
-        obj = _mapping(payload.get(kind))
-        key = _text(obj.get("key")) or _text(obj.get(f"{kind}_key"))
-        reference = _text(obj.get("reference")) or _text(obj.get(f"{kind}_reference"))
-        if key or reference:
-            name = f"key:{key}" if key else f"reference:{reference}"
-            return f"{kind}/{source_key_of(payload) or ''}/{name}"
+    """What the event is about: by key, else by reference, else the event itself.
+
+    On the receiver's hot path: one pass over the payload for the usual shape.
+    """
+    for kind, container, legacy_key, legacy_reference, legacy_container in _KINDS:
+        obj = payload.get(kind)
+        if not isinstance(obj, Mapping):
+            continue
+        key = _text(obj.get("key")) or _text(obj.get(legacy_key))
+        name = f"key:{key}" if key else None
+        if name is None:
+            reference = _text(obj.get("reference")) or _text(obj.get(legacy_reference))
+            name = f"reference:{reference}" if reference else None
+        if name is not None:
+            source = _container_key(obj, container, legacy_container) or source_key_of(payload)
+            return f"{kind}/{source or ''}/{name}"
     return f"event/{event_id}"
 
 

@@ -227,8 +227,9 @@ local window, score = ARGV[1], ARGV[2]
 local outcomes = {}
 for n = 1, (#KEYS - 2) / 2 do
   local marker, order = KEYS[2 * n + 1], KEYS[2 * n + 2]
-  local class, tag, job = ARGV[3 * n], ARGV[3 * n + 1], ARGV[3 * n + 2]
-  if class == 'o' then
+  local class_and_tag, job = ARGV[2 * n + 1], ARGV[2 * n + 2]
+  local tag = string.sub(class_and_tag, 2)
+  if string.sub(class_and_tag, 1, 1) == 'o' then
     if redis.call('EXISTS', marker) == 1 then
       outcomes[n] = 0
     else
@@ -495,17 +496,13 @@ class ScriptConnection:
         await self._connection.disconnect(nowait=True)
 
 
-_ONCE_FLAG = resp_bulk(b"o")
-_LATEST_FLAG = resp_bulk(b"l")
-
-
 @dataclass(slots=True)
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
 
     events: int
     keys: bytes  # (marker, order list) per event, packed
-    runs: bytes  # (class, subject tag, job) per event, packed
+    runs: bytes  # (class and subject tag, job) per event, packed
     done: asyncio.Future[list[int]]
 
 
@@ -538,6 +535,8 @@ class EventQueue:
         self._queue_and_counter = resp_bulk(queue_name.encode()) + resp_bulk(
             self.keys.runs.encode()
         )
+        self._seen_prefix = self.keys.seen("").encode()
+        self._order_prefix = self.keys.order_prefix.encode()
         self._window = b"%d" % dedup_window_s
         self.max_batch_events = max_batch_events
         # One connection per writer: a writer takes one when it starts, returns it when done.
@@ -560,15 +559,12 @@ class EventQueue:
         runs: list[bytes] = []
         for event in events:
             subject_tag = tag_of(event.subject).encode()
-            keys += (
-                resp_bulk(self.keys.marker_of(event).encode()),
-                resp_bulk(self.keys.order_prefix.encode() + subject_tag),
-            )
-            runs += (
-                _ONCE_FLAG if event.event_class == ONCE else _LATEST_FLAG,
-                resp_bulk(subject_tag),
-                resp_bulk(serialize_job(event, now_ms)),
-            )
+            if event.event_class == ONCE:
+                marker, flag = self._seen_prefix + event.id.encode(), b"o"
+            else:
+                marker, flag = self.keys.marker_of(event).encode(), b"l"
+            keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag))
+            runs += (resp_bulk(flag + subject_tag), resp_bulk(serialize_job(event, now_ms)))
         loop = self._loop or self._bind_loop()
         pending = _Pending(len(events), b"".join(keys), b"".join(runs), loop.create_future())
         self._waiting.append(pending)
@@ -633,7 +629,7 @@ class EventQueue:
                 *[p.runs for p in batch],
             ],
             keys=2 + 2 * events,
-            count=2 + 2 * events + 2 + 3 * events,
+            count=2 + 2 * events + 2 + 2 * events,
         )
         try:
             outcomes = await connection.evaluate(arguments)
