@@ -323,11 +323,7 @@ return 0
 FINISH_RUN_SCRIPT = """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 if order ~= queue then
-  if redis.call('LINDEX', order, 0) == run_id then
-    redis.call('LPOP', order)
-  else
-    redis.call('LREM', order, 1, run_id)
-  end
+  redis.call('LREM', order, 1, run_id) -- the head, unless the run was erased meanwhile
   local next_run = redis.call('LINDEX', order, 0)
   if next_run then
     local due = redis.call('ZSCORE', queue, next_run)

@@ -19,11 +19,11 @@ effect once per run, or a dead letter with the reason, or a recorded skip":
   without using up a try; after it, the run records one skip;
 - a permanent failure, or the last try, writes a dead letter;
 - arq treats its own ``job_timeout`` as final and would drop the event, so it
-  must never be what ends a run: handlers stop at the run's deadline, every
-  Redis call of the bookkeeping has a deadline of its own before arq's, and
-  should arq's timer fire all the same (a handler blocked the event loop past
-  it), the cancellation becomes a retry. A handler that blocks the loop is
-  named in a log line.
+  must never be what ends a run: handlers stop at the run's deadline, the whole
+  run (every Redis call of its bookkeeping included) has a second deadline just
+  before arq's, and should arq's timer fire all the same (a handler blocked the
+  event loop past it), the cancellation becomes a retry. A handler that blocks
+  the loop is named in a log line.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from arq import Retry
 
@@ -53,7 +53,6 @@ from workers.dead_letters import DONE, SKIPPED, DeadLetters
 from workers.registry import Handler
 
 logger = logging.getLogger("hrflow_webhooks.worker")
-T = TypeVar("T")
 
 # A handler step that holds the event loop this long is named in a warning: it also stalls
 # every other run of the worker, and past the job timeout it makes arq's timer fire.
@@ -108,12 +107,6 @@ class RunClock:
 
     def overran(self) -> bool:
         return asyncio.get_running_loop().time() >= self.bookkeeping_until
-
-    async def bounded(self, call: Awaitable[T] | T) -> T:
-        """One bookkeeping call, with the run's deadline: the worker's Redis client retries
-        forever, and a Redis stall must end in a retry, not in arq's timeout."""
-        async with asyncio.timeout_at(self.bookkeeping_until):
-            return await cast(Awaitable[T], call)
 
 
 class TimedSteps:
@@ -179,7 +172,10 @@ async def handle_event(
     info = RunInfo.from_arq(arq_ctx, handlers)
     run = EventRun(services, event, info, RunClock.start(services.settings.job_timeout_s))
     try:
-        return await run.execute()
+        # The whole run, bookkeeping included, ends before arq's timeout: the worker's Redis
+        # client retries forever, and a Redis stall must end in a retry, not in arq's timeout.
+        async with asyncio.timeout_at(run.clock.bookkeeping_until):
+            return await run.execute()
     except Retry:
         raise
     except asyncio.CancelledError:
@@ -258,14 +254,12 @@ class EventRun:
     async def _subject_free(self) -> bool:
         if self.info.claimed_in_order:
             return True
-        free = await self.clock.bounded(
-            self.services.redis.eval(
-                BEGIN_RUN_SCRIPT,
-                1,
-                self.keys.retry(self.info.run_id),
-                self.info.run_id,
-                self.keys.order_prefix,
-            )
+        free = await self.services.redis.eval(  # type: ignore[misc]
+            BEGIN_RUN_SCRIPT,
+            1,
+            self.keys.retry(self.info.run_id),
+            self.info.run_id,
+            self.keys.order_prefix,
         )
         return bool(free)
 
@@ -277,9 +271,7 @@ class EventRun:
         return [h.name for h in registered if h.accepts_source(source_key)]
 
     async def _unrouted(self) -> str:
-        await self.clock.bounded(
-            self.services.redis.hincrby(self.keys.unrouted, self.event.canonical_type, 1)
-        )
+        await self.services.redis.hincrby(self.keys.unrouted, self.event.canonical_type, 1)  # type: ignore[misc]
         metrics.handler_outcome(self.event.canonical_type, "-", "unrouted")
         logger.info("no handler for event type", extra={**self.log_fields, "outcome": "unrouted"})
         return await self._finish("unrouted")
@@ -287,9 +279,7 @@ class EventRun:
     async def _pending(self, names: list[str]) -> list[str]:
         if self.info.job_try == 1:  # a run's first try has no markers: one round trip less
             return names
-        finished = await self.clock.bounded(
-            self.services.redis.hkeys(self.keys.done(self.info.run_id))
-        )
+        finished = await self.services.redis.hkeys(self.keys.done(self.info.run_id))  # type: ignore[misc]
         finished_names = {name.decode() for name in finished}
         return [name for name in names if name not in finished_names]
 
@@ -380,7 +370,7 @@ class EventRun:
         """Not readable yet, inside the grace period: retry later without using up a try."""
         age_s = time.time() - self.event.received_at
         delay = not_found_delay_s(age_s, self.settings.not_found_grace_s)
-        await self.clock.bounded(self.services.redis.decr(self.keys.retry(self.info.run_id)))
+        await self.services.redis.decr(self.keys.retry(self.info.run_id))
         logger.info(
             "subject not readable yet, will retry",
             extra={**self.log_fields, "retry_in_s": round(delay, 2)},
@@ -391,10 +381,8 @@ class EventRun:
         """One skip per run, however many handlers found the subject gone."""
         if not gone:
             return
-        await self.clock.bounded(
-            self.services.redis.hincrby(
-                self.keys.skipped, f"{self.event.canonical_type}:{NOT_FOUND_SKIP_REASON}", 1
-            )
+        await self.services.redis.hincrby(  # type: ignore[misc]
+            self.keys.skipped, f"{self.event.canonical_type}:{NOT_FOUND_SKIP_REASON}", 1
         )
         logger.info(
             "event skipped",
@@ -405,31 +393,25 @@ class EventRun:
                 await self._mark(failure.handler, SKIPPED)
 
     async def _mark(self, handler: str, value: str) -> None:
-        await self.clock.bounded(
-            self.services.mark_handler_script(
-                keys=[self.keys.done(self.info.run_id)],
-                args=[handler, RUN_MARKERS_LIFETIME_S, value],
-            )
+        await self.services.mark_handler_script(
+            keys=[self.keys.done(self.info.run_id)],
+            args=[handler, RUN_MARKERS_LIFETIME_S, value],
         )
 
     async def _finish(self, outcome: str) -> str:
         run_id = self.info.run_id
         order = self.keys.order_of_run(run_id) or self.keys.queue
-        await self.clock.bounded(
-            self.services.finish_run_script(
-                keys=[self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id)],
-                args=[run_id, int(time.time() * 1000)],
-            )
+        await self.services.finish_run_script(
+            keys=[self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id)],
+            args=[run_id, int(time.time() * 1000)],
         )
         return outcome
 
     async def _dead_letter(self, failures: list[Failure], reason: str) -> None:
         for failure in failures:
-            letter_id: str = await self.clock.bounded(
-                self.dead_letters.add(
+            letter_id: str = await self.dead_letters.add(
                     self.event, self.info.run_id, failure.handler, failure.error,
                     self.info.job_try, reason,
-                )
             )  # fmt: skip
             metrics.DEAD_LETTERS.labels(
                 metrics.bounded_type(self.event.canonical_type), failure.handler
