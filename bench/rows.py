@@ -340,6 +340,9 @@ def _redis_keys(redis: Redis) -> dict[str, int]:
     classes = {
         ":seen:": "dedup markers",
         ":done:": "completion markers",
+        ":order:": "subject order lists",
+        ":waiting:": "waiting-run pointers",
+        ":runs": "run counter",
         "arq:job:": "jobs",
         "arq:in-progress:": "in-progress",
         "arq:retry:": "retry counters",
@@ -374,7 +377,8 @@ def p4_memory(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     redis_end = measure.used_memory(redis)
     procs.stop(worker)
     rss_growth = samples[-1][1] - rss_start
-    expected = {"dedup markers", "completion markers", "bench:handled", "hrflow:queue:health-check"}
+    # A finished run leaves nothing of its own: no job, marker or order list.
+    expected = {"dedup markers", "run counter", "bench:handled", "hrflow:queue:health-check"}
     leftovers = {kind: n for kind, n in keys.items() if kind not in expected}
     return {
         "events": events,

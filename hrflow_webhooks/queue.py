@@ -14,9 +14,9 @@ never delete a newer one, and the claim script can find the run's subject from
 the id alone. One script per delivery decides, per event (``events.Event``):
 
 - a *once* event already seen inside the dedup window is a duplicate (0);
-- a *latest* event whose (type, subject) has a run that is waiting (queued,
-  parked or deferred for a retry, but not running) merges into it (2): that run
-  reads the subject's current state anyway;
+- a *latest* event identical to one whose run is still waiting (queued, parked
+  or deferred for a retry with none of its handlers done, and not running)
+  merges into it (2): that run reads the subject's current state anyway;
 - otherwise a new run is queued (1) and appended to its subject's order list.
 
 **Per-subject order.** Runs of one subject run one at a time, in arrival order:
@@ -33,7 +33,7 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:runs``                     the run id counter
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
-``<q>:waiting:<type tag>``       latest events: the (type, subject)'s newest run
+``<q>:waiting:<event id>``       latest events: the newest run of this notification
 ``<q>:done:<run id>``            hash handler → ok | dead, while the run lives
 ``<q>:dead:<dead-letter id>``    one dead letter (JSON), no expiry
 ``<q>:dead-letters``             sorted set of dead-letter ids by time
@@ -46,7 +46,8 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:health-check``             arq's worker health key
 ================================ ===============================================
 
-Tags are sha256 prefixes: key names stay short and hold no profile key.
+Tags are sha256 prefixes, and event ids sha256 digests: key names stay short and
+hold no profile key.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ MAX_CALLS_IN_FLIGHT = 2
 # How long a run whose subject is busy stays parked before the claim looks at it again. The
 # run ahead wakes it when it finishes; this only bounds recovery when that run was lost.
 PARK_MS = 2_000
-# A run's completion markers outlive any run's retries (tries x backoff, grace); the run's
-# finish removes them, this only bounds what a lost run leaves behind.
+# A run's completion markers and its subject's order list outlive any run's retries (tries x
+# backoff, grace); the run's finish removes them, this only bounds what a lost run leaves.
 RUN_MARKERS_LIFETIME_S = 86_400
 # Outcomes of the enqueue script, per event.
 DUPLICATE, QUEUED, COALESCED = 0, 1, 2
@@ -126,14 +127,12 @@ class QueueKeys:
     def seen(self, event_id: str) -> str:
         return f"{self.queue}:seen:{event_id}"
 
-    def waiting(self, canonical_type: str, subject: str) -> str:
-        return f"{self.queue}:waiting:{tag_of(canonical_type + chr(10) + subject)}"
+    def waiting(self, event_id: str) -> str:
+        return f"{self.queue}:waiting:{event_id}"
 
     def marker_of(self, event: Event) -> str:
         """The key the enqueue script decides with: dedup (once) or waiting run (latest)."""
-        if event.event_class == ONCE:
-            return self.seen(event.id)
-        return self.waiting(event.canonical_type, event.subject)
+        return self.seen(event.id) if event.event_class == ONCE else self.waiting(event.id)
 
     def done(self, run_id: str) -> str:
         return f"{self.queue}:done:{run_id}"
@@ -201,49 +200,54 @@ class QueueKeys:
 # A new run: its id from the counter, its job, its place in the queue and in its subject's
 # order. Shared by the enqueue and replay scripts. KEYS[1] is the queue, KEYS[2] the counter.
 _NEW_RUN_LUA = """
-local function new_run(tag, order, job, score)
+local function new_run(tag, order, job, score, lifetime)
   local run_id = tag .. '.' .. redis.call('INCR', KEYS[2])
   redis.call('SET', 'arq:job:' .. run_id, job)
   redis.call('ZADD', KEYS[1], score, run_id)
   redis.call('RPUSH', order, run_id)
+  -- Runs leave the list when they end; this only bounds what runs arq itself dropped leave.
+  redis.call('EXPIRE', order, lifetime)
   return run_id
 end
 """
 
 # KEYS: queue, run counter, then (marker, order list) per event: the marker is the seen key of
-# a once event, the waiting key of a latest one. ARGV: window s, score ms, then (class 'o' or
-# 'l', subject tag, job) per event. Returns per event 1 queued, 0 duplicate, 2 coalesced.
-# A latest event merges only into a run that is still waiting: its job exists and no worker
-# holds it (arq's in-progress key), so a notification that arrives once a run has started
-# always gets a run after it. The seen marker is written last. Redis does not roll a script
-# back; it refuses a script for lack of memory only at its first write (tests/test_queue.py),
-# but should any write fail half-way, an event may then be queued without its marker (a
-# retried delivery queues it again: harmless), never marked without its job (a retried
-# delivery would be acknowledged as a duplicate and the event lost).
+# a once event, the waiting key of a latest one. ARGV: window s, score ms, order lifetime s,
+# then (class 'o' or 'l' followed by the subject tag, job) per event. Returns per event 1
+# queued, 0 duplicate, 2 coalesced.
+# A latest event merges only into a run that is still waiting: its job exists, no worker holds
+# it (arq's in-progress key) and none of its handlers is done (a retry would not run those
+# again), so a notification that arrives once a run has read anything always gets a run
+# after it. The seen marker is written last. Redis does not roll a script back; it refuses a
+# script for lack of memory only at its first write (tests/test_queue.py), but should any
+# write fail half-way, an event may then be queued without its marker (a retried delivery
+# queues it again: harmless), never marked without its job (a retried delivery would be
+# acknowledged as a duplicate and the event lost).
 _ENQUEUE_SCRIPT = (
     _NEW_RUN_LUA
     + """
-local window, score = ARGV[1], ARGV[2]
+local window, score, lifetime = ARGV[1], ARGV[2], ARGV[3]
 local outcomes = {}
 for n = 1, (#KEYS - 2) / 2 do
   local marker, order = KEYS[2 * n + 1], KEYS[2 * n + 2]
-  local class_and_tag, job = ARGV[2 * n + 1], ARGV[2 * n + 2]
+  local class_and_tag, job = ARGV[2 * n + 2], ARGV[2 * n + 3]
   local tag = string.sub(class_and_tag, 2)
   if string.sub(class_and_tag, 1, 1) == 'o' then
     if redis.call('EXISTS', marker) == 1 then
       outcomes[n] = 0
     else
-      new_run(tag, order, job, score)
+      new_run(tag, order, job, score, lifetime)
       redis.call('SET', marker, '1', 'EX', window)
       outcomes[n] = 1
     end
   else
     local waiting = redis.call('GET', marker)
     if waiting and redis.call('EXISTS', 'arq:job:' .. waiting) == 1
-        and redis.call('EXISTS', 'arq:in-progress:' .. waiting) == 0 then
+        and redis.call('EXISTS', 'arq:in-progress:' .. waiting) == 0
+        and redis.call('EXISTS', KEYS[1] .. ':done:' .. waiting) == 0 then
       outcomes[n] = 2
     else
-      redis.call('SET', marker, new_run(tag, order, job, score), 'EX', window)
+      redis.call('SET', marker, new_run(tag, order, job, score, lifetime), 'EX', window)
       outcomes[n] = 1
     end
   end
@@ -304,14 +308,29 @@ return claimed
 """
 )
 
+# Gives back the try arq counted when this start of the run did not use it (its subject was
+# busy, or not readable yet). Idempotent, so a command the client re-sends after a dropped
+# connection cannot grant a try: the counter only goes down to the floor (this try - 1).
+_GIVE_BACK_TRY_LUA = """
+local function give_back_try(retry_key, floor)
+  if (tonumber(redis.call('GET', retry_key)) or 0) > tonumber(floor) then
+    redis.call('DECR', retry_key)
+  end
+end
+"""
+
+# KEYS: the run's retry key. ARGV: floor (see above).
+GIVE_BACK_TRY_SCRIPT = _GIVE_BACK_TRY_LUA + "give_back_try(KEYS[1], ARGV[1])"
+
 # For a worker that did not claim through the claim script (the plain `arq` command): the
-# job asks here first. KEYS: the run's retry key. ARGV: run id, order prefix. 1: go on. 0: the
-# subject is busy; the try this start counted is given back, and the job defers itself.
+# job asks here first. KEYS: the run's retry key. ARGV: run id, order prefix, floor. 1: go
+# on. 0: the subject is busy; the try is given back, and the job defers itself.
 BEGIN_RUN_SCRIPT = (
     SUBJECT_FREE_LUA
+    + _GIVE_BACK_TRY_LUA
     + """
 if subject_free(ARGV[1], ARGV[2]) then return 1 end
-redis.call('DECR', KEYS[1])
+give_back_try(KEYS[1], ARGV[3])
 return 0
 """
 )
@@ -354,12 +373,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
 # KEYS: queue, run counter, dead-letter index, the letter, the order list. ARGV: letter id,
-# subject tag, job, score ms. Claims the letter and queues a new run for it, or returns 0.
+# subject tag, job, score ms, order lifetime s. Claims the letter and queues a new run for
+# it, or returns 0.
 REPLAY_SCRIPT = (
     _NEW_RUN_LUA
     + """
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-new_run(ARGV[2], KEYS[5], ARGV[3], ARGV[4])
+new_run(ARGV[2], KEYS[5], ARGV[3], ARGV[4], ARGV[5])
 redis.call('DEL', KEYS[4])
 return 1
 """
@@ -492,6 +512,9 @@ class ScriptConnection:
         await self._connection.disconnect(nowait=True)
 
 
+_ORDER_LIFETIME_ARG = resp_bulk(b"%d" % RUN_MARKERS_LIFETIME_S)
+
+
 @dataclass(slots=True)
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
@@ -616,16 +639,18 @@ class EventQueue:
 
     async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
         events = sum(pending.events for pending in batch)
-        window_and_score = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
+        fixed_arguments = (
+            resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000)) + _ORDER_LIFETIME_ARG
+        )
         arguments = PackedArguments(
             [
                 self._queue_and_counter,
                 *[p.keys for p in batch],
-                window_and_score,
+                fixed_arguments,
                 *[p.runs for p in batch],
             ],
             keys=2 + 2 * events,
-            count=2 + 2 * events + 2 + 2 * events,
+            count=2 + 2 * events + 3 + 2 * events,
         )
         try:
             outcomes = await connection.evaluate(arguments)

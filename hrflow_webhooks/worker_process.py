@@ -83,8 +83,16 @@ class WorkerLoop:
     @staticmethod
     async def _close(worker: Worker) -> None:
         # Closing talks to Redis (it deletes the health key); during an outage that fails too.
-        with contextlib.suppress(RedisError, OSError):
-            await worker.close()
+        try:
+            with contextlib.suppress(RedisError, OSError):
+                await worker.close()
+        except asyncio.CancelledError:
+            # arq's close() waits for the job tasks it cancelled on a stop without grace, and
+            # re-raises the cancellation of one caught in its own bookkeeping (the run goes
+            # back to the queue). Only a cancellation of this task itself is ours to pass on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from hrflow_webhooks.errors import PermanentError, TransientError
+from hrflow_webhooks.errors import PermanentError, SubjectNotReadableError, TransientError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -36,7 +36,7 @@ from tests.service import (
 from workers.context import HandlerContext
 from workers.dead_letters import DeadLetters
 from workers.handlers import edit, index
-from workers.handlers.common import skips_key
+from workers.handlers.common import skips_key, subject_not_found
 from workers.registry import Registry
 
 TARGET = "target-source"
@@ -270,6 +270,56 @@ async def test_a_profile_that_never_appears_is_one_skip_not_a_dead_letter_per_ha
     skips = await redis.hgetall(skips_key(settings))  # type: ignore[misc]
     assert skips == {b"profile.parsing.success:profile not found": b"1"}
     assert await run_leftovers(redis) == []
+
+
+async def test_waiting_for_a_subject_never_runs_a_done_handler_again(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, not_found_grace_s=60)
+    registry = Registry()
+    runs: dict[str, int] = {"steady": 0, "fetching": 0}
+
+    @registry.on("profile.parsing.success", name="steady")
+    async def steady(event: Event) -> None:
+        runs["steady"] += 1
+
+    @registry.on("profile.parsing.success", name="fetching")
+    async def fetching(event: Event, ctx: HandlerContext) -> None:
+        runs["fetching"] += 1
+        if runs["fetching"] <= 3:  # not indexed yet, three times
+            raise subject_not_found(ctx)
+
+    await _enqueue(settings, redis, parsing_event("slow-to-index"))
+    await drain(settings, registry)
+    assert runs == {"steady": 1, "fetching": 4}
+    assert await DeadLetters(redis, QueueKeys(settings.queue_name)).count() == 0
+
+
+async def test_a_subject_still_unreadable_after_the_grace_period_uses_up_tries(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """A plugin that keeps raising "not readable yet" cannot hold its subject forever."""
+    settings = make_settings(redis_server.url, not_found_grace_s=0.5, max_tries=3)
+    registry = Registry()
+
+    @registry.on("profile.parsing.success")
+    async def never_readable(event: Event) -> None:
+        raise SubjectNotReadableError("plugin says: not yet")
+
+    await _enqueue(settings, redis, parsing_event("never"))
+    await drain(settings, registry)
+    (letter,) = [
+        letter async for letter in DeadLetters(redis, QueueKeys(settings.queue_name)).iter()
+    ]
+    assert letter["reason"] == "still failing after 3 tries"
+    assert await run_leftovers(redis) == []
+
+
+async def _enqueue(settings: Settings, redis: Redis, payload: dict[str, Any]) -> None:
+    from hrflow_webhooks.queue import EventQueue
+
+    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
+        assert await queue.enqueue_events([Event.from_payload(payload)]) == [1]
 
 
 # --- what HrFlow actually sends ------------------------------------------------------------------

@@ -241,3 +241,24 @@ async def test_events_of_one_subject_share_one_order_and_run_ids_never_repeat(
     assert len(set(runs)) == 2
     assert sorted(await queued_event_ids(redis)) == sorted([success.id, update.id, other.id])
     assert (await runs_of(redis, other))[0] not in runs
+
+
+async def test_a_notification_never_merges_into_a_run_that_has_done_something(
+    redis: Redis, queue: EventQueue
+) -> None:
+    """A run deferred for a retry with a handler done would not run that handler again: an
+    identical notification then gets a run of its own."""
+    keys = QueueKeys("hrflow:queue")
+    event = Event.from_payload(update_event("half-done"))
+    assert await queue.enqueue_events([event]) == [QUEUED]
+    (run_id,) = await runs_of(redis, event)
+    await redis.hset(keys.done(run_id), "handler-a", "ok")  # type: ignore[misc]
+    assert await queue.enqueue_events([event]) == [QUEUED]
+
+
+async def test_only_identical_notifications_merge(redis: Redis, queue: EventQueue) -> None:
+    update = update_event("differs")
+    from_web = Event.from_payload({**update, "origin": "web"})
+    from_api = Event.from_payload({**update, "origin": "api"})
+    assert from_web.subject == from_api.subject
+    assert await queue.enqueue_events([from_web, from_api]) == [QUEUED, QUEUED]

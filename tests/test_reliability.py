@@ -228,6 +228,22 @@ async def test_tries_lost_to_crashes_end_in_dead_letters_not_silence(
     assert "never finished" in letter["error"]["message"]
 
 
+async def test_a_try_past_the_limit_that_is_interrupted_still_ends_in_a_dead_letter(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """arq would delete a job past its own try limit before our code runs: its limit is off,
+    so however many tries were lost, the next one writes the dead letter."""
+    settings = make_settings(redis_server.url, max_tries=3)
+    (event,) = await enqueue(settings, redis, parsing_event())
+    (run_id,) = await runs_of(redis, event)
+    await redis.set(QueueKeys.retry(run_id), 7)  # the dead-lettering try itself was lost too
+    await drain(settings, behaviour_registry())
+    (letter,) = [
+        letter async for letter in DeadLetters(redis, QueueKeys(settings.queue_name)).iter()
+    ]
+    assert letter["reason"] == "tries exhausted"
+
+
 async def test_transient_error_type_is_what_handlers_raise_to_ask_for_a_retry() -> None:
     error = TransientError("busy", retry_after_s=3)
     assert error.retry_after_s == 3

@@ -243,3 +243,24 @@ async def test_the_worker_loop_restarts_after_redis_comes_back(
         await redis.aclose()
     finally:
         server.stop()
+
+
+class _WorkerWithACancelledJob:
+    """What arq's close() does when a stop without grace cancelled a job in its bookkeeping:
+    it re-raises that job task's cancellation."""
+
+    async def close(self) -> None:
+        raise asyncio.CancelledError
+
+
+async def test_a_job_cancelled_by_a_stop_does_not_crash_the_worker_loop() -> None:
+    await WorkerLoop._close(_WorkerWithACancelledJob())  # type: ignore[arg-type]
+
+    async def closing_while_cancelled() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # this task itself is being cancelled: that one is passed on
+        await WorkerLoop._close(_WorkerWithACancelledJob())  # type: ignore[arg-type]
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(closing_while_cancelled())

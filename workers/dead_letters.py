@@ -132,7 +132,7 @@ class DeadLetters:
             self.keys.order(subject_tag),
         ]
         job = serialize_job(event, now_ms, handlers=[letter["handler"]])
-        args = [letter_id, subject_tag, job, str(now_ms)]
+        args = [letter_id, subject_tag, job, str(now_ms), str(RUN_MARKERS_LIFETIME_S)]
         replayed = self.redis.eval(REPLAY_SCRIPT, len(keys), *keys, *args)  # type: ignore[arg-type]
         return bool(await replayed)  # type: ignore[misc]
 

@@ -203,6 +203,7 @@ class Settled:
 
     failures: list[Failure] = field(default_factory=list)
     succeeded: list[str] = field(default_factory=list)
+    marked: int = 0  # completion markers written (done, dead or skip)
 
 
 class EventRun:
@@ -247,7 +248,7 @@ class EventRun:
             await self._dead_letter([Failure(name, lost) for name in pending], "tries exhausted")
             return await self._finish("dead_lettered" if pending else "done")
         settled = await self._run_pending(await self._pending(handlers))
-        return await self._settle(settled.failures)
+        return await self._settle(settled)
 
     # --- before the handlers -----------------------------------------------------------------
 
@@ -260,6 +261,7 @@ class EventRun:
             self.keys.retry(self.info.run_id),
             self.info.run_id,
             self.keys.order_prefix,
+            str(self.info.job_try - 1),
         )
         return bool(free)
 
@@ -296,6 +298,7 @@ class EventRun:
             finishes_now = position == len(pending) - 1 and not settled.failures
             if not finishes_now:  # the finish removes the run with its markers: none needed
                 await self._mark(name, DONE)
+                settled.marked += 1
         return settled
 
     async def _run_one(self, name: str) -> BaseException | None:
@@ -344,7 +347,8 @@ class EventRun:
 
     # --- after the handlers --------------------------------------------------------------------
 
-    async def _settle(self, failures: list[Failure]) -> str:
+    async def _settle(self, settled: Settled) -> str:
+        failures = settled.failures
         if not failures:
             return await self._finish("done")
         gone = [f for f in failures if isinstance(f.error, SubjectGoneError)]
@@ -354,7 +358,8 @@ class EventRun:
         await self._dead_letter(permanent, "permanent error")
         if not transient:
             return await self._finish("dead_lettered" if permanent else "skipped")
-        if all(isinstance(f.error, SubjectNotReadableError) for f in transient):
+        settled.marked += len(permanent) + len(gone)  # dead and skip markers
+        if self._only_waiting_for_subject(transient, settled):
             await self._wait_for_subject()
         if self.info.job_try >= self.settings.max_tries:
             await self._dead_letter(transient, f"still failing after {self.info.job_try} tries")
@@ -366,11 +371,25 @@ class EventRun:
         )
         raise Retry(defer=delay)
 
+    def _only_waiting_for_subject(self, transient: list[Failure], settled: Settled) -> bool:
+        """Whether this try only found the subject not readable yet, inside the grace period:
+        then it does not count. Past the grace period (a plugin's own error, or clocks that
+        disagree) it counts like any retry, so the run cannot wait forever. A first try that
+        marked handlers done counts: the next one must not be a first try, which reads no
+        markers."""
+        if not all(isinstance(f.error, SubjectNotReadableError) for f in transient):
+            return False
+        if time.time() - self.event.received_at >= self.settings.not_found_grace_s:
+            return False
+        return self.info.job_try > 1 or settled.marked == 0
+
     async def _wait_for_subject(self) -> None:
         """Not readable yet, inside the grace period: retry later without using up a try."""
         age_s = time.time() - self.event.received_at
         delay = not_found_delay_s(age_s, self.settings.not_found_grace_s)
-        await self.services.redis.decr(self.keys.retry(self.info.run_id))
+        await self.services.give_back_try_script(
+            keys=[self.keys.retry(self.info.run_id)], args=[self.info.job_try - 1]
+        )
         logger.info(
             "subject not readable yet, will retry",
             extra={**self.log_fields, "retry_in_s": round(delay, 2)},

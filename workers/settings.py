@@ -11,8 +11,10 @@ arq's defaults are tuned away from, on purpose:
 - ``job_timeout`` 300 s → 20 s: arq re-runs a killed worker's job only after
   ``job_timeout`` + 10 s, so this bounds crash recovery at 30 s. Our job
   stops its handlers 2 s before, because arq treats its own timeout as final;
-- ``max_tries`` is ours plus one: the extra try only dead-letters a job whose
-  earlier tries never finished, instead of arq dropping it silently;
+- arq's ``max_tries`` is effectively off (:data:`ARQ_MAX_TRIES`): arq deletes a
+  job past it before our code runs, with no dead letter. Ours is enforced by the
+  job, whose try past ``HRFLOW_MAX_TRIES`` only dead-letters what is pending, and
+  is retried itself if it is interrupted (a Redis stall, a SIGTERM);
 - ``queue_read_limit`` stays arq's 5 x ``max_jobs``: another worker's running jobs
   stay at the head of the queue until they finish, and a poll that read only
   ``max_jobs`` ids saw nothing else, so a second worker added nothing;
@@ -47,6 +49,9 @@ from workers.jobs import handle_event
 from workers.metrics_server import start_worker_metrics, stop_worker_metrics
 from workers.plugins import build_registry
 from workers.registry import Registry
+
+# arq's own try limit, out of reach: the job enforces HRFLOW_MAX_TRIES (see above).
+ARQ_MAX_TRIES = 2**31 - 1
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -93,7 +98,7 @@ def worker_options(settings: Settings, registry: Registry | None = None) -> dict
                 handle_event,  # type: ignore[arg-type]
                 name=JOB_FUNCTION,
                 timeout=settings.job_timeout_s,
-                max_tries=settings.max_tries + 1,
+                max_tries=ARQ_MAX_TRIES,
             )
         ],
         "queue_name": settings.queue_name,
@@ -104,7 +109,7 @@ def worker_options(settings: Settings, registry: Registry | None = None) -> dict
         "queue_read_limit": settings.worker_max_jobs * 5,
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
-        "max_tries": settings.max_tries + 1,
+        "max_tries": ARQ_MAX_TRIES,
         "health_check_interval": settings.health_check_interval_s,
         "job_completion_wait": settings.shutdown_grace_s,
         "retry_jobs": True,
