@@ -342,7 +342,6 @@ def _redis_keys(redis: Redis) -> dict[str, int]:
         ":done:": "completion markers",
         ":order:": "subject order lists",
         ":waiting:": "waiting-run pointers",
-        ":runs": "run counter",
         "arq:job:": "jobs",
         "arq:in-progress:": "in-progress",
         "arq:retry:": "retry counters",
@@ -378,7 +377,7 @@ def p4_memory(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     procs.stop(worker)
     rss_growth = samples[-1][1] - rss_start
     # A finished run leaves nothing of its own: no job, marker or order list.
-    expected = {"dedup markers", "run counter", "bench:handled", "hrflow:queue:health-check"}
+    expected = {"dedup markers", "bench:handled", "hrflow:queue:health-check"}
     leftovers = {kind: n for kind, n in keys.items() if kind not in expected}
     return {
         "events": events,

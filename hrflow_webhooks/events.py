@@ -151,10 +151,17 @@ def source_key_of(payload: Mapping[str, Any]) -> str | None:
 
 
 def subject_of(payload: Mapping[str, Any], event_id: str) -> str:
-    """What the event is about: by key, else by reference, else the event itself.
+    """What the event is about: by key, else by reference, else the event itself."""
+    profile = payload.get("profile")
+    if type(profile) is dict:  # today's senders, on the receiver's hot path: one look
+        key, source = profile.get("key"), profile.get("source")
+        source_key = source.get("key") if type(source) is dict else None
+        if type(key) is str and key and type(source_key) is str and source_key:
+            return f"profile/{source_key}/key:{key}"
+    return _subject_of_any_shape(payload, event_id)
 
-    On the receiver's hot path: one pass over the payload for the usual shape.
-    """
+
+def _subject_of_any_shape(payload: Mapping[str, Any], event_id: str) -> str:
     for kind, container, legacy_key, legacy_reference, legacy_container in _KINDS:
         obj = payload.get(kind)
         if not isinstance(obj, Mapping):
@@ -177,23 +184,27 @@ class Event(Mapping[str, Any]):
     canonical_type: str
     payload: Mapping[str, Any] = field(repr=False)
     received_at: float
-    event_class: EventClass = LATEST
-    subject: str = ""
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], received_at: float | None = None) -> Event:
         event_type = str(payload["type"])
-        event_id = event_id_of(payload)
-        canonical_type = canonical_event_name(event_type)
         return cls(
-            id=event_id,
+            id=event_id_of(payload),
             type=event_type,
-            canonical_type=canonical_type,
+            canonical_type=canonical_event_name(event_type),
             payload=payload,
             received_at=time.time() if received_at is None else received_at,
-            event_class=event_class_of(canonical_type),
-            subject=subject_of(payload, event_id),
         )
+
+    # Derived, not stored: the receiver's hot path builds an Event per delivery, and the
+    # queue's job carries only what cannot be derived.
+    @property
+    def event_class(self) -> EventClass:
+        return event_class_of(self.canonical_type)
+
+    @property
+    def subject(self) -> str:
+        return subject_of(self.payload, self.id)
 
     @property
     def source_key(self) -> str | None:
@@ -206,22 +217,16 @@ class Event(Mapping[str, Any]):
             "canonical_type": self.canonical_type,
             "payload": self.payload,
             "received_at": self.received_at,
-            "event_class": self.event_class,
-            "subject": self.subject,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        canonical_type = data["canonical_type"]
         return cls(
             id=data["id"],
             type=data["type"],
-            canonical_type=canonical_type,
+            canonical_type=data["canonical_type"],
             payload=data["payload"],
             received_at=data["received_at"],
-            # Jobs queued before classes existed carry neither: derive them the same way.
-            event_class=data.get("event_class") or event_class_of(canonical_type),
-            subject=data.get("subject") or subject_of(data["payload"], data["id"]),
         )
 
     # Mapping over the payload, so SDK-style callbacks read it like the SDK's dict.

@@ -8,10 +8,10 @@ use arq's own layout (a job key plus a member of the queue's sorted set),
 serialised as JSON, so arq's format stays behind this module.
 
 **Runs.** A run is one execution of the handlers for an event (or for a group
-of identical waiting notifications). Its id is ``<subject tag>.<n>``: unique per
-run (``n`` from one counter), never the event id, so finishing an old run can
-never delete a newer one, and the claim script can find the run's subject from
-the id alone. One script per delivery decides, per event (``events.Event``):
+of identical waiting notifications). Its id is ``<subject tag>.<n>``, with ``n``
+unique per process that queued it (:func:`new_run_id`): never the event id, so
+finishing an old run can never delete a newer one, and the claim script finds
+the run's subject from the id alone. One script per delivery decides, per event (``events.Event``):
 
 - a *once* event already seen inside the dedup window is a duplicate (0);
 - a *latest* event identical to one whose run is still waiting (queued, parked
@@ -30,7 +30,6 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>``                          arq's queue (sorted set of run ids by due time)
 ``arq:job:<run id>``             the job: ``{"f", "a": [event], "k", "t", "et"}``
 ``arq:in-progress:<run id>``     arq's claim of a run (``arq:retry:``: its tries)
-``<q>:runs``                     the run id counter
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
 ``<q>:waiting:<event id>``       latest events: the newest run of this notification
@@ -54,6 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,8 +85,8 @@ MAX_CALLS_IN_FLIGHT = 2
 # How long a run whose subject is busy stays parked before the claim looks at it again. The
 # run ahead wakes it when it finishes; this only bounds recovery when that run was lost.
 PARK_MS = 2_000
-# A run's completion markers and its subject's order list outlive any run's retries (tries x
-# backoff, grace); the run's finish removes them, this only bounds what a lost run leaves.
+# A run's completion markers outlive any run's retries (tries x backoff, grace); the run's
+# finish removes them, this only bounds what a lost run leaves behind.
 RUN_MARKERS_LIFETIME_S = 86_400
 # Outcomes of the enqueue script, per event.
 DUPLICATE, QUEUED, COALESCED = 0, 1, 2
@@ -96,10 +97,20 @@ def tag_of(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:_TAG_HEX]
 
 
+# Run ids: a random prefix per process and a counter. Unique across processes without a Redis
+# round trip or command per run (a Redis counter cost the receiver's script one more command).
+_RUN_PREFIX = secrets.token_hex(6)
+_run_numbers = itertools.count()
+
+
+def new_run_id(subject_tag: str) -> str:
+    return f"{subject_tag}.{_RUN_PREFIX}{next(_run_numbers):x}"
+
+
 def subject_tag_of_run(run_id: str) -> str | None:
     """The subject tag of a run id; None for ids of the older layout (the event id)."""
     tag, dot, number = run_id.partition(".")
-    return tag if dot and number.isdigit() else None
+    return tag if dot and number else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +120,6 @@ class QueueKeys:
     queue: str
 
     # --- runs and their order ------------------------------------------------------------
-    @property
-    def runs(self) -> str:
-        return f"{self.queue}:runs"
-
     def order(self, subject_tag: str) -> str:
         return f"{self.queue}:order:{subject_tag}"
 
@@ -197,24 +204,21 @@ class QueueKeys:
         return RESULT_KEY_PREFIX + job_id
 
 
-# A new run: its id from the counter, its job, its place in the queue and in its subject's
-# order. Shared by the enqueue and replay scripts. KEYS[1] is the queue, KEYS[2] the counter.
+# A new run: its job, its place in the queue and in its subject's order. Shared by the enqueue
+# and replay scripts; KEYS[1] is the queue. (No expiry on the order list: a run leaves it when
+# it ends, and a head whose job is gone is skipped by the claim.)
 _NEW_RUN_LUA = """
-local function new_run(tag, order, job, score, lifetime)
-  local run_id = tag .. '.' .. redis.call('INCR', KEYS[2])
+local function new_run(run_id, order, job, score)
   redis.call('SET', 'arq:job:' .. run_id, job)
   redis.call('ZADD', KEYS[1], score, run_id)
   redis.call('RPUSH', order, run_id)
-  -- Runs leave the list when they end; this only bounds what runs arq itself dropped leave.
-  redis.call('EXPIRE', order, lifetime)
-  return run_id
 end
 """
 
-# KEYS: queue, run counter, then (marker, order list) per event: the marker is the seen key of
-# a once event, the waiting key of a latest one. ARGV: window s, score ms, order lifetime s,
-# then (class 'o' or 'l' followed by the subject tag, job) per event. Returns per event 1
-# queued, 0 duplicate, 2 coalesced.
+# KEYS: queue, then (marker, order list) per event: the marker is the seen key of a once
+# event, the waiting key of a latest one. ARGV: window s, score ms, then (class 'o' or 'l'
+# followed by a new run id, job) per event. Returns per event 1 queued, 0 duplicate, 2
+# coalesced.
 # A latest event merges only into a run that is still waiting: its job exists, no worker holds
 # it (arq's in-progress key) and none of its handlers is done (a retry would not run those
 # again), so a notification that arrives once a run has read anything always gets a run
@@ -226,17 +230,17 @@ end
 _ENQUEUE_SCRIPT = (
     _NEW_RUN_LUA
     + """
-local window, score, lifetime = ARGV[1], ARGV[2], ARGV[3]
+local window, score = ARGV[1], ARGV[2]
 local outcomes = {}
-for n = 1, (#KEYS - 2) / 2 do
-  local marker, order = KEYS[2 * n + 1], KEYS[2 * n + 2]
-  local class_and_tag, job = ARGV[2 * n + 2], ARGV[2 * n + 3]
-  local tag = string.sub(class_and_tag, 2)
-  if string.sub(class_and_tag, 1, 1) == 'o' then
+for n = 1, (#KEYS - 1) / 2 do
+  local marker, order = KEYS[2 * n], KEYS[2 * n + 1]
+  local class_and_run, job = ARGV[2 * n + 1], ARGV[2 * n + 2]
+  local run_id = string.sub(class_and_run, 2)
+  if string.sub(class_and_run, 1, 1) == 'o' then
     if redis.call('EXISTS', marker) == 1 then
       outcomes[n] = 0
     else
-      new_run(tag, order, job, score, lifetime)
+      new_run(run_id, order, job, score)
       redis.call('SET', marker, '1', 'EX', window)
       outcomes[n] = 1
     end
@@ -247,7 +251,8 @@ for n = 1, (#KEYS - 2) / 2 do
         and redis.call('EXISTS', KEYS[1] .. ':done:' .. waiting) == 0 then
       outcomes[n] = 2
     else
-      redis.call('SET', marker, new_run(tag, order, job, score, lifetime), 'EX', window)
+      new_run(run_id, order, job, score)
+      redis.call('SET', marker, run_id, 'EX', window)
       outcomes[n] = 1
     end
   end
@@ -260,7 +265,7 @@ return outcomes
 # layout's job). A head whose job is gone (erased, or dropped by arq) is skipped for good.
 SUBJECT_FREE_LUA = """
 local function subject_free(run_id, order_prefix)
-  local tag = string.match(run_id, '^([0-9a-f]+)%.%d+$')
+  local tag = string.match(run_id, '^([0-9a-f]+)%.')
   if not tag then return true end
   local order = order_prefix .. tag
   while true do
@@ -372,15 +377,14 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: queue, run counter, dead-letter index, the letter, the order list. ARGV: letter id,
-# subject tag, job, score ms, order lifetime s. Claims the letter and queues a new run for
-# it, or returns 0.
+# KEYS: queue, dead-letter index, the letter, the order list. ARGV: letter id, new run id, job,
+# score ms. Claims the letter and queues a new run for it, or returns 0.
 REPLAY_SCRIPT = (
     _NEW_RUN_LUA
     + """
-if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-new_run(ARGV[2], KEYS[5], ARGV[3], ARGV[4], ARGV[5])
-redis.call('DEL', KEYS[4])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+new_run(ARGV[2], KEYS[4], ARGV[3], ARGV[4])
+redis.call('DEL', KEYS[3])
 return 1
 """
 )
@@ -512,16 +516,13 @@ class ScriptConnection:
         await self._connection.disconnect(nowait=True)
 
 
-_ORDER_LIFETIME_ARG = resp_bulk(b"%d" % RUN_MARKERS_LIFETIME_S)
-
-
 @dataclass(slots=True)
 class _Pending:
     """One caller's events, waiting for the batch that writes them."""
 
     events: int
     keys: bytes  # (marker, order list) per event, packed
-    runs: bytes  # (class and subject tag, job) per event, packed
+    runs: bytes  # (class and run id, job) per event, packed
     done: asyncio.Future[list[int]]
 
 
@@ -551,9 +552,7 @@ class EventQueue:
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
-        self._queue_and_counter = resp_bulk(queue_name.encode()) + resp_bulk(
-            self.keys.runs.encode()
-        )
+        self._queue_key = resp_bulk(queue_name.encode())
         self._seen_prefix = self.keys.seen("").encode()
         self._order_prefix = self.keys.order_prefix.encode()
         self._window = b"%d" % dedup_window_s
@@ -577,13 +576,14 @@ class EventQueue:
         keys: list[bytes] = []
         runs: list[bytes] = []
         for event in events:
-            subject_tag = tag_of(event.subject).encode()
+            subject_tag = tag_of(event.subject)
             if event.event_class == ONCE:
-                marker, flag = self._seen_prefix + event.id.encode(), b"o"
+                marker, flag = self._seen_prefix + event.id.encode(), "o"
             else:
-                marker, flag = self.keys.marker_of(event).encode(), b"l"
-            keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag))
-            runs += (resp_bulk(flag + subject_tag), resp_bulk(serialize_job(event, now_ms)))
+                marker, flag = self.keys.marker_of(event).encode(), "l"
+            keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag.encode()))
+            run = flag + new_run_id(subject_tag)
+            runs += (resp_bulk(run.encode()), resp_bulk(serialize_job(event, now_ms)))
         loop = self._loop or self._bind_loop()
         pending = _Pending(len(events), b"".join(keys), b"".join(runs), loop.create_future())
         self._waiting.append(pending)
@@ -639,18 +639,11 @@ class EventQueue:
 
     async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
         events = sum(pending.events for pending in batch)
-        fixed_arguments = (
-            resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000)) + _ORDER_LIFETIME_ARG
-        )
+        fixed_arguments = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
         arguments = PackedArguments(
-            [
-                self._queue_and_counter,
-                *[p.keys for p in batch],
-                fixed_arguments,
-                *[p.runs for p in batch],
-            ],
-            keys=2 + 2 * events,
-            count=2 + 2 * events + 3 + 2 * events,
+            [self._queue_key, *[p.keys for p in batch], fixed_arguments, *[p.runs for p in batch]],
+            keys=1 + 2 * events,
+            count=1 + 2 * events + 2 + 2 * events,
         )
         try:
             outcomes = await connection.evaluate(arguments)

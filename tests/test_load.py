@@ -105,8 +105,8 @@ async def test_a_burst_is_fully_queued_and_drained(
     leftovers = collections.Counter(
         [key.decode().rsplit(":", 1)[0] async for key in redis.scan_iter(count=5000)]
     )
-    # Only the dedup window remains: a seen marker per (once) event, expiring, and the run
-    # counter; no arq job, in-progress, retry or result key, no run's markers or order list.
+    # Only the dedup window remains: a seen marker per (once) event, expiring; no arq job,
+    # in-progress, retry or result key, no run's markers or order list.
     assert set(leftovers) <= {"hrflow:queue:seen", "hrflow:queue", "test"}
     assert leftovers["hrflow:queue:seen"] == DELIVERIES
     used_memory = (await redis.info("memory"))["used_memory"]

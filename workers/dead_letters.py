@@ -27,6 +27,7 @@ from hrflow_webhooks.queue import (
     REPLAY_SCRIPT,
     RUN_MARKERS_LIFETIME_S,
     QueueKeys,
+    new_run_id,
     serialize_job,
     tag_of,
 )
@@ -126,13 +127,12 @@ class DeadLetters:
         subject_tag = tag_of(event.subject)
         keys = [
             self.keys.queue,
-            self.keys.runs,
             self.keys.dead_letters,
             self.keys.dead_letter(letter_id),
             self.keys.order(subject_tag),
         ]
         job = serialize_job(event, now_ms, handlers=[letter["handler"]])
-        args = [letter_id, subject_tag, job, str(now_ms), str(RUN_MARKERS_LIFETIME_S)]
+        args = [letter_id, new_run_id(subject_tag), job, str(now_ms)]
         replayed = self.redis.eval(REPLAY_SCRIPT, len(keys), *keys, *args)  # type: ignore[arg-type]
         return bool(await replayed)  # type: ignore[misc]
 
