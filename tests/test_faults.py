@@ -371,8 +371,8 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
     print(
         f"\nstall: {STALL_EVENTS} events, Redis paused {STALL_PAUSE_MS} ms (job timeout "
         f"{JOB_TIMEOUT_S} s) while workers held {len(held)} runs; {STALL_BLOCKED} plugin runs "
-        f"blocked the event loop {STALL_PAUSE_MS / 1000:g} s ({blocked_lines} 'event loop "
-        f"blocked' log lines); {chaos.retried_deliveries} deliveries re-sent after a 503; "
+        f"set to block the event loop {STALL_PAUSE_MS / 1000:g} s, {blocked_lines} 'event loop "
+        f"blocked' log lines; {chaos.retried_deliveries} deliveries re-sent after a 503; "
         f"per handler {outcomes}; left queued {queued_left}"
     )
     assert len(held) >= 4  # the stall hit runs in flight

@@ -312,26 +312,31 @@ class EventRun:
         steps = TimedSteps(handler.run(self.event, ctx))
         started = time.perf_counter()
         try:
+            error = await self._outcome_of(steps)
+        finally:  # also when arq's timer cancels the run: that is when it matters most
+            self._warn_if_blocked(name, steps.longest_step_s)
+        self._report(name, error, time.perf_counter() - started)
+        return error
+
+    async def _outcome_of(self, steps: TimedSteps) -> BaseException | None:
+        try:
             async with asyncio.timeout_at(self.clock.handlers_until):
                 await steps
         except TimeoutError:
-            error: BaseException | None = HandlerTimeoutError("job deadline reached")
+            return HandlerTimeoutError("job deadline reached")
         except Exception as caught:
-            error = caught
-        else:
-            error = None
-        self._report(name, error, time.perf_counter() - started, steps.longest_step_s)
-        return error
+            return caught
+        return None
 
-    def _report(
-        self, name: str, error: BaseException | None, duration_s: float, longest_step_s: float
-    ) -> None:
-        fields = {**self.log_fields, "handler": name}
+    def _warn_if_blocked(self, name: str, longest_step_s: float) -> None:
         if longest_step_s >= LOOP_BLOCK_WARNING_S:
             logger.warning(
                 f"event loop blocked {longest_step_s:.1f} s by handler {name}",
-                extra={**fields, "blocked_s": round(longest_step_s, 2)},
+                extra={**self.log_fields, "handler": name, "blocked_s": round(longest_step_s, 2)},
             )
+
+    def _report(self, name: str, error: BaseException | None, duration_s: float) -> None:
+        fields = {**self.log_fields, "handler": name}
         outcome = "ok" if error is None else ("retry" if is_transient(error) else "failed")
         metrics.handler_outcome(self.event.canonical_type, name, outcome, duration_s)
         logger.log(
