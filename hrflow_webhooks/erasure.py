@@ -6,15 +6,16 @@ What can name a profile key in Redis, and what goes (every key class of
 - runs whose event names the profile: the job (``arq:job:<run id>``), its
   member of the queue, arq's retry, in-progress and result keys, the run's
   completion markers, its place in its subject's order list and the
-  (type, subject)'s waiting pointer;
+  notification's waiting pointer;
 - dead letters whose stored event names it;
 - the dedup markers of those events (``<q>:seen:<event id>``): no personal
   data, but they tie an event to the profile while its run or letter exists;
 - the write fingerprints the built-in handlers keep to skip the echo of their
   own writes, and the handlers' locks named after the profile.
 
-Order lists and waiting pointers are named by a hash of the subject and hold
-only run ids; they disappear with the profile's last run. Dedup markers of
+Order lists (named by a hash of the subject) and waiting pointers (named by the
+event id, expiring with the dedup window) hold only run ids; order lists
+disappear with the profile's last run. Dedup markers of
 events whose run already finished and left no letter carry only the sha256 of
 the event, not the profile key, and expire with the dedup window.
 A job a worker is running at the moment of erasure may still finish and write
