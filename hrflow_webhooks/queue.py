@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -101,6 +102,16 @@ def tag_of(text: str) -> str:
 # round trip or command per run (a Redis counter cost the receiver's script one more command).
 _RUN_PREFIX = secrets.token_hex(6)
 _run_numbers = itertools.count()
+
+
+def _new_run_prefix() -> None:
+    """A forked child (a server that imports the app before forking) gets a prefix of its own."""
+    global _RUN_PREFIX, _run_numbers
+    _RUN_PREFIX = secrets.token_hex(6)
+    _run_numbers = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_run_prefix)
 
 
 def new_run_id(subject_tag: str) -> str:

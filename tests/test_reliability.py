@@ -5,7 +5,9 @@ how its handler fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,13 @@ from tests.service import (
     parsing_event,
     run_leftovers,
     runs_of,
+    update_event,
 )
 from workers.context import HandlerContext
 from workers.dead_letters import DeadLetters
 from workers.jobs import retry_delay_s
 from workers.registry import Registry
+from workers.settings import create_worker
 
 
 def behaviour_registry() -> Registry:
@@ -391,3 +395,64 @@ async def test_a_redis_stall_longer_than_the_job_timeout_ends_in_a_retry_not_a_l
     assert effects == [1, 2]
     assert (worker.jobs_failed, worker.jobs_complete) == (0, 1)
     assert await run_leftovers(redis) == []
+
+
+async def test_a_sync_handler_past_the_deadline_never_overlaps_its_subjects_next_run(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """A thread cannot be cancelled: the run waits for it before its retry or the subject's
+    next run may start."""
+    settings = make_settings(redis_server.url, job_timeout_s=2)
+    registry = Registry()
+    lock = threading.Lock()
+    running, most_at_once, finished = 0, 0, []
+
+    def slow_the_first_time(event: Event, event_type: str) -> None:  # the SDK's shape
+        nonlocal running, most_at_once
+        with lock:
+            running += 1
+            most_at_once = max(most_at_once, running)
+            first = event_type not in finished
+        time.sleep(2.5 if first else 0.01)  # past the job's deadline, the first time
+        with lock:
+            running -= 1
+            finished.append(event_type)
+
+    registry.add("profile.parsing.update", slow_the_first_time)
+    registry.add("profile.storing.update", slow_the_first_time)
+    await enqueue(
+        settings,
+        redis,
+        update_event("sync-subject"),
+        update_event("sync-subject", family="storing"),
+    )
+    await drain(settings, registry)
+    assert most_at_once == 1
+    assert set(finished) == {"profile.parsing.update", "profile.storing.update"}
+    assert await run_leftovers(redis) == []
+
+
+async def test_closing_a_worker_whose_job_ended_in_an_error_still_closes_everything(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """arq's close() stopped at a job task that raised, before on_shutdown and the pool."""
+    settings = make_settings(redis_server.url)
+    worker = create_worker(settings, Registry(), handle_signals=False)
+    running = asyncio.create_task(worker.async_run())
+    await eventually(lambda: _exists(redis, QueueKeys(settings.queue_name).health_check))
+
+    async def in_arqs_bookkeeping() -> None:  # what a stop without grace cancels
+        await asyncio.shield(asyncio.sleep(0.3))
+
+    worker.tasks["a-run"] = asyncio.create_task(in_arqs_bookkeeping())
+    await asyncio.sleep(0.05)
+    await worker.close()
+    assert worker.ctx["services"].http.closed  # on_shutdown ran
+    assert not await redis.exists(QueueKeys(settings.queue_name).health_check)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+
+
+async def _exists(redis: Redis, key: str) -> bool:
+    return bool(await redis.exists(key))

@@ -19,7 +19,9 @@ job so).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from typing import Any
 
 from arq import Worker as ArqWorker
@@ -82,3 +84,17 @@ class Worker(ArqWorker):
         task = self.loop.create_task(self.run_job(job_id, score))
         task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
         self.tasks[job_id] = task
+
+    async def close(self) -> None:
+        """arq's close(), which does not stop at a job task that ended in an error.
+
+        arq gathers its job tasks first and stops at the first one that raised (a job
+        cancelled inside arq's own bookkeeping by a stop without grace, a READONLY reply),
+        skipping ``on_shutdown`` (the worker's HTTP session) and the pool's close: every
+        restart of ``hrflow-webhooks worker`` then leaked both.
+        """
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)  # as arq does first: cancel what still runs
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        await super().close()

@@ -17,6 +17,7 @@ Callback shapes accepted, sync or async (sync ones run in a thread):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -98,9 +99,25 @@ def adapt_callback(callback: Callback) -> HandlerFunc:
 
     async def run_in_thread(event: Event, ctx: HandlerContext) -> None:
         # Sync callbacks (the SDK's kind) may block: keep them off the event loop.
-        await asyncio.to_thread(functools.partial(callback, *arguments(event, ctx)))
+        thread = asyncio.ensure_future(
+            asyncio.to_thread(functools.partial(callback, *arguments(event, ctx)))
+        )
+        try:
+            await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled. Past the run's deadline (or on a stop) the run
+            # waits for it before it moves on, so that neither the run's retry nor its
+            # subject's next run overlaps a callback that is still running.
+            await _until_done(thread)
+            raise
 
     return run_in_thread
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):  # arq's timer, then a stop: still wait
+            await asyncio.wait({future})
 
 
 def handler_name(callback: Callback) -> str:
