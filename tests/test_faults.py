@@ -365,18 +365,22 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
             worker.close()
         receiver.close()
         sandbox.close()
-    blocked_lines = sum(
-        1 for log in logs for line in log.read_text().splitlines() if "event loop blocked" in line
-    )
+    lines = [line for log in logs for line in log.read_text().splitlines()]
+    blocked_lines = sum(1 for line in lines if "event loop blocked" in line)
+    blocks = sum(1 for line in lines if blocking.BLOCKING_NOW in line)
     print(
         f"\nstall: {STALL_EVENTS} events, Redis paused {STALL_PAUSE_MS} ms (job timeout "
-        f"{JOB_TIMEOUT_S} s) while workers held {len(held)} runs; {STALL_BLOCKED} plugin runs "
-        f"set to block the event loop {STALL_PAUSE_MS / 1000:g} s, {blocked_lines} 'event loop "
-        f"blocked' log lines; {chaos.retried_deliveries} deliveries re-sent after a 503; "
+        f"{JOB_TIMEOUT_S} s) while workers held {len(held)} runs; {blocks} plugin runs blocked "
+        f"the event loop {STALL_PAUSE_MS / 1000:g} s ({STALL_BLOCKED} events set to), "
+        f"{blocked_lines} 'event loop blocked' log lines; {chaos.retried_deliveries} "
+        f"deliveries re-sent after a 503; "
         f"per handler {outcomes}; left queued {queued_left}"
     )
     assert len(held) >= 4  # the stall hit runs in flight
-    assert blocked_lines >= STALL_BLOCKED  # each blocking run was named
+    # Each block that happened was named. (A run the stall cut off before the plugin's
+    # blocking step never blocks: most do.)
+    assert blocks >= STALL_BLOCKED // 2
+    assert blocked_lines == blocks
     assert chaos.retried_deliveries > 0  # deliveries during the stall got 503 and were re-sent
     for handler in ("builtin.index", "builtin.edit", "blocking"):
         assert outcomes[handler]["lost"] == [], handler

@@ -7,6 +7,7 @@ ends in ``-block``. Every run of it is recorded, so the fault suite can count it
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -17,12 +18,17 @@ from workers.registry import Registry
 EFFECTS_KEY = "test:blocking:effects"
 TRIES_KEY = "test:blocking:tries"
 BLOCK_S = float(os.environ.get("HRFLOW_TEST_BLOCK_S", "6"))
+# Written in the same step as the block, so each line is one block that really happened (a
+# run cut off by the stall before this step never blocks).
+BLOCKING_NOW = "test plugin blocks the event loop now"
+logger = logging.getLogger("hrflow_webhooks.worker")
 
 
 async def block_once(event: Event, ctx: HandlerContext) -> None:
     key = str(event["profile"]["key"])
     tries = int(await ctx.redis.hincrby(TRIES_KEY, key, 1))  # type: ignore[misc]
     if key.endswith("-block") and tries == 1:
+        logger.warning(BLOCKING_NOW)
         time.sleep(BLOCK_S)
     await ctx.redis.sadd(EFFECTS_KEY, key)  # type: ignore[misc]
 
