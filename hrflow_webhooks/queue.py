@@ -89,6 +89,8 @@ PARK_MS = 2_000
 # A run's completion markers outlive any run's retries (tries x backoff, grace); the run's
 # finish removes them, this only bounds what a lost run leaves behind.
 RUN_MARKERS_LIFETIME_S = 86_400
+# Completion-marker values of a run's handlers: a retry of the run skips every one of them.
+DONE, DEAD, SKIPPED = "ok", "dead", "skip"
 # Outcomes of the enqueue script, per event.
 DUPLICATE, QUEUED, COALESCED = 0, 1, 2
 _TAG_HEX = 24  # 96 bits: a collision would only serialise (or merge) two subjects' runs
@@ -375,7 +377,7 @@ redis.call('ZREM', queue, run_id)
 FORGET_RUN_SCRIPT = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
-if redis.call('TYPE', KEYS[3]).ok == 'string' and redis.call('GET', KEYS[3]) == ARGV[1] then
+if redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('DEL', KEYS[3])
 end
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
@@ -564,7 +566,8 @@ class EventQueue:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
         self._queue_key = resp_bulk(queue_name.encode())
-        self._seen_prefix = self.keys.seen("").encode()
+        self._seen_prefix = self.keys.seen("").encode()  # marker_of(), without a call per event
+        self._waiting_prefix = self.keys.waiting("").encode()
         self._order_prefix = self.keys.order_prefix.encode()
         self._window = b"%d" % dedup_window_s
         self.max_batch_events = max_batch_events
@@ -588,10 +591,9 @@ class EventQueue:
         runs: list[bytes] = []
         for event in events:
             subject_tag = tag_of(event.subject)
-            if event.event_class == ONCE:
-                marker, flag = self._seen_prefix + event.id.encode(), "o"
-            else:
-                marker, flag = self.keys.marker_of(event).encode(), "l"
+            once = event.event_class == ONCE
+            marker = (self._seen_prefix if once else self._waiting_prefix) + event.id.encode()
+            flag = "o" if once else "l"
             keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag.encode()))
             run = flag + new_run_id(subject_tag)
             runs += (resp_bulk(run.encode()), resp_bulk(serialize_job(event, now_ms)))

@@ -19,7 +19,7 @@ import uvicorn
 from redis.asyncio import Redis
 
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
+from hrflow_webhooks.queue import QUEUED, EventQueue, QueueKeys, deserialize_job, tag_of
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 from receiver.protocol import HttpProtocol
@@ -86,6 +86,18 @@ async def runs_of(redis: Redis, event: Event, queue: str = "hrflow:queue") -> li
     """The live runs of the event's subject, oldest first (its order list)."""
     order = QueueKeys(queue).order(tag_of(event.subject))
     return [run_id.decode() for run_id in await redis.lrange(order, 0, -1)]
+
+
+async def enqueue(settings: Settings, redis: Redis, *payloads: Mapping[str, Any]) -> list[Event]:
+    """Queue events as the receiver does (each must be queued: not a duplicate, not merged)."""
+    events = [Event.from_payload(p) for p in payloads]
+    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
+        assert await queue.enqueue_events(events) == [QUEUED] * len(events)
+    return events
+
+
+async def key_exists(redis: Redis, key: str) -> bool:
+    return bool(await redis.exists(key))
 
 
 async def run_leftovers(redis: Redis) -> list[str]:

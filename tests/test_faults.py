@@ -102,6 +102,7 @@ class Chaos:
     kills: int = 0
     terminations: int = 0
     sending_at_restart: bool = False
+    kills_holding_jobs: int = 0  # each must show up in recovery_s
     redis_restarts: int = 0
     retried_deliveries: int = 0
     recovery_s: list[tuple[int, float]] = field(default_factory=list)  # (jobs held, seconds)
@@ -167,6 +168,7 @@ async def inject_faults(
         await asyncio.to_thread(workers[0].kill)
         chaos.kills += 1
         held = await in_progress_jobs(redis)  # the killed worker's jobs stay marked in progress
+        chaos.kills_holding_jobs += bool(held)
         recoveries.append(
             asyncio.create_task(wait_recovered(redis_server.url, held, chaos, time.monotonic()))
         )
@@ -270,6 +272,11 @@ async def test_no_event_is_lost_or_applied_twice_under_crashes_and_restarts(
     assert handled_once == EVENTS
     assert set(references) == expected
     assert (queued_left, dead_letters, jobs_left) == (0, 0, [])
+    assert calls["POST 201"] == EVENTS  # one copy created per event, whatever was retried
+    # Every kill that left jobs held saw them finish elsewhere (wait_recovered gives up
+    # silently after two minutes: a missing entry is a run never recovered).
+    assert chaos.kills_holding_jobs >= 1
+    assert len(chaos.recovery_s) == chaos.kills_holding_jobs
 
 
 # --- a Redis stall and a loop-blocking plugin ---------------------------------------------------

@@ -26,7 +26,9 @@ from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import (
     drain,
+    enqueue,
     eventually,
+    key_exists,
     make_settings,
     parsing_event,
     receiver,
@@ -162,7 +164,7 @@ async def test_a_dead_letter_never_makes_a_later_identical_event_skip_its_handle
         effects.append(ctx.job_try)
 
     await redis.rpush("test:modes", "permanent")  # type: ignore[misc]
-    await _enqueue_update(settings, redis)
+    await enqueue(settings, redis, update_event("flaky"))
     await drain(settings, registry)
     letters = DeadLetters(redis, QueueKeys(settings.queue_name))
     assert await letters.count() == 1
@@ -170,7 +172,7 @@ async def test_a_dead_letter_never_makes_a_later_identical_event_skip_its_handle
     assert await run_leftovers(redis) == []  # no marker outlives its run
 
     await redis.rpush("test:modes", "transient")  # type: ignore[misc]
-    await _enqueue_update(settings, redis)  # the same notification, later
+    await enqueue(settings, redis, update_event("flaky"))  # the same notification, later
     await drain(settings, registry)
     assert effects == [2]  # its retry ran the handler: no leftover marker skipped it
     (letter_id,) = await letters.ids()
@@ -179,13 +181,6 @@ async def test_a_dead_letter_never_makes_a_later_identical_event_skip_its_handle
     assert effects == [2, 1]
     assert await letters.count() == 0
     assert await run_leftovers(redis) == []
-
-
-async def _enqueue_update(settings: Settings, redis: Redis) -> None:
-    from hrflow_webhooks.queue import EventQueue
-
-    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
-        assert await queue.enqueue_events([Event.from_payload(update_event("flaky"))]) == [1]
 
 
 # --- per-subject order --------------------------------------------------------------------------
@@ -202,7 +197,7 @@ async def test_two_workers_never_overlap_runs_of_one_profile_and_every_change_la
     hot, others = "hot-profile", [f"other-{n}" for n in range(50)]
     health = QueueKeys(settings.queue_name).health_check
     try:
-        await eventually(lambda: _exists(redis, health))  # the workers poll
+        await eventually(lambda: key_exists(redis, health))  # the workers poll
         await asyncio.sleep(1.0)  # both of them
         async with receiver(settings) as server:
             for n, other in enumerate(others, start=1):
@@ -222,10 +217,6 @@ async def test_two_workers_never_overlap_runs_of_one_profile_and_every_change_la
     hot_runs = await subjects.runs(redis, hot)
     assert 2 <= hot_runs <= 50  # merged while waiting, never below "one run after each start"
     assert await subjects.workers_seen(redis) == 2  # both workers took part
-
-
-async def _exists(redis: Redis, key: str) -> bool:
-    return bool(await redis.exists(key))
 
 
 async def _drained(redis: Redis, settings: Settings) -> bool:
@@ -289,7 +280,7 @@ async def test_waiting_for_a_subject_never_runs_a_done_handler_again(
         if runs["fetching"] <= 3:  # not indexed yet, three times
             raise subject_not_found(ctx)
 
-    await _enqueue(settings, redis, parsing_event("slow-to-index"))
+    await enqueue(settings, redis, parsing_event("slow-to-index"))
     await drain(settings, registry)
     assert runs == {"steady": 1, "fetching": 4}
     assert await DeadLetters(redis, QueueKeys(settings.queue_name)).count() == 0
@@ -306,20 +297,13 @@ async def test_a_subject_still_unreadable_after_the_grace_period_uses_up_tries(
     async def never_readable(event: Event) -> None:
         raise SubjectNotReadableError("plugin says: not yet")
 
-    await _enqueue(settings, redis, parsing_event("never"))
+    await enqueue(settings, redis, parsing_event("never"))
     await drain(settings, registry)
     (letter,) = [
         letter async for letter in DeadLetters(redis, QueueKeys(settings.queue_name)).iter()
     ]
     assert letter["reason"] == "still failing after 3 tries"
     assert await run_leftovers(redis) == []
-
-
-async def _enqueue(settings: Settings, redis: Redis, payload: dict[str, Any]) -> None:
-    from hrflow_webhooks.queue import EventQueue
-
-    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
-        assert await queue.enqueue_events([Event.from_payload(payload)]) == [1]
 
 
 # --- what HrFlow actually sends ------------------------------------------------------------------

@@ -10,21 +10,21 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from hrflow_webhooks.errors import TransientError
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import EventQueue, QueueKeys
-from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.queue import QueueKeys
 from tests.plugins import behaviour
 from tests.processes import ARQ_CLI, PROCFILE_WORKER, WorkerProcess
 from tests.redis_server import RedisServer
 from tests.service import (
     drain,
+    enqueue,
     eventually,
+    key_exists,
     make_settings,
     parsing_event,
     run_leftovers,
@@ -54,13 +54,6 @@ def behaviour_and_steady_registry() -> tuple[Registry, list[str]]:
         steady_runs.append(event.id)
 
     return registry, steady_runs
-
-
-async def enqueue(settings: Settings, redis: Redis, *payloads: dict[str, Any]) -> list[Event]:
-    events = [Event.from_payload(p) for p in payloads]
-    async with EventQueue(redis, settings.queue_name, settings.dedup_window_s) as queue:
-        assert all(await queue.enqueue_events(events))
-    return events
 
 
 async def effects(redis: Redis) -> list[str]:
@@ -439,7 +432,7 @@ async def test_closing_a_worker_whose_job_ended_in_an_error_still_closes_everyth
     settings = make_settings(redis_server.url)
     worker = create_worker(settings, Registry(), handle_signals=False)
     running = asyncio.create_task(worker.async_run())
-    await eventually(lambda: _exists(redis, QueueKeys(settings.queue_name).health_check))
+    await eventually(lambda: key_exists(redis, QueueKeys(settings.queue_name).health_check))
 
     async def in_arqs_bookkeeping() -> None:  # what a stop without grace cancels
         await asyncio.shield(asyncio.sleep(0.3))
@@ -452,7 +445,3 @@ async def test_closing_a_worker_whose_job_ended_in_an_error_still_closes_everyth
     running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running
-
-
-async def _exists(redis: Redis, key: str) -> bool:
-    return bool(await redis.exists(key))

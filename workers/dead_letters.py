@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
+    DEAD,
     MARK_HANDLER_SCRIPT,
     REPLAY_SCRIPT,
     RUN_MARKERS_LIFETIME_S,
@@ -31,11 +32,6 @@ from hrflow_webhooks.queue import (
     serialize_job,
     tag_of,
 )
-
-# Completion-marker values of a run's handlers: a retry of the run skips every one of them.
-DONE = "ok"
-DEAD = "dead"
-SKIPPED = "skip"
 
 
 def dead_letter_id(event_id: str, handler: str) -> str:

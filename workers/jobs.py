@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Coroutine, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from arq import Retry
@@ -45,11 +45,18 @@ from hrflow_webhooks.errors import (
     retry_after_of,
 )
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import BEGIN_RUN_SCRIPT, PARK_MS, RUN_MARKERS_LIFETIME_S, QueueKeys
+from hrflow_webhooks.queue import (
+    BEGIN_RUN_SCRIPT,
+    DONE,
+    PARK_MS,
+    RUN_MARKERS_LIFETIME_S,
+    SKIPPED,
+    QueueKeys,
+)
 from workers import metrics
 from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
 from workers.context import EventLogger, HandlerContext, WorkerServices
-from workers.dead_letters import DONE, SKIPPED, DeadLetters
+from workers.dead_letters import DeadLetters
 from workers.registry import Handler
 
 logger = logging.getLogger("hrflow_webhooks.worker")
@@ -197,15 +204,6 @@ async def handle_event(
         raise Retry(defer=run.backoff_s(None)) from error
 
 
-@dataclass(slots=True)
-class Settled:
-    """What became of the handlers of one try."""
-
-    failures: list[Failure] = field(default_factory=list)
-    succeeded: list[str] = field(default_factory=list)
-    marked: int = 0  # completion markers written (done, dead or skip)
-
-
 class EventRun:
     def __init__(
         self, services: WorkerServices, event: Event, info: RunInfo, clock: RunClock
@@ -217,6 +215,8 @@ class EventRun:
         self.settings = services.settings
         self.keys: QueueKeys = services.keys
         self.dead_letters = DeadLetters(services.redis, services.keys)
+        self.handlers: dict[str, Handler | None] = {}  # set by execute()
+        self.markers_written = 0  # this try's completion markers (done, dead or skip)
         self.log_fields = {
             "event_id": event.id,
             "run_id": info.run_id,
@@ -239,16 +239,17 @@ class EventRun:
         handlers = self._handlers_to_run(registered)
         if not handlers:
             return await self._finish("not for these sources")
+        self.handlers = handlers
         if self.info.job_try > self.settings.max_tries:
             # Only reachable when earlier tries never reported back (worker killed, timeout).
             lost = HandlerTimeoutError(
                 f"gave up after {self.info.job_try - 1} tries that never finished"
             )
-            pending = await self._pending(handlers)
+            pending = await self._pending(list(handlers))
             await self._dead_letter([Failure(name, lost) for name in pending], "tries exhausted")
             return await self._finish("dead_lettered" if pending else "done")
-        settled = await self._run_pending(await self._pending(handlers))
-        return await self._settle(settled)
+        failures = await self._run_pending(await self._pending(list(handlers)))
+        return await self._settle(failures)
 
     # --- before the handlers -----------------------------------------------------------------
 
@@ -265,12 +266,14 @@ class EventRun:
         )
         return bool(free)
 
-    def _handlers_to_run(self, registered: tuple[Handler, ...]) -> list[str]:
-        """Names of the handlers for this run: those for the event's source, or a replay's."""
+    def _handlers_to_run(self, registered: tuple[Handler, ...]) -> dict[str, Handler | None]:
+        """This run's handlers by name, in order: those for the event's source, or a
+        replay's (None: a replayed handler that is no longer registered)."""
         if self.info.only_handlers is not None:
-            return list(self.info.only_handlers)
+            by_name = {h.name: h for h in registered}
+            return {name: by_name.get(name) for name in self.info.only_handlers}
         source_key = self.event.source_key
-        return [h.name for h in registered if h.accepts_source(source_key)]
+        return {h.name: h for h in registered if h.accepts_source(source_key)}
 
     async def _unrouted(self) -> str:
         await self.services.redis.hincrby(self.keys.unrouted, self.event.canonical_type, 1)  # type: ignore[misc]
@@ -287,22 +290,20 @@ class EventRun:
 
     # --- the handlers --------------------------------------------------------------------------
 
-    async def _run_pending(self, pending: list[str]) -> Settled:
-        settled = Settled()
+    async def _run_pending(self, pending: list[str]) -> list[Failure]:
+        failures: list[Failure] = []
         for position, name in enumerate(pending):
             error = await self._run_one(name)
             if error is not None:
-                settled.failures.append(Failure(name, error))
+                failures.append(Failure(name, error))
                 continue
-            settled.succeeded.append(name)
-            finishes_now = position == len(pending) - 1 and not settled.failures
+            finishes_now = position == len(pending) - 1 and not failures
             if not finishes_now:  # the finish removes the run with its markers: none needed
                 await self._mark(name, DONE)
-                settled.marked += 1
-        return settled
+        return failures
 
     async def _run_one(self, name: str) -> BaseException | None:
-        handler = self.services.registry.named(self.event.canonical_type, name)
+        handler = self.handlers.get(name)
         if handler is None:
             return LookupError(f"handler {name!r} is no longer registered for this event type")
         fields = {**self.log_fields, "handler": name}
@@ -352,8 +353,7 @@ class EventRun:
 
     # --- after the handlers --------------------------------------------------------------------
 
-    async def _settle(self, settled: Settled) -> str:
-        failures = settled.failures
+    async def _settle(self, failures: list[Failure]) -> str:
         if not failures:
             return await self._finish("done")
         gone = [f for f in failures if isinstance(f.error, SubjectGoneError)]
@@ -363,8 +363,7 @@ class EventRun:
         await self._dead_letter(permanent, "permanent error")
         if not transient:
             return await self._finish("dead_lettered" if permanent else "skipped")
-        settled.marked += len(permanent) + len(gone)  # dead and skip markers
-        if self._only_waiting_for_subject(transient, settled):
+        if self._only_waiting_for_subject(transient):
             await self._wait_for_subject()
         if self.info.job_try >= self.settings.max_tries:
             await self._dead_letter(transient, f"still failing after {self.info.job_try} tries")
@@ -376,7 +375,7 @@ class EventRun:
         )
         raise Retry(defer=delay)
 
-    def _only_waiting_for_subject(self, transient: list[Failure], settled: Settled) -> bool:
+    def _only_waiting_for_subject(self, transient: list[Failure]) -> bool:
         """Whether this try only found the subject not readable yet, inside the grace period:
         then it does not count. Past the grace period (a plugin's own error, or clocks that
         disagree) it counts like any retry, so the run cannot wait forever. A first try that
@@ -386,7 +385,7 @@ class EventRun:
             return False
         if time.time() - self.event.received_at >= self.settings.not_found_grace_s:
             return False
-        return self.info.job_try > 1 or settled.marked == 0
+        return self.info.job_try > 1 or self.markers_written == 0
 
     async def _wait_for_subject(self) -> None:
         """Not readable yet, inside the grace period: retry later without using up a try."""
@@ -417,6 +416,7 @@ class EventRun:
                 await self._mark(failure.handler, SKIPPED)
 
     async def _mark(self, handler: str, value: str) -> None:
+        self.markers_written += 1
         await self.services.mark_handler_script(
             keys=[self.keys.done(self.info.run_id)],
             args=[handler, RUN_MARKERS_LIFETIME_S, value],
@@ -433,6 +433,7 @@ class EventRun:
 
     async def _dead_letter(self, failures: list[Failure], reason: str) -> None:
         for failure in failures:
+            self.markers_written += 1  # the letter marks its handler dead in this run
             letter_id: str = await self.dead_letters.add(
                     self.event, self.info.run_id, failure.handler, failure.error,
                     self.info.job_try, reason,

@@ -218,9 +218,6 @@ class Registry:
     def handlers_for(self, canonical_type: str) -> tuple[Handler, ...]:
         return tuple(self._handlers.get(canonical_type, ()))
 
-    def named(self, canonical_type: str, name: str) -> Handler | None:
-        return next((h for h in self._handlers.get(canonical_type, ()) if h.name == name), None)
-
     def __iter__(self) -> Iterator[Handler]:
         for handlers in self._handlers.values():
             yield from handlers
