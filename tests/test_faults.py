@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tests.plugins import blocking
 from tests.processes import ROOT, WorkerProcess, wait_until_answering
 from tests.redis_server import RedisServer, free_port
-from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
+from tests.service import WEBHOOK_SECRET, eventually, key_exists, parsing_event, signed_headers
 from tests.test_load import ReceiverProcess
 
 EVENTS = int(os.environ.get("HRFLOW_FAULT_EVENTS", "2000"))
@@ -351,7 +351,10 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
                             for k in keys[chunk : chunk + 8]
                         )
                     )
+                    await asyncio.sleep(0.1)  # about 2.5 s in all: the stall lands mid-flow
 
+            health = "hrflow:queue:health-check"
+            await eventually(lambda: key_exists(redis, health))  # the workers poll
             sending = asyncio.create_task(send_all())
             held = []
             for _ in range(400):  # pause Redis while the workers hold runs
@@ -359,6 +362,7 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
                 if len(held) >= 4:
                     break
                 await asyncio.sleep(0.01)
+            sending_at_pause = not sending.done()
             await redis.execute_command("CLIENT", "PAUSE", STALL_PAUSE_MS, "ALL")
             await sending
             for _ in range(1800):  # liveness: up to three minutes to drain
@@ -383,7 +387,8 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
         f"deliveries re-sent after a 503; "
         f"per handler {outcomes}; left queued {queued_left}"
     )
-    assert len(held) >= 4  # the stall hit runs in flight
+    assert len(held) >= 4  # the stall hit runs in flight...
+    assert sending_at_pause  # ...while deliveries were still arriving
     # Each block that happened was named. (A run the stall cut off before the plugin's
     # blocking step never blocks: most do.)
     assert blocks >= STALL_BLOCKED // 2
