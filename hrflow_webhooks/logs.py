@@ -38,7 +38,17 @@ LOGGED_FIELDS = (
     "source_key",
     "endpoint",
     "error_type",
+    "rejected",
+    "interval_s",
+    "risk",
+    "events_at_risk",
 )
+# Values are cut to this many characters: a field may hold what a signed sender wrote.
+MAX_FIELD_CHARS = 200
+
+
+def _bounded(value: Any) -> Any:
+    return value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,7 +62,7 @@ class JsonFormatter(logging.Formatter):
         for name in LOGGED_FIELDS:
             value = record.__dict__.get(name)
             if value is not None:
-                line[name] = value
+                line[name] = _bounded(value)
         if record.exc_info and record.exc_info[0] is not None:
             line["error_type"] = record.exc_info[0].__name__
         return orjson.dumps(line, default=str).decode()
@@ -60,8 +70,9 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # repr() for strings: quotes, and escapes for control characters (no forged lines).
         fields = " ".join(
-            f"{name}={record.__dict__[name]}"
+            f"{name}={_text_value(record.__dict__[name])}"
             for name in LOGGED_FIELDS
             if record.__dict__.get(name) is not None
         )
@@ -69,6 +80,11 @@ class TextFormatter(logging.Formatter):
         return (
             f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {fields}".rstrip()
         )
+
+
+def _text_value(value: Any) -> str:
+    value = _bounded(value)
+    return repr(value) if isinstance(value, str) and not value.isprintable() else str(value)
 
 
 class DropJobArguments(logging.Filter):

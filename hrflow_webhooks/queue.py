@@ -36,7 +36,7 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:done:<run id>``            hash handler → ok | dead, while the run lives
 ``<q>:dead:<dead-letter id>``    one dead letter (JSON), no expiry
 ``<q>:dead-letters``             sorted set of dead-letter ids by time
-``<q>:unrouted``                 hash canonical type → events with no handler
+``<q>:unrouted``                 hash canonical type → events with no handler (256 types)
 ``<q>:skipped``                  hash ``<handler>:<reason>`` → events skipped
 ``<q>:written:<h>:<src>:<key>``  a handler's write fingerprint (echo detection)
 ``<q>:lock:<h>:<name>``          a handler's lock across workers
@@ -381,6 +381,19 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('DEL', KEYS[3])
 end
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+"""
+
+# Unrouted events by type, in a table of at most ARGV[2] types: a type that does not fit is
+# counted under OTHER_TYPES. KEYS: the unrouted hash. ARGV: type, most types.
+UNROUTED_TYPES_MAX = 256
+OTHER_TYPES = "(other types)"
+COUNT_UNROUTED_SCRIPT = f"""
+local field = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], field) == 0
+    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then
+  field = '{OTHER_TYPES}'
+end
+redis.call('HINCRBY', KEYS[1], field, 1)
 """
 
 # KEYS: the run's done hash. ARGV: handler name, marker lifetime s, value (ok | dead). One

@@ -85,23 +85,16 @@ def webhook_secret(settings: Settings, state_dir: Path = DEFAULT_STATE_DIR) -> s
 # --- commands the supervisor, the Procfile and the Dockerfile share ---------------------------
 
 
-def h11_max_incomplete_event_size(max_body_bytes: int) -> int:
-    """Room for a signature header carrying a whole payload: base64 grows it by 4/3,
-    plus 64 KiB for the signature part and the other headers."""
-    return -(-max_body_bytes * 4 // 3) + 65_536
-
-
 # uvicorn's httptools protocol, one write per response (receiver/protocol.py).
 RECEIVER_HTTP_PROTOCOL = "receiver.protocol:HttpProtocol"
 
 
-def receiver_command(host: str, port: int, max_body_bytes: int) -> list[str]:
+def receiver_command(host: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "receiver.app:app",
         "--http", RECEIVER_HTTP_PROTOCOL,
         "--host", host,
         "--port", str(port),
-        "--h11-max-incomplete-event-size", str(h11_max_incomplete_event_size(max_body_bytes)),
     ]  # fmt: skip
 
 
@@ -412,7 +405,7 @@ def plan_run(settings: Settings, options: RunOptions) -> Plan:
     specs.append(
         ChildSpec(
             "web.1",
-            receiver_command(options.host, options.port, settings.max_body_bytes),
+            receiver_command(options.host, options.port),
             env,
             ready=lambda: http_answers(f"{receiver_url}/healthz"),
         )

@@ -33,8 +33,6 @@ Scheme = Literal["python-sdk", "js-sdk", "docs", "body-hex"]
 SchemeChoice = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
 
 _HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{64}")
-_STANDARD_B64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
-_URLSAFE_B64 = re.compile(rb"[A-Za-z0-9_-]+={0,2}")
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
@@ -52,21 +50,19 @@ class Verified:
     payload: bytes  # the signed event JSON: the only bytes worth trusting
 
 
-def _b64decode(part: bytes, alphabet: re.Pattern[bytes]) -> bytes | None:
-    if not alphabet.fullmatch(part):
-        return None
+def _b64decode(part: bytes, urlsafe: bool) -> bytes | None:
+    """Base64 (or base64url) with optional padding; None when it is not.
+
+    binascii's strict mode checks the alphabet in C as it decodes: a regular expression
+    over a megabyte-long header cost more than the HMAC (docs/benchmarks.md, rejection).
+    """
     unpadded = part.rstrip(b"=")
-    if alphabet is _URLSAFE_B64:
+    if urlsafe:
         unpadded = unpadded.translate(_URLSAFE_TO_STANDARD)
-    try:  # binascii itself: the base64 module's wrappers cost more than the decoding
-        return binascii.a2b_base64(unpadded + b"=" * (-len(unpadded) % 4))
+    try:
+        return binascii.a2b_base64(unpadded + b"=" * (-len(unpadded) % 4), strict_mode=True)
     except binascii.Error:
         return None
-
-
-def _b64decode_any(part: bytes) -> bytes | None:
-    decoded = _b64decode(part, _URLSAFE_B64)
-    return decoded if decoded is not None else _b64decode(part, _STANDARD_B64)
 
 
 @functools.lru_cache(maxsize=64)  # a few secrets (rotation); keyed once, not per delivery
@@ -97,59 +93,75 @@ def _verify_body_hex(header: bytes, body: bytes, secrets: Sequence[bytes]) -> Ve
     return Verified("body-hex", body)
 
 
-def _split_signed_request(header: bytes) -> tuple[bytes, bytes, bytes]:
-    """``<signature>.<payload>`` → (signature part, payload part, decoded payload)."""
+# The signature part's length without padding tells the variants apart before any work:
+# base64 of a 64-character hex digest (python-sdk) or of a raw 32-byte digest (the others).
+_HEX_DIGEST_B64_CHARS = 86
+_RAW_DIGEST_B64_CHARS = 43
+
+
+def _signed_request_form(signature_part: bytes, scheme: SchemeChoice) -> Scheme:
+    """The variant a ``<signature>.<payload>`` header can be, from its signature part alone.
+
+    js-sdk and docs sign the same bytes with the same key and differ only in the digest's
+    alphabet, so one HMAC decides both; a digest with neither ``+/`` nor ``-_`` is read as
+    docs (the name reported; the check is the same).
+    """
+    chars = len(signature_part.rstrip(b"="))
+    if chars == _HEX_DIGEST_B64_CHARS and scheme in ("auto", "python-sdk"):
+        return "python-sdk"
+    if chars == _RAW_DIGEST_B64_CHARS and scheme in ("auto", "js-sdk", "docs"):
+        standard = b"+" in signature_part or b"/" in signature_part
+        urlsafe = b"-" in signature_part or b"_" in signature_part
+        if scheme == "auto":
+            return "js-sdk" if standard else "docs"
+        if (scheme == "docs" and not standard) or (scheme == "js-sdk" and not urlsafe):
+            return scheme
+    raise SignatureError(f"signature part has the form of no accepted variant (scheme {scheme})")
+
+
+def _split_signed_request(header: bytes) -> tuple[bytes, bytes]:
     signature_part, dot, payload_part = header.partition(b".")
     if not dot or not signature_part or not payload_part or b"." in payload_part:
         raise SignatureError("signature header is not '<signature>.<payload>'")
-    payload = _b64decode(payload_part, _URLSAFE_B64)
-    if payload is None:
-        payload = _b64decode(payload_part, _STANDARD_B64)
+    return signature_part, payload_part
+
+
+def _decoded_payload(payload_part: bytes) -> bytes:
+    payload = _b64decode(
+        payload_part, urlsafe=b"+" not in payload_part and b"/" not in payload_part
+    )
     if not payload:
         raise SignatureError("payload part of the signature header is not valid base64url")
-    return signature_part, payload_part, payload
+    return payload
 
 
-def _python_sdk_matches(signature: bytes, payload: bytes, secrets: Sequence[bytes]) -> bool:
-    # The SDK compares hex digests; decoding ours first keeps the comparison on raw bytes.
-    if not _HEX_DIGEST.fullmatch(signature):
-        return False
-    return _any_secret_matches(bytes.fromhex(signature.decode()), payload, secrets)
-
-
-def _raw_digest_matches(
-    signature_part: bytes,
-    payload_part: bytes,
-    alphabet: re.Pattern[bytes],
-    secrets: Sequence[bytes],
-) -> bool:
-    digest = _b64decode(signature_part, alphabet)
-    if digest is None or len(digest) != hashlib.sha256().digest_size:
-        return False
-    return _any_secret_matches(digest, payload_part, secrets)
+def _mismatch(scheme: SchemeChoice) -> SignatureError:
+    return SignatureError(
+        f"signature does not match the payload for any configured secret (scheme {scheme})"
+    )
 
 
 def _verify_signed_request(
     header: bytes, scheme: SchemeChoice, secrets: Sequence[bytes]
 ) -> Verified:
-    signature_part, payload_part, payload = _split_signed_request(header)
-    signature = _b64decode_any(signature_part)
-    if signature is None:
+    """One HMAC per secret, chosen by the header's form; the payload is decoded only when
+    the variant signs the decoded payload (python-sdk) or once the signature matched."""
+    signature_part, payload_part = _split_signed_request(header)
+    form = _signed_request_form(signature_part, scheme)
+    if form == "python-sdk":
+        hex_digest = _b64decode(signature_part, urlsafe=True)
+        if hex_digest is None or not _HEX_DIGEST.fullmatch(hex_digest):
+            raise SignatureError("signature part of the signature header is not a hex digest")
+        payload = _decoded_payload(payload_part)
+        if not _any_secret_matches(bytes.fromhex(hex_digest.decode()), payload, secrets):
+            raise _mismatch(scheme)
+        return Verified(form, payload)
+    digest = _b64decode(signature_part, urlsafe=form == "docs")
+    if digest is None or len(digest) != hashlib.sha256().digest_size:
         raise SignatureError("signature part of the signature header is not valid base64")
-    candidates: tuple[Scheme, ...] = (
-        ("python-sdk", "docs", "js-sdk") if scheme == "auto" else (scheme,)
-    )
-    for candidate in candidates:
-        if candidate == "python-sdk" and _python_sdk_matches(signature, payload, secrets):
-            return Verified("python-sdk", payload)
-        alphabet = _URLSAFE_B64 if candidate == "docs" else _STANDARD_B64
-        if candidate in ("docs", "js-sdk") and _raw_digest_matches(
-            signature_part, payload_part, alphabet, secrets
-        ):
-            return Verified(candidate, payload)
-    raise SignatureError(
-        f"signature does not match the payload for any configured secret (scheme {scheme})"
-    )
+    if not _any_secret_matches(digest, payload_part, secrets):
+        raise _mismatch(scheme)
+    return Verified(form, _decoded_payload(payload_part))
 
 
 def verify_signature(

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from redis.asyncio import Redis
@@ -32,7 +32,15 @@ from hrflow_webhooks.redis_setup import connect_redis, warn_on_unsafe_redis_conf
 from hrflow_webhooks.settings import Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
 from receiver import metrics
-from receiver.decoding import BadPayloadError, decode_events
+from receiver.decoding import TOO_DEEP, BadPayloadError, decode_events
+from receiver.protocol import (
+    HEAD_ALLOWANCE_BYTES,
+    ConnectionLimits,
+    HttpProtocol,
+    default_max_connections,
+    default_max_head_bytes,
+)
+from receiver.rejections import RejectionLog
 
 logger = logging.getLogger("hrflow_webhooks.receiver")
 
@@ -56,7 +64,14 @@ class Receiver:
     queue: EventQueue
     secrets: tuple[bytes, ...]
     scheme: SchemeChoice
-    max_body_bytes: int  # for the body and for the signature header, which may carry the payload
+    max_body_bytes: int
+    # Per app, not per process: each receiver logs its own first rejection at once.
+    rejections: RejectionLog = field(default_factory=RejectionLog)
+
+    @property
+    def max_signature_bytes(self) -> int:
+        """The longest signature header whose payload fits in ``max_body_bytes``."""
+        return default_max_head_bytes(self.max_body_bytes) - HEAD_ALLOWANCE_BYTES
 
 
 class JSONResponse(Response):
@@ -206,12 +221,14 @@ async def _handle_delivery(
     receive: Receive, delivery: Delivery, receiver: Receiver, request_id: str
 ) -> Answer:
     header = delivery.signature
-    if header is not None and len(header) > receiver.max_body_bytes:
-        return _too_large("signature header exceeds HRFLOW_MAX_BODY_BYTES")
+    if header is not None and len(header) > receiver.max_signature_bytes:
+        # A header that long carries a payload over the body limit (under another server than
+        # HttpProtocol, one over the head limit too): refused before any decoding.
+        return _too_large(receiver, "signed payload exceeds HRFLOW_MAX_BODY_BYTES")
     try:
         body = await read_body(receive, receiver.max_body_bytes, delivery.content_length)
     except BodyTooLargeError:
-        return _too_large("request body exceeds HRFLOW_MAX_BODY_BYTES")
+        return _too_large(receiver, "request body exceeds HRFLOW_MAX_BODY_BYTES")
     received_at = time.time()
     events = _verified_events(header, body, receiver, request_id, received_at)
     if isinstance(events, Answer):
@@ -220,11 +237,16 @@ async def _handle_delivery(
         outcomes = await receiver.queue.enqueue_events(events)
     except (RedisError, OSError) as error:
         return _unavailable(request_id, error)
+    except orjson.JSONEncodeError:
+        # The job wraps the event in a few more levels than its id: at 253 to 255 levels the
+        # id could be written but not the job (nothing was sent to Redis).
+        return _bad_payload(receiver, BadPayloadError(TOO_DEEP), request_id)
     return _queued(events, outcomes, request_id, received_at)
 
 
-def _too_large(reason: str) -> Answer:
+def _too_large(receiver: Receiver, reason: str) -> Answer:
     metrics.COUNTS.delivery("too_large")
+    receiver.rejections.note("too_large", reason)
     return _error(413, "too_large", reason)
 
 
@@ -237,14 +259,16 @@ def _verified_events(
         return decode_events(verified.payload, received_at)
     except SignatureError as error:
         metrics.COUNTS.delivery("bad_signature", error.reason)
-        logger.warning(
-            "rejected delivery", extra={"request_id": request_id, "reason": error.reason}
-        )
+        receiver.rejections.note("bad_signature", error.reason, request_id)
         return _error(401, "invalid_signature", error.reason)
     except BadPayloadError as error:
-        metrics.COUNTS.delivery("bad_request")
-        logger.warning("rejected payload", extra={"request_id": request_id, "reason": error.reason})
-        return _error(400, "bad_payload", error.reason)
+        return _bad_payload(receiver, error, request_id)
+
+
+def _bad_payload(receiver: Receiver, error: BadPayloadError, request_id: str) -> Answer:
+    metrics.COUNTS.delivery("bad_request")
+    receiver.rejections.note("bad_request", error.reason, request_id)
+    return _error(400, "bad_payload", error.reason)
 
 
 def _unavailable(request_id: str, error: Exception) -> Answer:
@@ -304,11 +328,27 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_head_bytes=settings.max_header_bytes or default_max_head_bytes(settings.max_body_bytes),
+        keep_alive_s=settings.keep_alive_timeout_s,
+        head_timeout_s=settings.head_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
+
+
 def create_app(settings: Settings | None = None, *, own_logging: bool = True) -> Starlette:
-    """The receiver app; ``own_logging=False`` leaves logging to the host (tests, embedding)."""
+    """The receiver app; ``own_logging=False`` leaves logging to the host (tests, embedding).
+
+    It also sets the connection limits of :class:`receiver.protocol.HttpProtocol`, the
+    protocol the receiver is served with: uvicorn builds the app before it accepts.
+    """
     settings = settings or Settings()
     if own_logging:  # now, not in the lifespan: uvicorn's start-up lines are JSON too
         configure_logging(settings.log_level, settings.log_format)
+    limits = connection_limits(settings)
+    HttpProtocol.limits = limits
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

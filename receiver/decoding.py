@@ -9,6 +9,9 @@ import orjson
 from hrflow_webhooks.events import Event
 
 MAX_EVENTS_PER_DELIVERY = 1_000
+# HrFlow's names are a few dozen ASCII characters; a type is logged and counted by name.
+MAX_TYPE_CHARS = 128
+TOO_DEEP = "signed payload nests too deep to be queued (orjson writes at most 255 levels)"
 
 
 class BadPayloadError(ValueError):
@@ -25,7 +28,26 @@ def _checked_event(item: Any, position: str) -> dict[str, Any]:
     event_type = item.get("type")
     if not isinstance(event_type, str) or not event_type.strip():
         raise BadPayloadError(f"{position} has no 'type' string")
+    if len(event_type) > MAX_TYPE_CHARS or not (event_type.isascii() and event_type.isprintable()):
+        raise BadPayloadError(
+            f"{position} has a 'type' that is not printable ASCII of at most {MAX_TYPE_CHARS} "
+            "characters"
+        )
     return item
+
+
+def _events(items: list[Any], received_at: float, single: bool) -> list[Event]:
+    try:
+        return [
+            Event.from_payload(
+                _checked_event(item, "payload" if single else f"element {i}"), received_at
+            )
+            for i, item in enumerate(items)
+        ]
+    except orjson.JSONEncodeError:
+        # orjson reads 1,024 levels of nesting but writes 255: the event id (and the queued
+        # job) could not be written, so the payload cannot be queued.
+        raise BadPayloadError(TOO_DEEP) from None
 
 
 def decode_events(payload: bytes, received_at: float) -> list[Event]:
@@ -35,14 +57,11 @@ def decode_events(payload: bytes, received_at: float) -> list[Event]:
     except orjson.JSONDecodeError:
         raise BadPayloadError("signed payload is not valid JSON") from None
     if isinstance(data, dict):
-        return [Event.from_payload(_checked_event(data, "payload"), received_at)]
+        return _events([data], received_at, single=True)
     if not isinstance(data, list):
         raise BadPayloadError("signed payload is neither a JSON object nor an array of objects")
     if not data:
         raise BadPayloadError("signed payload is an empty array")
     if len(data) > MAX_EVENTS_PER_DELIVERY:
         raise BadPayloadError(f"more than {MAX_EVENTS_PER_DELIVERY} events in one delivery")
-    return [
-        Event.from_payload(_checked_event(item, f"element {i}"), received_at)
-        for i, item in enumerate(data)
-    ]
+    return _events(data, received_at, single=False)

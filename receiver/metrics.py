@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from hrflow_webhooks.events import KNOWN_EVENT_NAMES, Event
 from hrflow_webhooks.queue import COALESCED, DUPLICATE, QUEUED
+from receiver.protocol import CLOSED
 
 ENQUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -80,6 +81,16 @@ class ReceiverCollector(Collector):
             ["canonical_type", "queued"],
             self.counts.events,
         )
+        closed = CounterMetricFamily(
+            "hrflow_webhook_connections_closed",
+            "Connections the receiver closed itself, by why: header_too_large (431), "
+            "head_timeout and body_timeout (408), idle, evicted (to make room under "
+            "HRFLOW_MAX_CONNECTIONS), over_capacity.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(CLOSED.items()):
+            closed.add_metric([reason], count)
+        yield closed
         yield self._enqueue_histogram()
         yield GaugeMetricFamily(
             "hrflow_webhook_requests_in_flight",

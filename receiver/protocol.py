@@ -1,4 +1,24 @@
-"""uvicorn's httptools protocol, writing each response in one ``send()`` instead of two.
+"""uvicorn's httptools protocol, guarded against hostile clients, writing each response in one
+``send()`` instead of two.
+
+**The guard.** The receiver listens on a public URL: any client may open connections
+and send bytes without the secret. httptools buffers a header of any size (its cost
+grows with the square of the size), and uvicorn closes neither a connection that
+never sends a request nor one that sends it a byte at a time. :class:`HttpProtocol`
+adds, per server (:class:`ConnectionGuard`):
+
+- a limit on the request head (request line and headers), counted as bytes arrive:
+  past ``max_head_bytes`` the client gets ``431`` and the connection is closed, with
+  at most the limit buffered;
+- deadlines: a new or kept-alive connection must start a request within
+  ``keep_alive_s``, send its head within ``head_timeout_s`` and its body within
+  ``body_timeout_s`` (``408``, then closed). One sweep a second checks them all, so
+  the hot path pays an attribute write per phase, not a timer;
+- a cap on open connections, below the file-descriptor limit: past it, the connection
+  idle or waiting for bytes the longest is closed to make room, so a flood of slow
+  connections cannot keep a real delivery from connecting.
+
+**One write per response.**
 
 uvicorn writes a response's status line and headers as soon as the app starts
 the response, then the body in a second write. Every write to a TCP socket is
@@ -18,9 +38,16 @@ Serve the receiver with it: ``uvicorn receiver.app:app --http receiver.protocol:
 from __future__ import annotations
 
 import asyncio
+import collections
+import enum
+import resource
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from receiver.rejections import REJECTIONS
 
 # Past this many bytes held, writes go out at once: uvicorn pauses a sender whose client reads
 # slowly only once the real transport's buffer passes its high-water mark (64 KiB by default),
@@ -106,20 +133,236 @@ class CoalescingTransport(asyncio.Transport):
         self.transport.set_write_buffer_limits(high, low)
 
 
+# File descriptors kept free below the process's limit for what is not a client connection:
+# the Redis pools, the listening sockets, log files, the event loop's own.
+FD_HEADROOM = 64
+# Room in the request head for the request line and the headers other than the signature.
+HEAD_ALLOWANCE_BYTES = 16_384
+# The signature header's parts other than the payload: python-sdk's base64url hex digest
+# (88 characters, the longest variant) and the dot.
+SIGNATURE_PART_BYTES = 89
+SWEEP_INTERVAL_S = 1.0
+# After a refusal, what the client still sends is read and dropped for this long (or up to
+# LINGER_BYTES) before closing: closing with unread data would reset the connection, and the
+# client could lose the answer that says why (nginx's lingering close).
+LINGER_S = 2.0
+LINGER_BYTES = 4 * 1_048_576
+
+
+def default_max_head_bytes(max_body_bytes: int) -> int:
+    """A head that can carry the signature header of a ``max_body_bytes`` payload.
+
+    HrFlow's signature header holds the whole payload, base64url-encoded (4 bytes per 3),
+    after the signature part; the rest of a request head fits in ``HEAD_ALLOWANCE_BYTES``.
+    """
+    return 4 * -(-max_body_bytes // 3) + SIGNATURE_PART_BYTES + HEAD_ALLOWANCE_BYTES
+
+
+def default_max_connections() -> int:
+    """The open-file limit less ``FD_HEADROOM``: accepting never fails for lack of a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65_536
+    return max(16, soft - FD_HEADROOM)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_head_bytes: int = default_max_head_bytes(1_048_576)
+    keep_alive_s: float = 5.0
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = field(default_factory=default_max_connections)
+
+
+class Phase(enum.IntEnum):
+    IDLE = 0  # no request yet, or between two requests of a kept-alive connection
+    HEAD = 1  # reading the request line and headers
+    BODY = 2  # reading the body
+    BUSY = 3  # the request is read; the application has it
+    CLOSING = 4  # refused: the answer is sent, what the client still sends is read and dropped
+
+
+# Why the guard closed connections, counted for /metrics (receiver.metrics).
+CLOSED: collections.Counter[str] = collections.Counter()
+HEAD_TOO_LARGE = "request head exceeds HRFLOW_MAX_HEADER_BYTES"
+HEAD_LATE = "request head not received in time"
+BODY_LATE = "request body not received in time"
+
+
+def _closed(why: str, reason: str) -> None:
+    CLOSED[why] += 1
+    REJECTIONS.note(why, reason)
+
+
+class ConnectionGuard:
+    """The open connections of one server, their deadlines and their cap."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: ConnectionLimits) -> None:
+        self.loop = loop
+        self.limits = limits
+        # Insertion order is the order of last activity (see touch()): the first is the
+        # connection that has done nothing for the longest.
+        self.connections: dict[HttpProtocol, None] = {}
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def admit(self, protocol: HttpProtocol) -> bool:
+        """Register a new connection; False when it must be closed (every other is busy)."""
+        self.connections[protocol] = None
+        if self._sweeping is None:
+            self._sweeping = self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
+        if len(self.connections) <= self.limits.max_connections:
+            return True
+        victim = next((c for c in self.connections if c.phase != Phase.BUSY), protocol)
+        if victim is not protocol:
+            _closed("evicted", "connection limit reached: the longest-idle connection was closed")
+            victim.close_connection()
+            return True
+        _closed("over_capacity", "connection limit reached and every connection busy")
+        return False
+
+    def touch(self, protocol: HttpProtocol) -> None:
+        """The connection finished a request: it becomes the most recently active."""
+        connections = self.connections
+        if protocol in connections:
+            del connections[protocol]
+            connections[protocol] = None
+
+    def leave(self, protocol: HttpProtocol) -> None:
+        self.connections.pop(protocol, None)
+
+    def sweep(self) -> None:
+        self._sweeping = None
+        now, limits = self.loop.time(), self.limits
+        for protocol in list(self.connections):
+            waited = now - protocol.phase_since
+            phase = protocol.phase
+            if phase == Phase.IDLE and waited > limits.keep_alive_s:
+                CLOSED["idle"] += 1  # the normal end of a kept-alive connection: not logged
+                protocol.close_connection()
+            elif phase == Phase.HEAD and waited > limits.head_timeout_s:
+                _closed("head_timeout", HEAD_LATE)
+                protocol.refuse(408, "request_timeout", HEAD_LATE)
+            elif phase == Phase.BODY and waited > limits.body_timeout_s:
+                _closed("body_timeout", BODY_LATE)
+                protocol.refuse(408, "request_timeout", BODY_LATE)
+            elif phase == Phase.CLOSING and waited > LINGER_S:
+                protocol.close_connection()
+        if self.connections:
+            self._sweeping = self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
+
+
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a :class:`CoalescingTransport`."""
+    """uvicorn's httptools protocol over a :class:`CoalescingTransport`, guarded.
+
+    ``limits`` is the process's, set once by the app factory (``receiver.app``) before
+    the server accepts a connection.
+    """
+
+    limits = ConnectionLimits()
+
+    def __init__(self, config: Any, server_state: ServerState, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, server_state, *args, **kwargs)
+        self.timeout_keep_alive = int(self.limits.keep_alive_s)
+        self.guard = _guard_of(server_state, self.loop, self.limits)
+        self.phase = Phase.IDLE
+        self.phase_since = 0.0
+        self.head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.coalescing = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
         super().connection_made(self.coalescing)
+        self.phase_since = self.loop.time()
+        if not self.guard.admit(self):
+            self.close_connection()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase >= Phase.BODY:  # the body's size is the application's to limit
+            if self.phase == Phase.CLOSING:
+                self.head_bytes += len(data)
+                if self.head_bytes > LINGER_BYTES:
+                    self.close_connection()
+                return
+            super().data_received(data)
+            return
+        room = self.limits.max_head_bytes - self.head_bytes
+        if len(data) <= room:
+            self.head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Feed only what fits: if the head is not complete within it, it is too large.
+        super().data_received(data[:room])
+        if self.phase < Phase.BODY and not self.transport.is_closing():
+            _closed("header_too_large", HEAD_TOO_LARGE)
+            self.refuse(431, "header_too_large", HEAD_TOO_LARGE)
+        elif not self.transport.is_closing():
+            self.data_received(data[room:])
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.phase, self.phase_since = Phase.HEAD, self.loop.time()
+
+    def on_headers_complete(self) -> None:
+        self.phase, self.phase_since, self.head_bytes = Phase.BODY, self.loop.time(), 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.phase = Phase.BUSY
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         # uvicorn calls this right after writing the last part of a response: send it now.
         self.coalescing.flush()
+        if self.phase == Phase.BUSY:
+            self.phase, self.phase_since = Phase.IDLE, self.loop.time()
+            self.guard.touch(self)
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The peer reset the connection mid-response: uvicorn does not close the transport
         # then, and a flush scheduled for the next step would write to a closed handle.
         self.coalescing.discard()
+        self.guard.leave(self)
         super().connection_lost(exc)
+
+    def close_connection(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def refuse(self, status: int, error: str, reason: str) -> None:
+        """Answer ``status`` and close, unless a response is under way (then only close)."""
+        if self.transport.is_closing() or self.phase == Phase.CLOSING:
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the application's answer, if any, is dropped
+        body = b'{"error":"%s","reason":"%s"}' % (error.encode(), reason.encode())
+        self.transport.write(
+            b"".join(
+                (
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                )
+            )
+        )
+        if not self.transport.can_write_eof():  # TLS: no half-close, so no lingering either
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.phase, self.phase_since, self.head_bytes = Phase.CLOSING, self.loop.time(), 0
+
+
+def _guard_of(
+    server_state: ServerState, loop: asyncio.AbstractEventLoop, limits: ConnectionLimits
+) -> ConnectionGuard:
+    guard: ConnectionGuard | None = getattr(server_state, "hrflow_guard", None)
+    if guard is None:
+        guard = ConnectionGuard(loop, limits)
+        server_state.hrflow_guard = guard  # type: ignore[attr-defined]
+    return guard

@@ -44,7 +44,10 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
 
 def signed_headers(payload: Any, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
     """The HrFlow Python SDK's scheme, computed here independently of the product."""
-    body = json.dumps(payload).encode()
+    return signed_body_headers(json.dumps(payload).encode(), secret)
+
+
+def signed_body_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
     hex_digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
     header = base64.urlsafe_b64encode(hex_digest) + b"." + base64.urlsafe_b64encode(body)
     return {"HTTP-HRFLOW-SIGNATURE": header.decode(), "Content-Type": "application/json"}

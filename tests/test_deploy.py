@@ -24,7 +24,7 @@ from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hrflow_webhooks.cli import app as cli_app
-from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL, h11_max_incomplete_event_size
+from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
 from hrflow_webhooks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,11 +80,12 @@ def check_receiver_command(argv: list[str]) -> None:
     assert params["http"] == RECEIVER_HTTP_PROTOCOL
     assert issubclass(import_from_string(params["http"]), HttpToolsProtocol)
     assert params["proxy_headers"] is True
-    assert params["forwarded_allow_ips"] == "*"
+    # Whom to trust for X-Forwarded-For comes from FORWARDED_ALLOW_IPS (uvicorn's variable,
+    # loopback by default), never from a flag that trusts every client.
+    assert params["forwarded_allow_ips"] is None
     assert params["workers"] == 3  # WEB_CONCURRENCY from the test's environment
-    # The payload travels base64-encoded in the signature header: the limit must fit it.
-    needed = h11_max_incomplete_event_size(Settings().max_body_bytes)
-    assert params["h11_max_incomplete_event_size"] >= needed
+    # No flag that only h11 reads: the head limit is HttpProtocol's (HRFLOW_MAX_HEADER_BYTES).
+    assert not any(arg.startswith("--h11") for arg in argv)
 
 
 ENV = {"PORT": "8000", "WEB_CONCURRENCY": "3"}

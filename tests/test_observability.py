@@ -418,7 +418,9 @@ def _assert_the_story_is_logged(lines: list[dict[str, Any]], event_id: str) -> N
         (event_id, "profile.parsing.success")
     }
     assert all("request_id" in q and "duration_ms" in q for q in queued)
-    assert by_message["rejected delivery"][0]["reason"].startswith("signature does not match")
+    rejected = by_message["rejected request"][0]
+    assert rejected["outcome"] == "bad_signature"
+    assert rejected["reason"].startswith("signature does not match")
     failed = {(f["handler"], f["outcome"], f["job_try"]) for f in by_message["handler failed"]}
     assert failed == {("fail_permanently", "failed", 1), ("fail_every_time", "retry", 1),
                       ("fail_every_time", "retry", 2)}  # fmt: skip

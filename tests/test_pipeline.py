@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,15 @@ from redis.asyncio import Redis
 from hrflow_webhooks.queue import QueueKeys
 from tests.processes import ROOT
 from tests.redis_server import RedisServer, free_port
-from tests.service import drain, make_settings, parsing_event, receiver, recorder, signed_headers
+from tests.service import (
+    drain,
+    make_settings,
+    parsing_event,
+    receiver,
+    recorder,
+    signed_body_headers,
+    signed_headers,
+)
 from workers.registry import Registry
 
 
@@ -260,21 +269,18 @@ async def test_a_callers_request_id_is_echoed_only_when_short_and_printable(
     assert len(answers[1]) == len(answers[2]) == 32  # our own ids instead
 
 
-async def test_a_large_event_in_the_header_fits_uvicorns_parser(
+async def test_an_event_in_the_header_fits_up_to_the_body_limit_and_is_refused_past_it(
     redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
 ) -> None:
-    """The payload travels base64-encoded in the signature header: 500 KB → ~670 KB header."""
-    settings = make_settings(redis_server.url)  # default HRFLOW_MAX_BODY_BYTES: 1 MiB
-    big = parsing_event("big", message="x" * 500_000)
+    """The payload travels base64-encoded in the signature header (4/3 of its size): the head
+    limit leaves room for a payload of HRFLOW_MAX_BODY_BYTES, and no more gets through."""
+    settings = make_settings(redis_server.url, max_body_bytes=100_000)
     async with receiver(settings) as server:
-        async with session.post(
-            f"{server.url}/webhook", data=b"{}", headers=signed_headers(big)
-        ) as r:
-            assert r.status == 202
-        bigger = parsing_event("bigger", message="x" * 900_000)
-        headers = signed_headers(bigger)
-        async with session.post(f"{server.url}/webhook", data=b"{}", headers=headers) as r:
-            assert r.status == 413
+        for size, status in ((95_000, 202), (110_000, 413), (200_000, 431)):
+            event = parsing_event(f"big-{size}", message="x" * size)
+            headers = signed_headers(event)
+            async with session.post(f"{server.url}/webhook", data=b"{}", headers=headers) as r:
+                assert r.status == status, size
     assert await redis.zcard(QueueKeys(settings.queue_name).queue) == 1
 
 
@@ -289,3 +295,28 @@ def test_the_receiver_refuses_to_start_without_a_webhook_secret(redis_server: Re
     assert result.returncode != 0
     assert "HRFLOW_WEBHOOK_SECRET is not set" in result.stderr
     assert "Application startup failed" in result.stderr
+
+
+async def test_deeply_nested_or_oddly_typed_signed_payloads_get_400_with_a_reason_never_5xx(
+    redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    """orjson reads 1,024 levels and writes 255: every depth gets 202 or a 400 saying why."""
+    settings = make_settings(redis_server.url)
+    statuses: dict[int, int] = {}
+    async with receiver(settings) as server:
+        for depth in (*range(248, 260), 300, 1_000, 1_023, 1_024, 1_030):
+            event = json.dumps(parsing_event(f"deep-{depth}")).encode()
+            data = event[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+            headers = signed_body_headers(data)
+            async with session.post(f"{server.url}/webhook", data=data, headers=headers) as r:
+                status, body = r.status, await r.json()
+            statuses[depth] = status
+            assert status in (202, 400), (depth, status, body)
+            if status == 400:
+                assert "nest" in body["reason"] or "not valid JSON" in body["reason"]
+        for event_type in ("x" * 129, "profile.parsing.success\nforged line", "profilé.update"):
+            status, body = await server.post(session, {**parsing_event(), "type": event_type})
+            assert (status, body["error"]) == (400, "bad_payload")
+            assert "printable ASCII" in body["reason"]
+    assert statuses[248] == 202
+    assert statuses[300] == 400

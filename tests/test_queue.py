@@ -17,8 +17,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     COALESCED,
+    COUNT_UNROUTED_SCRIPT,
     DUPLICATE,
+    OTHER_TYPES,
     QUEUED,
+    UNROUTED_TYPES_MAX,
     EventQueue,
     PackedArguments,
     QueueKeys,
@@ -262,3 +265,15 @@ async def test_only_identical_notifications_merge(redis: Redis, queue: EventQueu
     from_api = Event.from_payload({**update, "origin": "api"})
     assert from_web.subject == from_api.subject
     assert await queue.enqueue_events([from_web, from_api]) == [QUEUED, QUEUED]
+
+
+async def test_the_unrouted_table_holds_a_bounded_number_of_types(redis: Redis) -> None:
+    keys = QueueKeys("hrflow:unrouted-test")
+    count = redis.register_script(COUNT_UNROUTED_SCRIPT)
+    for n in range(UNROUTED_TYPES_MAX + 44):
+        await count(keys=[keys.unrouted], args=[f"signed.type.{n}", UNROUTED_TYPES_MAX])
+    await count(keys=[keys.unrouted], args=["signed.type.0", UNROUTED_TYPES_MAX])
+    table = await redis.hgetall(keys.unrouted)  # type: ignore[misc]
+    assert len(table) == UNROUTED_TYPES_MAX + 1
+    assert table[OTHER_TYPES.encode()] == b"44"
+    assert table[b"signed.type.0"] == b"2"  # a type already in the table is still counted

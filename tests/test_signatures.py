@@ -107,7 +107,8 @@ def test_rotation_accepts_old_and_new_secret_and_nothing_else() -> None:
         (b"a.b.c", "not '<signature>.<payload>'"),
         (b".payload", "not '<signature>.<payload>'"),
         (b"sig.", "not '<signature>.<payload>'"),
-        (b"sig.%%%not-base64%%%", "payload part"),
+        (base64.urlsafe_b64encode(b"0" * 64) + b".%%%not-base64%%%", "payload part"),
+        (b"sig.eyJ0eXBlIjoieCJ9", "form of no accepted variant"),
         (b"%%%.eyJ0eXBlIjoieCJ9", "signature part"),
     ],
 )

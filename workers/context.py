@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from hrflow_webhooks.client.api import HrflowClient
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
+    COUNT_UNROUTED_SCRIPT,
     FINISH_RUN_SCRIPT,
     GIVE_BACK_TRY_SCRIPT,
     MARK_HANDLER_SCRIPT,
@@ -35,11 +36,13 @@ class WorkerServices:
     mark_handler_script: Any = field(init=False)  # redis-py's AsyncScript
     finish_run_script: Any = field(init=False)
     give_back_try_script: Any = field(init=False)
+    count_unrouted_script: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.mark_handler_script = self.redis.register_script(MARK_HANDLER_SCRIPT)
         self.finish_run_script = self.redis.register_script(FINISH_RUN_SCRIPT)
         self.give_back_try_script = self.redis.register_script(GIVE_BACK_TRY_SCRIPT)
+        self.count_unrouted_script = self.redis.register_script(COUNT_UNROUTED_SCRIPT)
 
 
 class EventLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -51,6 +51,7 @@ from hrflow_webhooks.queue import (
     PARK_MS,
     RUN_MARKERS_LIFETIME_S,
     SKIPPED,
+    UNROUTED_TYPES_MAX,
     QueueKeys,
 )
 from workers import metrics
@@ -276,7 +277,9 @@ class EventRun:
         return {h.name: h for h in registered if h.accepts_source(source_key)}
 
     async def _unrouted(self) -> str:
-        await self.services.redis.hincrby(self.keys.unrouted, self.event.canonical_type, 1)  # type: ignore[misc]
+        await self.services.count_unrouted_script(
+            keys=[self.keys.unrouted], args=[self.event.canonical_type, UNROUTED_TYPES_MAX]
+        )
         metrics.handler_outcome(self.event.canonical_type, "-", "unrouted")
         logger.info("no handler for event type", extra={**self.log_fields, "outcome": "unrouted"})
         return await self._finish("unrouted")

@@ -1,0 +1,193 @@
+"""The connection guard (receiver.protocol): head limit, deadlines and the connection cap,
+checked against the receiver app served by uvicorn with HttpProtocol on loopback, with raw
+sockets so each test controls every byte the client sends and when.
+
+Deadlines are set to a second or two here; the tests wait for the outcome by polling,
+with room to spare, and never assert how fast it came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+from uvicorn.server import ServerState
+
+from receiver.protocol import CLOSED, ConnectionLimits, HttpProtocol, default_max_head_bytes
+from receiver.rejections import RejectionLog
+from tests.redis_server import RedisServer
+from tests.service import (
+    eventually,
+    make_settings,
+    parsing_event,
+    queued_event_ids,
+    receiver,
+    signed_headers,
+)
+from tests.test_protocol import RecordingTransport, json_202
+
+WAIT_S = 15.0  # far above any deadline used here: only a broken guard waits this long
+
+
+@contextlib.asynccontextmanager
+async def connection(url: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def answer_of(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of the one response the server sends before closing."""
+    raw = await asyncio.wait_for(reader.read(), WAIT_S)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(reader.read(), WAIT_S) == b""
+    return True
+
+
+def head(content_length: int, *extra: bytes) -> bytes:
+    lines = [b"POST /webhook HTTP/1.1", b"host: test", b"content-length: %d" % content_length]
+    return b"\r\n".join([*lines, *extra]) + b"\r\n\r\n"
+
+
+async def deliver(http: aiohttp.ClientSession, url: str, key: str) -> int:
+    event = parsing_event(key)
+    data = json.dumps(event)
+    async with http.post(f"{url}/webhook", data=data, headers=signed_headers(event)) as r:
+        return r.status
+
+
+def test_the_default_head_limit_holds_the_signature_header_of_a_max_size_payload() -> None:
+    body_limit = 1_048_576
+    payload_part = 4 * -(-body_limit // 3)  # base64url of the payload, padded
+    assert default_max_head_bytes(body_limit) >= payload_part + 1 + 88 + 8_192
+
+
+async def test_a_head_past_the_limit_gets_431_having_buffered_no_more_than_the_limit(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url, max_header_bytes=65_536)
+    before = CLOSED["header_too_large"]
+    async with receiver(settings) as server, connection(server.url) as (reader, writer):
+        writer.write(b"POST /webhook HTTP/1.1\r\nx-junk: ")
+        sent = 0
+        while not reader.at_eof() and sent < 64 * 1_048_576:  # a 64 MiB header, streamed
+            writer.write(b"a" * 65_536)
+            sent += 65_536
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            if reader._buffer:  # type: ignore[attr-defined]  # the answer has arrived
+                break
+        status, body = await answer_of(reader)
+        assert (status, body["error"]) == (431, "header_too_large")
+        assert sent < 64 * 1_048_576, "the server read the whole header before answering"
+        assert await deliver(http, server.url, "after-431") == 202
+    assert CLOSED["header_too_large"] == before + 1
+
+
+async def test_the_protocol_feeds_the_parser_no_more_than_the_head_limit() -> None:
+    """One read far past the limit: httptools sees only the limit, then the 431 goes out."""
+    config = uvicorn.Config(json_202, http=HttpProtocol, log_level="warning", lifespan="off")
+    config.load()
+    protocol = HttpProtocol(config, ServerState(), app_state={})
+    protocol.limits = ConnectionLimits(max_head_bytes=4_096)
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /webhook HTTP/1.1\r\nx-junk: " + b"a" * 10_000_000)
+    protocol.coalescing.flush()
+    fed = sum(len(name) + len(value) for name, value in protocol.headers or [])
+    assert fed <= 4_096
+    assert transport.writes[0].startswith(b"HTTP/1.1 431 ")
+    protocol.connection_lost(None)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
+    redis_server: RedisServer,
+) -> None:
+    settings = make_settings(redis_server.url, keep_alive_timeout_s=1)
+    async with receiver(settings) as server, connection(server.url) as (reader, _):
+        assert await closed_by_server(reader)
+
+
+async def test_a_head_sent_a_byte_at_a_time_gets_408_at_the_head_deadline(
+    redis_server: RedisServer,
+) -> None:
+    settings = make_settings(redis_server.url, head_timeout_s=1)
+    async with receiver(settings) as server, connection(server.url) as (reader, writer):
+        for byte in head(2):  # slowloris: well inside the keep-alive timeout each time
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if reader.at_eof() or reader._buffer:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.1)
+        status, body = await answer_of(reader)
+        assert (status, body["reason"]) == (408, "request head not received in time")
+
+
+async def test_a_stalled_body_gets_408_at_the_body_deadline_and_nothing_is_queued(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    settings = make_settings(redis_server.url, body_timeout_s=1)
+    event = parsing_event("stalled")
+    data = json.dumps(event).encode()
+    signature = signed_headers(event)["HTTP-HRFLOW-SIGNATURE"].encode()
+    async with receiver(settings) as server, connection(server.url) as (reader, writer):
+        writer.write(head(len(data), b"http-hrflow-signature: " + signature) + data[:10])
+        status, body = await answer_of(reader)
+    assert (status, body["reason"]) == (408, "request body not received in time")
+    assert await queued_event_ids(redis) == []
+
+
+async def test_past_the_connection_cap_the_longest_idle_connection_makes_room(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """Slow connections fill the cap; a real delivery still connects and gets its 202."""
+    settings = make_settings(redis_server.url, max_connections=8, keep_alive_timeout_s=60)
+    before = CLOSED["evicted"]
+    async with receiver(settings) as server, contextlib.AsyncExitStack() as stack:
+        slow = [await stack.enter_async_context(connection(server.url)) for _ in range(8)]
+        for _, writer in slow:
+            writer.write(b"POST /webhook HTTP/1.1\r\n")  # and then nothing
+            await writer.drain()
+        assert await deliver(http, server.url, "through-the-cap") == 202
+        assert await closed_by_server(slow[0][0])  # the oldest slow connection went
+    assert CLOSED["evicted"] > before
+
+
+async def test_a_flood_of_rejections_is_counted_exactly_and_logged_in_two_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = RejectionLog(interval_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.receiver"):
+        for n in range(1_000):
+            log.note("bad_signature", "signature does not match", f"req-{n}")
+        log.note("too_large", "request body exceeds HRFLOW_MAX_BODY_BYTES")
+
+        async def summarised() -> bool:
+            return len(caplog.records) == 2
+
+        await eventually(summarised, timeout_s=WAIT_S)
+    first, summary = caplog.records
+    assert (first.outcome, first.request_id) == ("bad_signature", "req-0")  # type: ignore[attr-defined]
+    assert summary.rejected == {  # type: ignore[attr-defined]
+        "bad_signature: signature does not match": 999,
+        "too_large: request body exceeds HRFLOW_MAX_BODY_BYTES": 1,
+    }
