@@ -25,7 +25,13 @@ from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.settings import Settings
 from tests.redis_server import RedisServer
-from tests.service import ReceiverServer, make_settings, parsing_event, signed_headers
+from tests.service import (
+    METRICS_HEADERS,
+    ReceiverServer,
+    make_settings,
+    parsing_event,
+    signed_headers,
+)
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -92,7 +98,7 @@ async def sample(redis_url: str) -> tuple[str, str]:
     ):
         await send(server, session)
         await wait_until_drained(settings)
-        async with session.get(f"{server.url}/metrics") as response:
+        async with session.get(f"{server.url}/metrics", headers=METRICS_HEADERS) as response:
             receiver_text = await response.text()
         worker_url = f"http://127.0.0.1:{worker.ctx['metrics_server'].port}/metrics"
         async with session.get(worker_url) as response:

@@ -1,8 +1,10 @@
 """The deployment's health as an operator sees it: ``hrflow-webhooks check`` prints these
 problems and exits non-zero when there is any.
 
-Healthy means: Redis answers, at least one worker has reported recently, and
-no queued event has been due for longer than ``max_queue_age_s``. "Recently"
+Healthy means: Redis answers, at least one worker has reported recently, no
+queued event has been due for longer than ``max_queue_age_s``, and Redis can keep
+what is acknowledged (``hrflow_webhooks.durability``: persistence as required,
+memory under the high-water mark, no loss of data detected in the last hour). "Recently"
 is arq's own rule: every worker rewrites ``<queue name>:health-check`` each
 ``HRFLOW_HEALTH_CHECK_INTERVAL_S`` with a time-to-live one second longer, so
 the key exists exactly while some worker is alive and polling.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from hrflow_webhooks.durability import inspect_once
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.queue_stats import QueueStats, read_queue_stats
 from hrflow_webhooks.redis_setup import connect_redis
@@ -37,8 +40,9 @@ async def _problems(
 ) -> list[str]:
     worker_reported = bool(await redis.exists(keys.health_check))
     stats = await read_queue_stats(redis, keys)
+    durability = await inspect_once(redis, settings)
     problems = [] if worker_reported else [_no_worker(keys, settings)]
-    return problems + _queue_problems(stats, max_queue_age_s)
+    return problems + _queue_problems(stats, max_queue_age_s) + durability.problems()
 
 
 def _no_worker(keys: QueueKeys, settings: Settings) -> str:

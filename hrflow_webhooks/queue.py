@@ -41,6 +41,8 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:written:<h>:<src>:<key>``  a handler's write fingerprint (echo detection)
 ``<q>:lock:<h>:<name>``          a handler's lock across workers
 ``<q>:api-budget``               the HrFlow API rate budget (token bucket)
+``<q>:redis-marker``             start marker: gone or replaced means Redis lost its data
+``<q>:data-loss``                the notice of a detected loss (an hour)
 ``<q>:readyz``                   the receiver's readiness probe write
 ``<q>:health-check``             arq's worker health key
 ================================ ===============================================
@@ -190,6 +192,14 @@ class QueueKeys:
     @property
     def api_budget(self) -> str:
         return f"{self.queue}:api-budget"
+
+    @property
+    def start_marker(self) -> str:
+        return f"{self.queue}:redis-marker"
+
+    @property
+    def data_loss(self) -> str:
+        return f"{self.queue}:data-loss"
 
     @property
     def readiness_probe(self) -> str:

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     )
     queue_name: str = "hrflow:queue"
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    # The weakest persistence that does not count as a risk (hrflow_webhooks.durability).
+    redis_fsync: Literal["always", "everysec", "none"] = "everysec"
+    redis_memory_high_water: float = Field(default=0.9, gt=0, le=1)
+    durability_check_interval_s: float = Field(default=5.0, gt=0)
 
     # --- workers ------------------------------------------------------------------------------
     handlers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -100,6 +104,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    receiver_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Where the metrics servers listen: loopback unless a scraper elsewhere needs them.
+    metrics_host: str = "127.0.0.1"
+    # Set: the receiver also serves /metrics on the webhook port, to this bearer token only.
+    metrics_token: SecretStr | None = None
     check_max_queue_age_s: float = Field(default=300.0, gt=0)  # `check` fails past this
 
     @field_validator(

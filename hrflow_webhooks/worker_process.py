@@ -23,6 +23,7 @@ from collections.abc import Callable
 from arq import Worker
 from redis.exceptions import RedisError
 
+from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 
 logger = logging.getLogger("hrflow_webhooks.worker")
@@ -51,6 +52,7 @@ class WorkerLoop:
             self.worker.handle_sig(signal.Signals(signum))
 
     async def run(self) -> None:
+        await self._wait_for_redis()
         while not self._stop.is_set():
             error = await self._run_once()
             if self._stop.is_set():
@@ -63,6 +65,31 @@ class WorkerLoop:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _wait_for_redis(self) -> None:
+        """Say so, and keep trying, while Redis cannot be reached at start-up.
+
+        arq's own connection retries forever without a word (its client retries every
+        connection error), so a worker started before Redis, or pointed at the wrong one,
+        looked alive and did nothing.
+        """
+        redis = connect_redis(self.settings)
+        delay = self.restart_delay_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    await redis.ping()
+                    return
+                except (RedisError, OSError) as error:
+                    logger.error(
+                        "redis unreachable at start-up; retrying",
+                        extra={"error_type": type(error).__name__, "retry_in_s": delay},
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(RESTART_DELAY_MAX_S, delay * 2)
+        finally:
+            await redis.aclose()
 
     async def _run_once(self) -> BaseException | None:
         """One worker's life; the Redis error that ended it, or None after a stop."""

@@ -7,6 +7,7 @@ webhook secret and opens (and closes) the one Redis connection pool.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -25,10 +26,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import COALESCED, QUEUED, EventQueue
-from hrflow_webhooks.redis_setup import connect_redis, warn_on_unsafe_redis_config
+from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
 from receiver import metrics
@@ -65,13 +67,14 @@ class Receiver:
     secrets: tuple[bytes, ...]
     scheme: SchemeChoice
     max_body_bytes: int
+    durability: DurabilityWatch
     # Per app, not per process: each receiver logs its own first rejection at once.
     rejections: RejectionLog = field(default_factory=RejectionLog)
+    max_signature_bytes: int = field(init=False)  # the longest header of a payload that fits
 
-    @property
-    def max_signature_bytes(self) -> int:
-        """The longest signature header whose payload fits in ``max_body_bytes``."""
-        return default_max_head_bytes(self.max_body_bytes) - HEAD_ALLOWANCE_BYTES
+    def __post_init__(self) -> None:
+        longest = default_max_head_bytes(self.max_body_bytes) - HEAD_ALLOWANCE_BYTES
+        object.__setattr__(self, "max_signature_bytes", longest)
 
 
 class JSONResponse(Response):
@@ -220,6 +223,10 @@ class ReceiverApp(Starlette):
 async def _handle_delivery(
     receive: Receive, delivery: Delivery, receiver: Receiver, request_id: str
 ) -> Answer:
+    if receiver.durability.refusing_writes:
+        # Above the memory high-water mark: refuse before Redis must, so that the workers
+        # keep the room to claim and finish what is queued (HrFlow retries a 503).
+        return _unavailable(request_id, None)
     header = delivery.signature
     if header is not None and len(header) > receiver.max_signature_bytes:
         # A header that long carries a payload over the body limit (under another server than
@@ -241,7 +248,7 @@ async def _handle_delivery(
         # The job wraps the event in a few more levels than its id: at 253 to 255 levels the
         # id could be written but not the job (nothing was sent to Redis).
         return _bad_payload(receiver, BadPayloadError(TOO_DEEP), request_id)
-    return _queued(events, outcomes, request_id, received_at)
+    return _queued(receiver, events, outcomes, request_id, received_at)
 
 
 def _too_large(receiver: Receiver, reason: str) -> Answer:
@@ -271,23 +278,33 @@ def _bad_payload(receiver: Receiver, error: BadPayloadError, request_id: str) ->
     return _error(400, "bad_payload", error.reason)
 
 
-def _unavailable(request_id: str, error: Exception) -> Answer:
-    metrics.COUNTS.delivery("unavailable")
-    logger.error(
-        "queue unavailable", extra={"request_id": request_id, "error_type": type(error).__name__}
-    )
-    return _error(
-        503, "unavailable", "the event queue is unavailable; retry later", **{"retry-after": "5"}
-    )
+def _unavailable(request_id: str, error: Exception | None) -> Answer:
+    """503: Redis refused or did not answer, or (``error`` None) is over its memory mark."""
+    if error is None:
+        metrics.COUNTS.delivery("unavailable", "memory_high_water")
+        reason = "the event queue is nearly full; retry later"
+    else:
+        metrics.COUNTS.delivery("unavailable")
+        logger.error(
+            "queue unavailable",
+            extra={"request_id": request_id, "error_type": type(error).__name__},
+        )
+        reason = "the event queue is unavailable; retry later"
+    return _error(503, "unavailable", reason, **{"retry-after": "5"})
 
 
 def _queued(
-    events: list[Event], outcomes: list[int], request_id: str, received_at: float
+    receiver: Receiver,
+    events: list[Event],
+    outcomes: list[int],
+    request_id: str,
+    received_at: float,
 ) -> Answer:
     enqueue_s = time.time() - received_at
     counts = metrics.COUNTS
     counts.enqueued_in(enqueue_s)
     queued, coalesced = outcomes.count(QUEUED), outcomes.count(COALESCED)
+    receiver.durability.acknowledged(queued)
     duplicates = len(events) - queued - coalesced
     counts.delivery("queued" if queued else "coalesced" if coalesced else "duplicate")
     counts.events_received(events, outcomes)
@@ -318,14 +335,38 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when Redis answers and accepts a write (a read-only replica is not ready)."""
+    """Ready when Redis answers, accepts a write (a read-only replica is not ready) and is
+    under its memory high-water mark. ``?strict``: also when nothing puts acknowledged
+    events at risk (persistence as required, no recent loss of data)."""
     receiver: Receiver = request.app.state.receiver
     try:
         await receiver.queue.redis.set(receiver.queue.keys.readiness_probe, "1", ex=10)
     except (RedisError, OSError) as error:
-        content = {"error": "unavailable", "reason": f"redis: {type(error).__name__}"}
-        return JSONResponse(content, status_code=503)
+        return _not_ready([f"redis: {type(error).__name__}"])
+    state = receiver.durability.state
+    if state is not None and state.over_high_water:
+        return _not_ready([state.memory_problem()])
+    if "strict" in request.query_params:
+        if state is None or not receiver.durability.reachable:
+            return _not_ready(["redis durability not checked yet"])
+        if problems := state.problems():
+            return _not_ready(problems)
     return JSONResponse({"status": "ready"})
+
+
+def _not_ready(problems: list[str]) -> Response:
+    content = {"error": "unavailable", "reason": problems[0], "problems": problems}
+    return JSONResponse(content, status_code=503)
+
+
+async def _serve_metrics(settings: Settings) -> asyncio.Server | None:
+    port = settings.receiver_metrics_port
+    if port is None:
+        return None
+    server = await metrics.serve_metrics(settings.metrics_host, port)
+    bound = server.sockets[0].getsockname()[1]
+    logger.info(f"receiver metrics served on {settings.metrics_host}:{bound}")
+    return server
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -349,15 +390,19 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         configure_logging(settings.log_level, settings.log_format)
     limits = connection_limits(settings)
     HttpProtocol.limits = limits
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         secrets = settings.secret_bytes()  # no secret: refuse to start, with the reason
         redis: Redis = connect_redis(settings)
-        await warn_on_unsafe_redis_config(redis, logger)
+        durability = DurabilityWatch(redis, settings, "receiver")
+        await durability.look()  # logs what is wrong before the first delivery
+        durability.start()
+        metrics_server = await _serve_metrics(settings)
         queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
         app.state.receiver = Receiver(
-            queue, secrets, settings.signature_scheme, settings.max_body_bytes
+            queue, secrets, settings.signature_scheme, settings.max_body_bytes, durability
         )
         # What start-up built lives as long as the process. Freezing it keeps the cyclic
         # collector from re-scanning it on every full collection: ~20% of the receiver's CPU
@@ -366,6 +411,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.close()
+            await durability.stop()
             await queue.aclose()
             await redis.aclose()
 
@@ -373,7 +421,7 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         Route("/webhook", WebhookEndpoint(), methods=["POST"]),  # it enforces max_body_bytes
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics.endpoint),
+        Route("/metrics", metrics.endpoint(token)),
     ]
     return ReceiverApp(routes=routes, lifespan=lifespan)
 

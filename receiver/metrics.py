@@ -10,9 +10,11 @@ names, labels and exposition format stay prometheus_client's.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
-from collections.abc import Iterator, Mapping, Sequence
+import hmac
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import (
@@ -23,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from hrflow_webhooks.events import KNOWN_EVENT_NAMES, Event
 from hrflow_webhooks.queue import COALESCED, DUPLICATE, QUEUED
@@ -125,5 +127,48 @@ COUNTS = ReceiverCounts()
 REGISTRY.register(ReceiverCollector(COUNTS))
 
 
-async def endpoint(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+NOT_ON_THIS_PORT = (
+    "metrics are not served on the webhook port: scrape HRFLOW_RECEIVER_METRICS_PORT, or set "
+    "HRFLOW_METRICS_TOKEN and send it as a bearer token"
+)
+
+
+def endpoint(token: str | None) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /metrics`` on the public webhook port: only with the bearer token, when one is set."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def metrics(request: Request) -> Response:
+        if expected is None:
+            return JSONResponse({"error": "not_found", "reason": NOT_ON_THIS_PORT}, 404)
+        supplied = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(supplied, expected):
+            reason = "GET /metrics needs 'Authorization: Bearer <HRFLOW_METRICS_TOKEN>'"
+            return JSONResponse({"error": "unauthorized", "reason": reason}, 401)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+async def serve_metrics(host: str, port: int) -> asyncio.Server:
+    """``GET /metrics`` on a port of its own (``HRFLOW_RECEIVER_METRICS_PORT``), in the
+    receiver's event loop. The port is shared by the processes of ``--workers N``
+    (SO_REUSEPORT): each scrape reaches one of them, as on the webhook port."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            found = head.startswith((b"GET /metrics ", b"GET /metrics?"))
+            body = generate_latest() if found else b"not found\n"
+            status = b"200 OK" if found else b"404 Not Found"
+            content_type = CONTENT_TYPE_LATEST.encode() if found else b"text/plain"
+            writer.write(
+                b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, content_type, len(body), body)
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a scraper that went away, or not HTTP: nothing to answer
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host, port, reuse_port=True, limit=8_192)

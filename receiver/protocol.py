@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import resource
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -175,12 +174,13 @@ class ConnectionLimits:
     max_connections: int = field(default_factory=default_max_connections)
 
 
-class Phase(enum.IntEnum):
-    IDLE = 0  # no request yet, or between two requests of a kept-alive connection
-    HEAD = 1  # reading the request line and headers
-    BODY = 2  # reading the body
-    BUSY = 3  # the request is read; the application has it
-    CLOSING = 4  # refused: the answer is sent, what the client still sends is read and dropped
+# A connection's phase. Plain ints, not an enum: compared several times per request, and an
+# enum member lookup costs a descriptor call each time.
+IDLE = 0  # no request yet, or between two requests of a kept-alive connection
+HEAD = 1  # reading the request line and headers
+BODY = 2  # reading the body
+BUSY = 3  # the request is read; the application has it
+CLOSING = 4  # refused: the answer is sent, what the client still sends is read and dropped
 
 
 # Why the guard closed connections, counted for /metrics (receiver.metrics).
@@ -196,14 +196,19 @@ def _closed(why: str, reason: str) -> None:
 
 
 class ConnectionGuard:
-    """The open connections of one server, their deadlines and their cap."""
+    """The open connections of one server, their deadlines and their cap.
+
+    The hot path does not track phases: each sweep reads a connection's phase off
+    uvicorn's own request state (:meth:`HttpProtocol.phase`) and notes when it last
+    changed, so a deadline is measured from the first sweep that saw the phase (to within
+    ``SWEEP_INTERVAL_S``). Overriding the parser callbacks to time each phase cost the
+    receiver 13k instructions per delivery (callgrind, docs/benchmarks.md).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: ConnectionLimits) -> None:
         self.loop = loop
         self.limits = limits
-        # Insertion order is the order of last activity (see touch()): the first is the
-        # connection that has done nothing for the longest.
-        self.connections: dict[HttpProtocol, None] = {}
+        self.connections: dict[HttpProtocol, None] = {}  # in the order they were opened
         self._sweeping: asyncio.TimerHandle | None = None
 
     def admit(self, protocol: HttpProtocol) -> bool:
@@ -213,20 +218,18 @@ class ConnectionGuard:
             self._sweeping = self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
         if len(self.connections) <= self.limits.max_connections:
             return True
-        victim = next((c for c in self.connections if c.phase != Phase.BUSY), protocol)
-        if victim is not protocol:
-            _closed("evicted", "connection limit reached: the longest-idle connection was closed")
-            victim.close_connection()
-            return True
-        _closed("over_capacity", "connection limit reached and every connection busy")
-        return False
+        victim = self._longest_waiting(protocol)
+        if victim is None:
+            _closed("over_capacity", "connection limit reached and every connection busy")
+            return False
+        _closed("evicted", "connection limit reached: the longest-waiting connection was closed")
+        victim.close_connection()
+        return True
 
-    def touch(self, protocol: HttpProtocol) -> None:
-        """The connection finished a request: it becomes the most recently active."""
-        connections = self.connections
-        if protocol in connections:
-            del connections[protocol]
-            connections[protocol] = None
+    def _longest_waiting(self, newcomer: HttpProtocol) -> HttpProtocol | None:
+        """The connection that has waited for its client the longest (only past the cap)."""
+        waiting = [c for c in self.connections if c is not newcomer and c.phase() != BUSY]
+        return min(waiting, key=lambda c: c.phase_since, default=None)
 
     def leave(self, protocol: HttpProtocol) -> None:
         self.connections.pop(protocol, None)
@@ -235,21 +238,25 @@ class ConnectionGuard:
         self._sweeping = None
         now, limits = self.loop.time(), self.limits
         for protocol in list(self.connections):
+            phase = protocol.observe(now)
             waited = now - protocol.phase_since
-            phase = protocol.phase
-            if phase == Phase.IDLE and waited > limits.keep_alive_s:
+            if phase == IDLE and waited > limits.keep_alive_s:
                 CLOSED["idle"] += 1  # the normal end of a kept-alive connection: not logged
                 protocol.close_connection()
-            elif phase == Phase.HEAD and waited > limits.head_timeout_s:
+            elif phase == HEAD and waited > limits.head_timeout_s:
                 _closed("head_timeout", HEAD_LATE)
                 protocol.refuse(408, "request_timeout", HEAD_LATE)
-            elif phase == Phase.BODY and waited > limits.body_timeout_s:
+            elif phase == BODY and waited > limits.body_timeout_s:
                 _closed("body_timeout", BODY_LATE)
                 protocol.refuse(408, "request_timeout", BODY_LATE)
-            elif phase == Phase.CLOSING and waited > LINGER_S:
+            elif phase == CLOSING and waited > LINGER_S:
                 protocol.close_connection()
         if self.connections:
             self._sweeping = self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
+
+
+# uvicorn's data_received, called directly: super() costs a lookup per call on the hot path.
+_feed = HttpToolsProtocol.data_received
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -265,9 +272,31 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, *args, **kwargs)
         self.timeout_keep_alive = int(self.limits.keep_alive_s)
         self.guard = _guard_of(server_state, self.loop, self.limits)
-        self.phase = Phase.IDLE
+        self.head_bytes = 0  # of the request head being read
+        self.lingering = False  # refused: what the client still sends is dropped
+        # What the last sweep saw (phase and request), and since when.
+        self.phase_seen = IDLE
+        self.request_seen: object = None
         self.phase_since = 0.0
-        self.head_bytes = 0
+
+    def phase(self) -> int:
+        """Read off uvicorn's state: ``self.scope`` is the request being parsed (a new one at
+        each message begin), ``self.cycle`` the one whose head was complete last."""
+        if self.lingering:
+            return CLOSING
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not self.scope:
+            return HEAD if self.scope is not None and self.head_bytes else IDLE
+        if cycle.response_complete:
+            return IDLE
+        return BODY if cycle.more_body else BUSY
+
+    def observe(self, now: float) -> int:
+        """The phase now, noting ``now`` as its start when it differs from the last sweep's."""
+        phase, request = self.phase(), self.scope
+        if phase != self.phase_seen or request is not self.request_seen:
+            self.phase_seen, self.request_seen, self.phase_since = phase, request, now
+        return phase
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.coalescing = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
@@ -277,45 +306,46 @@ class HttpProtocol(HttpToolsProtocol):
             self.close_connection()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase >= Phase.BODY:  # the body's size is the application's to limit
-            if self.phase == Phase.CLOSING:
-                self.head_bytes += len(data)
-                if self.head_bytes > LINGER_BYTES:
-                    self.close_connection()
-                return
-            super().data_received(data)
+        if self.lingering:
+            self.head_bytes += len(data)
+            if self.head_bytes > LINGER_BYTES:
+                self.close_connection()
+            return
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.more_body
+            and cycle.scope is self.scope
+            and not cycle.response_complete
+        ):
+            _feed(self, data)  # a body: the application limits its size
             return
         room = self.limits.max_head_bytes - self.head_bytes
-        if len(data) <= room:
-            self.head_bytes += len(data)
-            super().data_received(data)
+        if len(data) > room:
+            self._head_too_large(data, room)
             return
-        # Feed only what fits: if the head is not complete within it, it is too large.
-        super().data_received(data[:room])
-        if self.phase < Phase.BODY and not self.transport.is_closing():
+        self.head_bytes += len(data)
+        _feed(self, data)
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            self.head_bytes = 0  # the head is complete: the next one is counted afresh
+
+    def _head_too_large(self, data: bytes, room: int) -> None:
+        """Feed only what fits: if the head does not end within it, it is too large."""
+        self.head_bytes += room
+        _feed(self, data[:room])
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            self.head_bytes = 0
+            if not self.transport.is_closing():
+                self.data_received(data[room:])
+        elif not self.transport.is_closing():
             _closed("header_too_large", HEAD_TOO_LARGE)
             self.refuse(431, "header_too_large", HEAD_TOO_LARGE)
-        elif not self.transport.is_closing():
-            self.data_received(data[room:])
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.phase, self.phase_since = Phase.HEAD, self.loop.time()
-
-    def on_headers_complete(self) -> None:
-        self.phase, self.phase_since, self.head_bytes = Phase.BODY, self.loop.time(), 0
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self.phase = Phase.BUSY
-        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         # uvicorn calls this right after writing the last part of a response: send it now.
         self.coalescing.flush()
-        if self.phase == Phase.BUSY:
-            self.phase, self.phase_since = Phase.IDLE, self.loop.time()
-            self.guard.touch(self)
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -331,7 +361,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def refuse(self, status: int, error: str, reason: str) -> None:
         """Answer ``status`` and close, unless a response is under way (then only close)."""
-        if self.transport.is_closing() or self.phase == Phase.CLOSING:
+        if self.transport.is_closing() or self.lingering:
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_started and not cycle.response_complete:
@@ -355,7 +385,8 @@ class HttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.transport.write_eof()
-        self.phase, self.phase_since, self.head_bytes = Phase.CLOSING, self.loop.time(), 0
+        self.lingering, self.head_bytes = True, 0
+        self.phase_seen, self.phase_since = CLOSING, self.loop.time()
 
 
 def _guard_of(

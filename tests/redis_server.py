@@ -29,9 +29,10 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, *args: str) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.args = args  # after the defaults: redis-server keeps the last value of an option
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,6 +50,7 @@ class RedisServer:
             "--appendfsync", "always",
             "--save", "",
             "--maxmemory-policy", "noeviction",
+            *self.args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -27,11 +27,15 @@ from workers.registry import Registry
 from workers.settings import create_worker
 
 WEBHOOK_SECRET = "test-webhook-secret"
+METRICS_TOKEN = "test-metrics-token"
+# The receiver's /metrics on the webhook port answers only this (HRFLOW_METRICS_TOKEN).
+METRICS_HEADERS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "webhook_secrets": WEBHOOK_SECRET,
+        "metrics_token": METRICS_TOKEN,
         "redis_url": redis_url,
         "retry_base_s": 0.05,
         "retry_max_s": 0.2,

@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,8 +27,9 @@ from uvicorn.server import ServerState
 
 from receiver.protocol import CLOSED, ConnectionLimits, HttpProtocol, default_max_head_bytes
 from receiver.rejections import RejectionLog
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.service import (
+    METRICS_HEADERS,
     eventually,
     make_settings,
     parsing_event,
@@ -191,3 +195,46 @@ async def test_a_flood_of_rejections_is_counted_exactly_and_logged_in_two_lines(
         "bad_signature: signature does not match": 999,
         "too_large: request body exceeds HRFLOW_MAX_BODY_BYTES": 1,
     }
+
+
+async def test_metrics_are_not_on_the_webhook_port_without_a_token_and_need_it_with_one(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url, metrics_token=None)
+    async with receiver(settings) as server, http.get(f"{server.url}/metrics") as response:
+        assert response.status == 404
+        assert "HRFLOW_RECEIVER_METRICS_PORT" in (await response.json())["reason"]
+    async with receiver(make_settings(redis_server.url)) as server:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with http.get(f"{server.url}/metrics", headers=headers) as response:
+                assert response.status == 401
+        async with http.get(f"{server.url}/metrics", headers=METRICS_HEADERS) as response:
+            assert response.status == 200
+            assert "hrflow_webhook_deliveries" in await response.text()
+
+
+async def test_the_metrics_ports_listen_on_loopback_by_default(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    settings = make_settings(redis_server.url, receiver_metrics_port=port)
+    assert settings.metrics_host == "127.0.0.1"
+    async with receiver(settings):
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            assert response.status == 200
+            assert "hrflow_redis_durability_ok" in await response.text()
+        listening = {conn.laddr for conn in _listening_sockets(port)}
+        assert listening == {("127.0.0.1", port)}
+
+
+def _listening_sockets(port: int) -> list[Any]:
+    """This process's TCP sockets listening on ``port``, read from /proc/net/tcp."""
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, state = fields[1], fields[3]
+        host_hex, port_hex = address.split(":")
+        if int(port_hex, 16) == port and state == "0A":  # LISTEN
+            host = socket.inet_ntoa(bytes.fromhex(host_hex)[::-1])
+            found.append(SimpleNamespace(laddr=(host, port)))
+    return found

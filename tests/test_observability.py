@@ -40,6 +40,7 @@ from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import (
+    METRICS_HEADERS,
     WEBHOOK_SECRET,
     ReceiverServer,
     make_settings,
@@ -93,7 +94,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def get_text(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(url) as response:
+    async with session.get(url, headers=METRICS_HEADERS) as response:
         assert response.status == 200
         return await response.text()
 
@@ -507,8 +508,12 @@ async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
     redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """``uvicorn receiver.app:app`` and ``hrflow-webhooks worker``, as separate processes."""
-    receiver_port, metrics_port = free_port(), free_port()
-    env = service_env(redis_server.url, worker_metrics_port=str(metrics_port))
+    receiver_port, metrics_port, receiver_metrics_port = free_port(), free_port(), free_port()
+    env = service_env(
+        redis_server.url,
+        worker_metrics_port=str(metrics_port),
+        receiver_metrics_port=str(receiver_metrics_port),
+    )
     uvicorn = [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", str(receiver_port)]
     worker = [sys.executable, "-m", "hrflow_webhooks.cli", "worker"]
     base = f"http://127.0.0.1:{receiver_port}"
@@ -518,13 +523,16 @@ async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
         service_process(uvicorn, env, tmp_path / "receiver.log"),
         service_process(worker, env, tmp_path / "worker.log"),
     ):
-        await scrape_when_up(session, f"{base}/metrics")
+        receiver_metrics = f"http://127.0.0.1:{receiver_metrics_port}/metrics"
+        await scrape_when_up(session, receiver_metrics)
+        async with session.get(f"{base}/metrics") as public:
+            assert public.status == 404  # no token set: not on the public port
         for event in events:
             async with session.post(
                 f"{base}/webhook", data=json.dumps(event), headers=signed_headers(event)
             ) as answer:
                 assert answer.status == 202
-        receiver_samples = await scrape_when_up(session, f"{base}/metrics")
+        receiver_samples = await scrape_when_up(session, receiver_metrics)
         await wait_until_drained(redis, make_settings(redis_server.url))
         worker_samples = await scrape_when_up(session, f"http://127.0.0.1:{metrics_port}/metrics")
 

@@ -16,6 +16,7 @@ from hrflow_webhooks.queue import QueueKeys
 from tests.processes import ROOT
 from tests.redis_server import RedisServer, free_port
 from tests.service import (
+    METRICS_HEADERS,
     drain,
     make_settings,
     parsing_event,
@@ -239,10 +240,10 @@ async def test_the_in_flight_gauge_counts_deliveries_waiting_on_redis(
         await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
         held = asyncio.create_task(server.post(session, parsing_event("held")))
         await asyncio.sleep(0.3)
-        async with session.get(f"{server.url}/metrics") as during:
+        async with session.get(f"{server.url}/metrics", headers=METRICS_HEADERS) as during:
             waiting = metric_value(await during.text(), "hrflow_webhook_requests_in_flight")
         status, body = await held
-        async with session.get(f"{server.url}/metrics") as after:
+        async with session.get(f"{server.url}/metrics", headers=METRICS_HEADERS) as after:
             done = metric_value(await after.text(), "hrflow_webhook_requests_in_flight")
     assert (waiting, done) == (1.0, 0.0)
     assert (status, body["queued"]) == (202, 1)

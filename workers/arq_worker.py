@@ -26,7 +26,7 @@ from typing import Any
 
 from arq import Worker as ArqWorker
 from arq.utils import timestamp_ms
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from hrflow_webhooks.queue import CLAIM_SCRIPT, PARK_MS, QueueKeys
 
@@ -84,6 +84,22 @@ class Worker(ArqWorker):
         task = self.loop.create_task(self.run_job(job_id, score))
         task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
         self.tasks[job_id] = task
+
+    async def record_health(self) -> None:
+        """arq's heartbeat, which a Redis out of memory no longer turns into a restart.
+
+        The heartbeat is a write: at ``maxmemory`` Redis refuses it, and arq's main loop
+        ended the worker, which came back and died again, draining nothing. The claim
+        and the run's own writes either succeed or fail alone, so the worker keeps
+        finishing (and so freeing) what it can; the durability watch reports the memory.
+        """
+        try:
+            await super().record_health()
+        except OutOfMemoryError:
+            logger.warning(
+                "heartbeat refused: redis is out of memory",
+                extra={"error_type": "OutOfMemoryError"},
+            )
 
     async def close(self) -> None:
         """arq's close(), which does not stop at a job task that ended in an error.

@@ -89,7 +89,9 @@ class WorkerMetricsServer:
         self.registry.register(REGISTRY)  # counters recorded anywhere in the process
         self.registry.register(self.queue)
         self.server: WSGIServer
-        self.server, self._thread = start_http_server(port, registry=self.registry)
+        self.server, self._thread = start_http_server(
+            port, addr=settings.metrics_host, registry=self.registry
+        )
 
     @property
     def port(self) -> int:
@@ -118,7 +120,7 @@ def start_worker_metrics(settings: Settings) -> WorkerMetricsServer | None:
     server = WorkerMetricsServer(settings, port)
     if port:
         _SERVERS[port] = server
-    logger.info(f"worker metrics served on port {server.port}")
+    logger.info(f"worker metrics served on {settings.metrics_host}:{server.port}")
     return server
 
 

@@ -1,0 +1,305 @@
+"""Watching, every few seconds, that Redis can still keep what the receiver acknowledged.
+
+A 202 is a promise that the event survives; Redis keeps it only while its
+configuration and its memory allow. Checked once at start-up, that promise
+broke silently: AOF switched off at run time, a Redis restarted without
+persistence (the whole queue gone, every health signal still "ok"), or memory
+at ``maxmemory`` (writes refused, workers unable to claim). So the receiver and
+every worker run a :class:`DurabilityWatch`, every
+``HRFLOW_DURABILITY_CHECK_INTERVAL_S``:
+
+- **configuration**: AOF on, ``appendfsync`` at least ``HRFLOW_REDIS_FSYNC``,
+  ``noeviction``, AOF writes succeeding (``INFO persistence``; ``CONFIG GET``
+  where the server allows it, as managed Redis often does not);
+- **memory**: used ÷ ``maxmemory`` against ``HRFLOW_REDIS_MEMORY_HIGH_WATER``.
+  Above it the receiver answers 503 before Redis refuses writes, which leaves
+  the workers room to claim and finish what is queued;
+- **a Redis that lost its data**: the service keeps a start marker in Redis
+  (a random token, no expiry). A marker missing or replaced while a process
+  had seen it means Redis came back without its data: the watch logs an ERROR
+  with how many events were queued at its last look, and records a notice in
+  Redis (``DATA_LOSS_NOTICE_S``) so that ``check`` and ``/readyz?strict``
+  report it to whoever looks next.
+
+Every risk is an ERROR log line when it appears (and an INFO line when it
+clears), the ``hrflow_redis_durability_ok`` gauge, ``GET /readyz?strict``
+and ``hrflow-webhooks check``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# How long a detected loss keeps `check` and /readyz?strict failing: long enough for any
+# alert on them to fire, short enough that the service is not marked broken forever.
+DATA_LOSS_NOTICE_S = 3_600
+FSYNC_STRENGTH = {"no": 0, "everysec": 1, "always": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """What one look at Redis found."""
+
+    risks: tuple[str, ...]  # sentences: why acknowledged events could be lost
+    memory_used: int
+    memory_max: int  # 0: no maxmemory
+    high_water: float
+    queued: int
+    loss_notice: str | None  # a loss detected in the last DATA_LOSS_NOTICE_S, said once
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.memory_used / self.memory_max if self.memory_max else 0.0
+
+    @property
+    def over_high_water(self) -> bool:
+        return self.memory_max > 0 and self.memory_ratio >= self.high_water
+
+    def problems(self) -> list[str]:
+        """Everything ``check`` and ``/readyz?strict`` fail on."""
+        found = list(self.risks)
+        if self.over_high_water:
+            found.append(self.memory_problem())
+        if self.loss_notice:
+            found.append(self.loss_notice)
+        return found
+
+    def memory_problem(self) -> str:
+        return (
+            f"redis memory is at {self.memory_ratio:.0%} of maxmemory, over the "
+            f"{self.high_water:.0%} high-water mark (HRFLOW_REDIS_MEMORY_HIGH_WATER): "
+            "deliveries get 503 until workers drain the queue or maxmemory is raised"
+        )
+
+
+async def _config(redis: Redis) -> dict[str, str]:
+    """CONFIG GET, or nothing where the server refuses it (managed Redis)."""
+    try:
+        found: dict[str, str] = await redis.config_get("append*")
+        found |= await redis.config_get("maxmemory-policy")
+    except ResponseError:
+        return {}
+    return found
+
+
+def configuration_risks(
+    persistence: dict[str, Any], config: dict[str, str], fsync: str
+) -> list[str]:
+    """Why this Redis could lose an acknowledged event; ``fsync`` is the weakest allowed."""
+    if fsync == "none":
+        return []
+    risks: list[str] = []
+    aof_on = config.get("appendonly", "yes" if persistence.get("aof_enabled") else "no") == "yes"
+    if not aof_on:
+        risks.append("AOF is off (appendonly no): a Redis restart loses every queued event")
+    appendfsync = config.get("appendfsync")
+    if (
+        aof_on
+        and appendfsync is not None
+        and FSYNC_STRENGTH.get(appendfsync, 0) < FSYNC_STRENGTH[fsync]
+    ):
+        risks.append(
+            f"appendfsync is '{appendfsync}', weaker than '{fsync}' (HRFLOW_REDIS_FSYNC): "
+            "a crash loses recent acknowledged events"
+        )
+    if aof_on and persistence.get("aof_last_write_status") == "err":
+        risks.append("AOF writes are failing (aof_last_write_status: err): check the disk")
+    policy = config.get("maxmemory-policy")
+    if policy is not None and policy != "noeviction":
+        risks.append(f"maxmemory-policy is '{policy}', not 'noeviction': Redis may evict jobs")
+    return risks
+
+
+class DurabilityWatch:
+    """One process's view of Redis durability, refreshed every ``interval_s``."""
+
+    def __init__(self, redis: Redis, settings: Settings, role: str) -> None:
+        self.redis = redis
+        self.keys = QueueKeys(settings.queue_name)
+        self.settings = settings
+        self.role = role
+        self.state: RedisState | None = None
+        self.reachable = True
+        # Read on the receiver's hot path: a plain attribute, set by each look.
+        self.refusing_writes = False
+        self._marker: bytes | None = None  # the start marker this process has seen
+        self._logged_risks: frozenset[str] = frozenset()
+        self._acknowledged_since_look = 0  # events this process queued since the last look
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        STATE.watches.add(self)
+
+    # --- what the receiver asks on its hot path -------------------------------------------
+    def acknowledged(self, events: int) -> None:
+        self._acknowledged_since_look += events
+
+    # --- the loop -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        STATE.watches.discard(self)
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        # The flag as well as the cancellation: redis-py can turn a cancellation that lands
+        # in a read into a connection error, which look() reports and survives.
+        while not self._stopping:
+            await self.look()
+            if not self._stopping:
+                await asyncio.sleep(self.settings.durability_check_interval_s)
+
+    async def look(self) -> RedisState | None:
+        """One look; logs what changed. None when Redis could not be read."""
+        try:
+            state = await self._inspect()
+        except (RedisError, OSError) as error:
+            if self._stopping:
+                return None  # a cancellation redis-py reported as a connection error
+            if self.reachable:
+                logger.error(
+                    "redis unreachable: durability cannot be checked",
+                    extra={"error_type": type(error).__name__, "endpoint": self.role},
+                )
+            self.reachable = False
+            return None
+        if not self.reachable:
+            logger.info("redis reachable again", extra={"endpoint": self.role})
+        self.reachable = True
+        self._log_changes(state)
+        self.state = state
+        self.refusing_writes = state.over_high_water
+        return state
+
+    async def _inspect(self) -> RedisState:
+        lost_before = await self._check_marker()
+        info = await self.redis.info("persistence") | await self.redis.info("memory")
+        config = await _config(self.redis)
+        queued = int(await self.redis.zcard(self.keys.queue))
+        self._acknowledged_since_look = 0
+        if lost_before is not None:
+            await self._record_loss(lost_before)
+        notice = await self.redis.get(self.keys.data_loss)
+        return RedisState(
+            risks=tuple(configuration_risks(info, config, self.settings.redis_fsync)),
+            memory_used=int(info.get("used_memory", 0)),
+            memory_max=int(info.get("maxmemory", 0)),
+            high_water=self.settings.redis_memory_high_water,
+            queued=queued,
+            loss_notice=notice.decode() if notice else None,
+        )
+
+    async def _check_marker(self) -> int | None:
+        """Events that may be gone when Redis lost its data since the last look, else None."""
+        fresh = secrets.token_hex(8).encode()
+        before: bytes | None = None
+        if not await self.redis.set(self.keys.start_marker, fresh, nx=True):
+            before = await self.redis.get(self.keys.start_marker)
+        seen, self._marker = self._marker, before or fresh
+        if seen is None:
+            if before is None:
+                logger.info(
+                    "start marker written: a new Redis, or one that lost its data while no "
+                    "process of this service was running",
+                    extra={"endpoint": self.role},
+                )
+            return None
+        if before == seen:
+            return None
+        queued_at_last_look = self.state.queued if self.state else 0
+        return queued_at_last_look + self._acknowledged_since_look
+
+    async def _record_loss(self, events_at_risk: int) -> None:
+        STATE.losses += 1
+        notice = (
+            f"redis lost its data (restarted without persistence, or flushed) at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: up to {events_at_risk} "
+            "acknowledged events may be gone; reconcile from HrFlow"
+        )
+        logger.error(
+            "redis lost its data: queued events may be gone",
+            extra={"risk": "data_lost", "events_at_risk": events_at_risk, "endpoint": self.role},
+        )
+        await self.redis.set(self.keys.data_loss, notice, ex=DATA_LOSS_NOTICE_S)
+
+    def _log_changes(self, state: RedisState) -> None:
+        now = frozenset(state.risks + ((state.memory_problem(),) if state.over_high_water else ()))
+        for risk in sorted(now - self._logged_risks):
+            logger.error(
+                "redis durability at risk",
+                extra={"risk": risk, "events_at_risk": state.queued, "endpoint": self.role},
+            )
+        for risk in sorted(self._logged_risks - now):
+            logger.info(
+                "redis durability risk cleared", extra={"risk": risk, "endpoint": self.role}
+            )
+        self._logged_risks = now
+
+
+async def inspect_once(redis: Redis, settings: Settings) -> RedisState:
+    """A look without the marker's history (``check``): configuration, memory, notices."""
+    watch = DurabilityWatch(redis, settings, "check")
+    try:
+        state = await watch._inspect()
+    finally:
+        await watch.stop()
+    return state
+
+
+@dataclass
+class _ProcessState:
+    watches: set[DurabilityWatch] = field(default_factory=set)
+    losses: int = 0
+
+
+STATE = _ProcessState()
+
+
+class DurabilityCollector(Collector):
+    """The process's watches as metrics (the receiver's /metrics, the worker's server)."""
+
+    def collect(self) -> Iterator[Metric]:
+        states = [w.state for w in STATE.watches if w.state is not None]
+        ok = GaugeMetricFamily(
+            "hrflow_redis_durability_ok",
+            "1 when Redis can keep what was acknowledged (persistence as required, memory under "
+            "the high-water mark, no recent data loss), else 0.",
+        )
+        ok.add_metric([], int(bool(states) and not any(s.problems() for s in states)))
+        yield ok
+        ratio = GaugeMetricFamily(
+            "hrflow_redis_memory_used_ratio", "Redis used_memory ÷ maxmemory (0: no maxmemory)."
+        )
+        ratio.add_metric([], max((s.memory_ratio for s in states), default=0.0))
+        yield ratio
+        lost = CounterMetricFamily(
+            "hrflow_redis_data_loss_detected",
+            "Times this process found that Redis had lost its data (start marker gone).",
+        )
+        lost.add_metric([], STATE.losses)
+        yield lost
+
+
+REGISTRY.register(DurabilityCollector())

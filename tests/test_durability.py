@@ -1,0 +1,261 @@
+"""Durability watched continuously (hrflow_webhooks.durability), with real redis-server
+processes of their own: each risk is reported within seconds by a log line, the metric,
+``/readyz?strict`` and ``hrflow-webhooks check``.
+
+The receiver under test looks every 0.3 s; the tests poll for the outcome and never assert
+how fast it came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
+
+from hrflow_webhooks.durability import DurabilityWatch, configuration_risks
+from hrflow_webhooks.health import check
+from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.worker_process import WorkerLoop
+from tests.redis_server import RedisServer
+from tests.service import (
+    ReceiverServer,
+    drain,
+    enqueue,
+    eventually,
+    make_settings,
+    parsing_event,
+    queued_event_ids,
+    recorder,
+)
+from workers.registry import Registry
+from workers.settings import create_worker
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+def watched(url: str, **overrides: object) -> Settings:
+    return make_settings(url, durability_check_interval_s=0.3, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[ReceiverServer]:
+    async with ReceiverServer(settings) as server:
+        yield server
+
+
+async def strict_readiness(
+    session: aiohttp.ClientSession, server: ReceiverServer
+) -> tuple[int, str]:
+    async with session.get(f"{server.url}/readyz?strict") as response:
+        body = await response.json()
+        return response.status, body.get("reason", "")
+
+
+def durability_ok() -> float | None:
+    return REGISTRY.get_sample_value("hrflow_redis_durability_ok")
+
+
+def risk_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.name == "hrflow_webhooks.durability" and "risk" in r.__dict__
+    ]
+
+
+def test_each_configuration_risk_is_named() -> None:
+    aof_on = {"aof_enabled": 1, "aof_last_write_status": "ok"}
+    safe = {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+    assert configuration_risks(aof_on, safe, "everysec") == []
+    (weak,) = configuration_risks(aof_on, safe, "always")
+    assert "appendfsync is 'everysec', weaker than 'always'" in weak
+    risks = configuration_risks({"aof_enabled": 0}, {}, "everysec")  # CONFIG refused
+    assert risks == ["AOF is off (appendonly no): a Redis restart loses every queued event"]
+    failing = configuration_risks({**aof_on, "aof_last_write_status": "err"}, safe, "everysec")
+    assert "AOF writes are failing" in failing[0]
+    evicting = configuration_risks(aof_on, {**safe, "maxmemory-policy": "allkeys-lru"}, "everysec")
+    assert "allkeys-lru" in evicting[0]
+    assert configuration_risks({"aof_enabled": 0}, {}, "none") == []
+
+
+async def test_aof_switched_off_at_run_time_is_reported_by_log_metric_readyz_and_check(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = watched(own_redis.url)
+    async with serving(settings) as server, aiohttp.ClientSession() as session:
+        assert await strict_readiness(session, server) == (200, "")
+        assert not [p for p in await check(settings, 300) if "AOF" in p]
+        async with Redis.from_url(own_redis.url) as redis:
+            await redis.config_set("appendonly", "no")
+        with caplog.at_level(logging.INFO, logger="hrflow_webhooks.durability"):
+
+            async def reported() -> bool:
+                return (await strict_readiness(session, server))[0] == 503
+
+            await eventually(reported, timeout_s=30)
+            _, reason = await strict_readiness(session, server)
+            assert "AOF is off" in reason
+            async with session.get(f"{server.url}/readyz") as plain:
+                assert plain.status == 200  # still taking deliveries: only the strict probe fails
+            assert durability_ok() == 0
+            assert any("AOF is off" in p for p in await check(settings, 300))
+            async with Redis.from_url(own_redis.url) as redis:
+                await redis.config_set("appendonly", "yes")
+
+            async def cleared() -> bool:
+                return (await strict_readiness(session, server))[0] == 200
+
+            await eventually(cleared, timeout_s=30)
+    risks = [(r.levelname, r.message, r.risk) for r in risk_lines(caplog)]  # type: ignore[attr-defined]
+    assert ("ERROR", "redis durability at risk", risks[0][2]) in risks
+    assert "AOF is off" in risks[0][2]
+    assert any(level == "INFO" and "cleared" in message for level, message, _ in risks)
+
+
+async def test_a_redis_restarted_without_its_data_is_reported_with_the_events_at_risk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis comes back empty (no persistence): the queue is gone, and the service says so."""
+    first = RedisServer(tmp_path / "before")
+    first.start()
+    settings = watched(first.url)
+    async with serving(settings) as server, aiohttp.ClientSession() as session:
+        async with Redis.from_url(first.url) as redis:
+            await enqueue(settings, redis, *(parsing_event(f"lost-{n}") for n in range(7)))
+            assert len(await queued_event_ids(redis)) == 7
+
+        async def seen_queue() -> bool:
+            state = _watch_of(server).state
+            return state is not None and state.queued == 7
+
+        await eventually(seen_queue, timeout_s=30)
+        first.kill()
+        empty = RedisServer(tmp_path / "after", first.port, "--appendonly", "no")
+        empty.start()
+        try:
+            with caplog.at_level(logging.ERROR, logger="hrflow_webhooks.durability"):
+
+                async def reported() -> bool:
+                    return any(r.message.startswith("redis lost its data") for r in caplog.records)
+
+                await eventually(reported, timeout_s=30)
+            (lost,) = [r for r in caplog.records if r.message.startswith("redis lost its data")]
+            assert lost.events_at_risk >= 7  # type: ignore[attr-defined]
+            status, reason = await strict_readiness(session, server)
+            assert status == 503
+            assert "AOF is off" in reason or "lost its data" in reason
+            problems = await check(settings, 300)
+            assert any("up to 7 acknowledged events may be gone" in p for p in problems)
+            assert REGISTRY.get_sample_value("hrflow_redis_data_loss_detected_total") >= 1  # type: ignore[operator]
+        finally:
+            empty.kill()
+
+
+def _watch_of(server: ReceiverServer) -> DurabilityWatch:
+    app = server.server.config.loaded_app
+    while not hasattr(app, "state"):  # uvicorn wraps the app in its middlewares
+        app = app.app
+    watch: DurabilityWatch = app.state.receiver.durability
+    return watch
+
+
+async def deliver_until_refused(
+    session: aiohttp.ClientSession, server: ReceiverServer, start: int, most: int
+) -> tuple[list[str], int]:
+    """Deliveries until the receiver answers 503; the keys it acknowledged, and the next n."""
+    acknowledged: list[str] = []
+    for n in range(start, start + most):
+        status, _ = await server.post(session, parsing_event(f"fill-{n}", message="x" * 200))
+        if status == 503:
+            return acknowledged, n + 1
+        assert status == 202, status
+        acknowledged.append(f"fill-{n}")
+    raise AssertionError(f"no 503 after {most} deliveries")
+
+
+async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliveries_resume(
+    tmp_path: Path,
+) -> None:
+    """Fill Redis to the high-water mark under load → 503s → a worker drains the queue to
+    empty → the receiver accepts again; every acknowledged event was handled."""
+    server_redis = RedisServer(tmp_path / "small", None, "--maxmemory", "4mb")
+    server_redis.start()
+    settings = watched(server_redis.url, redis_memory_high_water=0.7)
+    registry = Registry()
+    handled = recorder(registry, "profile.parsing.success")
+    try:
+        async with serving(settings) as server, aiohttp.ClientSession() as session:
+            acknowledged, n = await deliver_until_refused(session, server, 0, 20_000)
+            async with session.get(f"{server.url}/readyz") as ready:
+                assert ready.status == 503
+            assert len(acknowledged) > 500
+            await drain(settings, registry)
+            async with Redis.from_url(server_redis.url) as redis:
+                assert await queued_event_ids(redis) == []
+
+            async def accepting() -> bool:
+                status, _ = await server.post(session, parsing_event(f"after-{n}"))
+                return status == 202
+
+            await eventually(accepting, timeout_s=30)
+        assert {event.payload["profile"]["key"] for event in handled} >= set(acknowledged)
+    finally:
+        server_redis.kill()
+
+
+async def fill_past_maxmemory(redis: Redis) -> None:
+    """Ballast, then maxmemory set below what Redis uses: every write that grows it is refused."""
+    for n in range(4):
+        await redis.set(f"ballast:{n}", b"x" * 500_000)
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used - 200_000)
+    with pytest.raises(OutOfMemoryError):
+        await redis.set("one-more", "x")
+
+
+async def test_a_worker_meeting_an_out_of_memory_redis_keeps_running_and_drains_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its heartbeat refused (OOM), the worker used to end and restart in a loop."""
+    server_redis = RedisServer(tmp_path / "full")
+    server_redis.start()
+    settings = watched(server_redis.url, health_check_interval_s=1)
+    registry = Registry()
+    handled = recorder(registry, "profile.parsing.success")
+    loop = WorkerLoop(settings, lambda: create_worker(settings, registry, handle_signals=False))
+    running: asyncio.Task[None] | None = None
+    try:
+        async with Redis.from_url(server_redis.url) as redis:
+            await enqueue(settings, redis, *(parsing_event(f"oom-{n}") for n in range(5)))
+            await fill_past_maxmemory(redis)
+            with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.worker"):
+                running = asyncio.create_task(loop.run())
+
+                async def heartbeat_refused() -> bool:
+                    return any("out of memory" in r.message for r in caplog.records)
+
+                await eventually(heartbeat_refused, timeout_s=30)
+                await redis.delete(*await redis.keys("ballast:*"))  # room again
+
+                async def drained() -> bool:
+                    return len(handled) == 5
+
+                await eventually(drained, timeout_s=30)
+            assert loop.restarts == 0
+    finally:
+        loop.stop()
+        if running is not None:
+            await running
+        server_redis.kill()
