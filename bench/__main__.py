@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from bench import rows
+from bench import hostile_rows, rows
 from bench.procs import processes
 
 RESULTS = Path(__file__).with_name("results")
-ROWS = ("P1", "P5", "P3", "P4", "P2")
+ROWS = ("P1", "P5", "P3", "P4", "P2", "P6")
 
 
 def run(config: rows.Config, selected: set[str], log_level: str) -> dict[str, Any]:
@@ -42,6 +42,9 @@ def run(config: rows.Config, selected: set[str], log_level: str) -> dict[str, An
             results["P4"] = rows.p4_memory(procs, redis, config)
         if "P2" in selected:
             results["P2"] = p2_or_skip(procs, redis, config)
+        if "P6" in selected:
+            redis.flushall()
+            results["P6"] = hostile_rows.p6_hostile(procs, config)
         redis.close()
     return results
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,6 +32,55 @@ WEBHOOK_SECRET = "bench-webhook-secret"
 # counts that protocol's gain as the receiver's (the bare 202 has no body: one write either way).
 UVICORN_FLAGS = ("--loop", "uvloop", "--no-access-log")
 RECEIVER_APP = "receiver.app:app"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def expand(command: str, env: Mapping[str, str]) -> list[str]:
+    """The shell's ``${VAR:-default}`` / ``${VAR}`` expansion, then its word splitting."""
+
+    def value(match: re.Match[str]) -> str:
+        return env.get(match[1], match[2] or "")
+
+    return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", value, command))
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    entries = [line.split(":", 1) for line in lines if line.strip()]
+    return {name.strip(): command.strip() for name, command in entries}
+
+
+def deployed_web_command(port: int, open_files: int | None = None) -> list[str]:
+    """The Procfile's web line as a platform runs it (``PORT`` set), optionally under an
+    open-file limit (``ulimit -n``, as a small container or dyno has)."""
+    argv = expand(procfile()["web"], {"PORT": str(port)})
+    if open_files is None:
+        return argv
+    return ["sh", "-c", f'ulimit -n {open_files} && exec "$@"', "sh", *argv]
+
+
+def deployed_env(redis_url: str, secret: str) -> dict[str, str]:
+    """What a deployment sets: the secret and Redis, nothing else (every other setting default),
+    with this interpreter's scripts (uvicorn, hrflow-webhooks) on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HRFLOW_", "REDIS_"))}
+    return env | {
+        "REDIS_URL": redis_url,
+        "HRFLOW_WEBHOOK_SECRET": secret,
+        "PATH": f"{Path(PYTHON).parent}:{env.get('PATH', '')}",
+    }
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
 
 
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
@@ -145,13 +196,7 @@ class Processes:
         return process, f"http://127.0.0.1:{port}"
 
     def stop(self, process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        terminate(process, timeout_s)
         if process in self.children:
             self.children.remove(process)
 

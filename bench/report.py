@@ -102,6 +102,33 @@ def table_rows(rows: dict[str, Any]) -> list[str]:
                     f"harness) "
                     f"| {commands:.1f} | | report | |"
                 )
+    lines += _p6_rows(rows.get("P6"))
+    return lines
+
+
+def _p6_rows(p6: dict[str, Any] | None) -> list[str]:
+    if p6 is None:
+        return []
+    calm = p6["scenarios"]["no attack"]
+    lines = []
+    for name, result in p6["scenarios"].items():
+        if name == "no attack":
+            continue
+        lines.append(
+            f"| P6 {name} | good deliveries under attack, deployed web line, 1,024 open files "
+            f"(success, p99) | no attack: {calm['success_rate']:.0%}, {calm['p99_ms']:.0f} ms "
+            f"| {result['success_rate']:.0%}, {result['p99_ms']:.0f} ms "
+            f"| {result['success_ratio']:.2f}x, p99 {result['p99_ratio']:.1f}x "
+            f"| success 1.00x | {_met(result['success_ratio'], 1.0)} |"
+        )
+    rejection = p6["rejection"]
+    lines.append(
+        f"| P6 rejection | receiver CPU per refused bad-signature delivery, "
+        f"{rejection['payload_bytes'] // 1024} KB payload in the header "
+        f"| accepted, same size: {rejection['accept_cpu_us']:,.0f} µs "
+        f"| {rejection['refuse_cpu_us']:,.0f} µs | {rejection['ratio']:.2f}x | ≤ 1x "
+        f"| {_met(rejection['ratio'], 1.0, lower_is_better=True)} |"
+    )
     return lines
 
 

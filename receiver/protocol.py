@@ -227,9 +227,11 @@ class ConnectionGuard:
         return True
 
     def _longest_waiting(self, newcomer: HttpProtocol) -> HttpProtocol | None:
-        """The connection that has waited for its client the longest (only past the cap)."""
+        """The connection that has waited for its client the longest (only past the cap): idle
+        the longest, or with the oldest request still not read. A real delivery takes
+        milliseconds, so it is never the one."""
         waiting = [c for c in self.connections if c is not newcomer and c.phase() != BUSY]
-        return min(waiting, key=lambda c: c.phase_since, default=None)
+        return min(waiting, key=HttpProtocol.waiting_since, default=None)
 
     def leave(self, protocol: HttpProtocol) -> None:
         self.connections.pop(protocol, None)
@@ -239,7 +241,7 @@ class ConnectionGuard:
         now, limits = self.loop.time(), self.limits
         for protocol in list(self.connections):
             phase = protocol.observe(now)
-            waited = now - protocol.phase_since
+            waited = now - protocol.waiting_since()
             if phase == IDLE and waited > limits.keep_alive_s:
                 CLOSED["idle"] += 1  # the normal end of a kept-alive connection: not logged
                 protocol.close_connection()
@@ -278,6 +280,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.phase_seen = IDLE
         self.request_seen: object = None
         self.phase_since = 0.0
+        self.request_since = 0.0  # when the request being read sent its first byte
 
     def phase(self) -> int:
         """Read off uvicorn's state: ``self.scope`` is the request being parsed (a new one at
@@ -290,6 +293,11 @@ class HttpProtocol(HttpToolsProtocol):
         if cycle.response_complete:
             return IDLE
         return BODY if cycle.more_body else BUSY
+
+    def waiting_since(self) -> float:
+        """Since when this connection has been waiting for its client: the first byte of the
+        request being read (heads and bodies), else the phase's start as the sweep saw it."""
+        return self.request_since if self.phase() in (HEAD, BODY) else self.phase_since
 
     def observe(self, now: float) -> int:
         """The phase now, noting ``now`` as its start when it differs from the last sweep's."""
@@ -320,6 +328,8 @@ class HttpProtocol(HttpToolsProtocol):
         ):
             _feed(self, data)  # a body: the application limits its size
             return
+        if not self.head_bytes:
+            self.request_since = self.loop.time()  # a new request's first bytes
         room = self.limits.max_head_bytes - self.head_bytes
         if len(data) > room:
             self._head_too_large(data, room)

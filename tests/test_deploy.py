@@ -23,27 +23,13 @@ from starlette.routing import Route
 from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bench.procs import expand, procfile
 from hrflow_webhooks.cli import app as cli_app
 from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
 from hrflow_webhooks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM_VARIABLES = {"PORT", "WEB_CONCURRENCY"}
-
-
-def expand(command: str, env: dict[str, str]) -> list[str]:
-    """The shell's ``${VAR:-default}`` / ``${VAR}`` expansion, then its word splitting."""
-
-    def value(match: re.Match[str]) -> str:
-        return env.get(match[1], match[2] or "")
-
-    return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", value, command))
-
-
-def procfile() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    entries = [line.split(":", 1) for line in lines if line.strip()]
-    return {name.strip(): command.strip() for name, command in entries}
 
 
 def dockerfile() -> list[tuple[str, str]]:

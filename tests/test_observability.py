@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from bench.procs import terminate
 from hrflow_webhooks.client_metrics import record_api_call, record_rate_wait
 from hrflow_webhooks.errors import PermanentError
 from hrflow_webhooks.events import Event
@@ -488,12 +489,7 @@ def service_process(command: list[str], env: dict[str, str], log: Path) -> Itera
         try:
             yield
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            terminate(process, timeout_s=30)
 
 
 async def scrape_when_up(session: aiohttp.ClientSession, url: str) -> Samples:
