@@ -272,7 +272,6 @@ class HttpProtocol(HttpToolsProtocol):
 
     def __init__(self, config: Any, server_state: ServerState, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, server_state, *args, **kwargs)
-        self.timeout_keep_alive = int(self.limits.keep_alive_s)
         self.guard = _guard_of(server_state, self.loop, self.limits)
         self.head_bytes = 0  # of the request head being read
         self.lingering = False  # refused: what the client still sends is dropped
@@ -354,9 +353,17 @@ class HttpProtocol(HttpToolsProtocol):
             self.refuse(431, "header_too_large", HEAD_TOO_LARGE)
 
     def on_response_complete(self) -> None:
+        """uvicorn's, less its keep-alive timer: the guard's sweep closes idle connections,
+        and a timer armed and cancelled per request cost more than the check it replaces."""
         # uvicorn calls this right after writing the last part of a response: send it now.
         self.coalescing.flush()
-        super().on_response_complete()
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The peer reset the connection mid-response: uvicorn does not close the transport

@@ -186,7 +186,7 @@ async def deliver_until_refused(
 
 
 async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliveries_resume(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Fill Redis to the high-water mark under load → 503s → a worker drains the queue to
     empty → the receiver accepts again; every acknowledged event was handled."""
@@ -197,9 +197,14 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
     handled = recorder(registry, "profile.parsing.success")
     try:
         async with serving(settings) as server, aiohttp.ClientSession() as session:
-            acknowledged, n = await deliver_until_refused(session, server, 0, 20_000)
+            with caplog.at_level(logging.ERROR, logger="hrflow_webhooks.durability"):
+                acknowledged, n = await deliver_until_refused(session, server, 0, 20_000)
             async with session.get(f"{server.url}/readyz") as ready:
                 assert ready.status == 503
+                assert "high-water mark" in (await ready.json())["reason"]
+            assert durability_ok() == 0
+            assert any("high-water mark" in p for p in await check(settings, 300))
+            assert any("high-water mark" in r.risk for r in risk_lines(caplog))  # type: ignore[attr-defined]
             assert len(acknowledged) > 500
             await drain(settings, registry)
             async with Redis.from_url(server_redis.url) as redis:

@@ -131,6 +131,20 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_ti
         assert await closed_by_server(reader)
 
 
+async def test_a_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """uvicorn's own keep-alive timer is not armed (HttpProtocol): the sweep closes it."""
+    settings = make_settings(redis_server.url, keep_alive_timeout_s=1)
+    async with receiver(settings) as server, connection(server.url) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        assert await closed_by_server(reader)
+
+
 async def test_a_head_sent_a_byte_at_a_time_gets_408_at_the_head_deadline(
     redis_server: RedisServer,
 ) -> None:
