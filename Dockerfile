@@ -33,4 +33,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
   CMD if grep -q uvicorn /proc/1/cmdline; then python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "http://127.0.0.1:${PORT}/healthz"; else hrflow-webhooks check; fi
 
 # exec: uvicorn is PID 1 and gets SIGTERM itself, so running requests finish on stop.
-CMD ["sh", "-c", "exec uvicorn receiver.app:app --http receiver.protocol:HttpProtocol --host 0.0.0.0 --port \"${PORT}\" --proxy-headers --workers \"${WEB_CONCURRENCY}\""]
+CMD ["sh", "-c", "exec uvicorn receiver.app:app --http receiver.protocol:HttpProtocol --host 0.0.0.0 --port \"${PORT}\" --proxy-headers --no-access-log --workers \"${WEB_CONCURRENCY}\""]

@@ -41,7 +41,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -193,14 +193,17 @@ class DurabilityWatch:
         self.refusing_writes = state.over_high_water
         return state
 
-    async def _inspect(self) -> RedisState:
-        lost_before = await self._check_marker()
+    async def _inspect(self, write: bool = True) -> RedisState:
+        """Reads first: at maxmemory or on a read-only replica the writes below are refused,
+        and what the reads found is what must be reported then."""
         info = await self.redis.info("persistence") | await self.redis.info("memory")
         config = await _config(self.redis)
         queued = int(await self.redis.zcard(self.keys.queue))
-        self._acknowledged_since_look = 0
-        if lost_before is not None:
-            await self._record_loss(lost_before)
+        if write:
+            lost_before = await self._check_marker()
+            self._acknowledged_since_look = 0
+            if lost_before is not None:
+                await self._record_loss(lost_before)
         notice = await self.redis.get(self.keys.data_loss)
         return RedisState(
             risks=tuple(configuration_risks(info, config, self.settings.redis_fsync)),
@@ -213,11 +216,17 @@ class DurabilityWatch:
 
     async def _check_marker(self) -> int | None:
         """Events that may be gone when Redis lost its data since the last look, else None."""
-        fresh = secrets.token_hex(8).encode()
-        before: bytes | None = None
-        if not await self.redis.set(self.keys.start_marker, fresh, nx=True):
-            before = await self.redis.get(self.keys.start_marker)
-        seen, self._marker = self._marker, before or fresh
+        before: bytes | None = await self.redis.get(self.keys.start_marker)
+        if before is None:
+            fresh = secrets.token_hex(8).encode()
+            try:
+                if not await self.redis.set(self.keys.start_marker, fresh, nx=True):
+                    before = await self.redis.get(self.keys.start_marker)  # another process's
+            except (OutOfMemoryError, ReadOnlyError):
+                fresh = b""  # not written: a later look writes it
+        else:
+            fresh = before
+        seen, self._marker = self._marker, (before or fresh or None)
         if seen is None:
             if before is None:
                 logger.info(
@@ -242,7 +251,8 @@ class DurabilityWatch:
             "redis lost its data: queued events may be gone",
             extra={"risk": "data_lost", "events_at_risk": events_at_risk, "endpoint": self.role},
         )
-        await self.redis.set(self.keys.data_loss, notice, ex=DATA_LOSS_NOTICE_S)
+        with contextlib.suppress(OutOfMemoryError, ReadOnlyError):  # the log line has it
+            await self.redis.set(self.keys.data_loss, notice, ex=DATA_LOSS_NOTICE_S)
 
     def _log_changes(self, state: RedisState) -> None:
         now = frozenset(state.risks + ((state.memory_problem(),) if state.over_high_water else ()))
@@ -259,10 +269,11 @@ class DurabilityWatch:
 
 
 async def inspect_once(redis: Redis, settings: Settings) -> RedisState:
-    """A look without the marker's history (``check``): configuration, memory, notices."""
+    """A read-only look (``check``): configuration, memory and a recorded loss. It writes
+    nothing: the marker is the running processes' to keep."""
     watch = DurabilityWatch(redis, settings, "check")
     try:
-        state = await watch._inspect()
+        state = await watch._inspect(write=False)
     finally:
         await watch.stop()
     return state

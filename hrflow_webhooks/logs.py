@@ -47,8 +47,37 @@ LOGGED_FIELDS = (
 MAX_FIELD_CHARS = 200
 
 
+MAX_MESSAGE_CHARS = 1_000
+
+
 def _bounded(value: Any) -> Any:
     return value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
+
+
+def _bounded_message(record: logging.LogRecord) -> str:
+    """The message, cut: a library's line may quote what a client sent (a path, a header)."""
+    return record.getMessage()[:MAX_MESSAGE_CHARS]
+
+
+class OncePerInterval(logging.Filter):
+    """Lets a given warning through once per ``interval_s``: uvicorn logs one per bad
+    request ("Invalid HTTP request received."), which a flood would turn into gigabytes."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key, now = str(record.msg), time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            return False
+        if len(self._last) > 1_000:
+            self._last.clear()
+        self._last[key] = now
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,7 +86,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _bounded_message(record),
         }
         for name in LOGGED_FIELDS:
             value = record.__dict__.get(name)
@@ -77,9 +106,8 @@ class TextFormatter(logging.Formatter):
             if record.__dict__.get(name) is not None
         )
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        return (
-            f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()} {fields}".rstrip()
-        )
+        message = _text_value(_bounded_message(record))
+        return f"{stamp} {record.levelname:<7} {record.name}: {message} {fields}".rstrip()
 
 
 def _text_value(value: Any) -> str:
@@ -116,6 +144,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         # uvicorn pins its loggers at INFO: unpinned, HRFLOW_LOG_LEVEL governs them like ours
         # (else each delivery is logged twice, access line included, even at WARNING).
         logger.setLevel(logging.NOTSET)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, OncePerInterval) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(OncePerInterval())
     # On the logger, not a handler: it then holds whatever handlers arq's own CLI adds later.
     arq_worker = logging.getLogger("arq.worker")
     if not any(isinstance(f, DropJobArguments) for f in arq_worker.filters):

@@ -95,6 +95,7 @@ def receiver_command(host: str, port: int) -> list[str]:
         "--http", RECEIVER_HTTP_PROTOCOL,
         "--host", host,
         "--port", str(port),
+        "--no-access-log",
     ]  # fmt: skip
 
 

@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     # Unset: room for the signature header of a max_body_bytes payload (receiver.protocol).
     max_header_bytes: int | None = Field(default=None, ge=4096)
     keep_alive_timeout_s: float = Field(default=5.0, gt=0)
-    head_timeout_s: float = Field(default=10.0, gt=0)
-    body_timeout_s: float = Field(default=30.0, gt=0)
+    head_timeout_s: float = Field(default=30.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
     # Unset: the process's open-file limit less a headroom (receiver.protocol).
     max_connections: int | None = Field(default=None, ge=1)
     dedup_window_s: int = Field(default=86_400, ge=1)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from arq import Worker
 from redis.exceptions import RedisError
 
+from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 
@@ -138,9 +139,23 @@ def run_worker(settings: Settings, factory: WorkerFactory) -> None:
 
 
 async def serve_worker(settings: Settings, factory: WorkerFactory) -> None:
-    """Run the loop until SIGINT or SIGTERM."""
+    """Run the loop until SIGINT or SIGTERM, with the process's durability watch.
+
+    One watch per process, outside the worker's life: a worker rebuilt after a Redis error
+    keeps the start marker it saw (so a Redis that came back empty is reported), and a
+    worker whose shutdown hooks never ran (arq skips them when Redis refuses its last
+    write) leaks no watch. It has a fail-fast connection of its own: arq's pool retries
+    forever, so a watch on it would wait through an outage instead of reporting it.
+    """
     loop = WorkerLoop(settings, factory)
     running = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         running.add_signal_handler(signum, loop.stop, signum)
-    await loop.run()
+    redis = connect_redis(settings)
+    durability = DurabilityWatch(redis, settings, "worker")
+    durability.start()
+    try:
+        await loop.run()
+    finally:
+        await durability.stop()
+        await redis.aclose()

@@ -135,6 +135,8 @@ class CoalescingTransport(asyncio.Transport):
 # File descriptors kept free below the process's limit for what is not a client connection:
 # the Redis pools, the listening sockets, log files, the event loop's own.
 FD_HEADROOM = 64
+# A webhook receiver needs few connections at once; containers often allow a million files.
+MAX_DEFAULT_CONNECTIONS = 4_096
 # Room in the request head for the request line and the headers other than the signature.
 HEAD_ALLOWANCE_BYTES = 16_384
 # The signature header's parts other than the payload: python-sdk's base64url hex digest
@@ -158,19 +160,20 @@ def default_max_head_bytes(max_body_bytes: int) -> int:
 
 
 def default_max_connections() -> int:
-    """The open-file limit less ``FD_HEADROOM``: accepting never fails for lack of a descriptor."""
+    """The open-file limit less ``FD_HEADROOM`` (accepting never fails for lack of a
+    descriptor), and at most ``MAX_DEFAULT_CONNECTIONS``."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        soft = 65_536
-    return max(16, soft - FD_HEADROOM)
+        soft = MAX_DEFAULT_CONNECTIONS + FD_HEADROOM
+    return max(16, min(MAX_DEFAULT_CONNECTIONS, soft - FD_HEADROOM))
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     max_head_bytes: int = default_max_head_bytes(1_048_576)
     keep_alive_s: float = 5.0
-    head_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
+    head_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
     max_connections: int = field(default_factory=default_max_connections)
 
 
@@ -179,7 +182,7 @@ class ConnectionLimits:
 IDLE = 0  # no request yet, or between two requests of a kept-alive connection
 HEAD = 1  # reading the request line and headers
 BODY = 2  # reading the body
-BUSY = 3  # the request is read; the application has it
+BUSY = 3  # the request is read; the application has it, or its answer is being written
 CLOSING = 4  # refused: the answer is sent, what the client still sends is read and dropped
 
 
@@ -188,6 +191,7 @@ CLOSED: collections.Counter[str] = collections.Counter()
 HEAD_TOO_LARGE = "request head exceeds HRFLOW_MAX_HEADER_BYTES"
 HEAD_LATE = "request head not received in time"
 BODY_LATE = "request body not received in time"
+END_OF_HEAD = b"\r\n\r\n"
 
 
 def _closed(why: str, reason: str) -> None:
@@ -198,11 +202,11 @@ def _closed(why: str, reason: str) -> None:
 class ConnectionGuard:
     """The open connections of one server, their deadlines and their cap.
 
-    The hot path does not track phases: each sweep reads a connection's phase off
-    uvicorn's own request state (:meth:`HttpProtocol.phase`) and notes when it last
-    changed, so a deadline is measured from the first sweep that saw the phase (to within
-    ``SWEEP_INTERVAL_S``). Overriding the parser callbacks to time each phase cost the
-    receiver 13k instructions per delivery (callgrind, docs/benchmarks.md).
+    The hot path does not track phases: each sweep reads a connection's phase off its
+    own state and uvicorn's (:meth:`HttpProtocol.phase`) and notes when it last changed.
+    Heads and bodies are timed from the request's first byte; idle and busy connections
+    from the first sweep that saw them so (to within ``SWEEP_INTERVAL_S``). Overriding the
+    parser callbacks to time each phase cost the receiver 13k instructions per delivery.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: ConnectionLimits) -> None:
@@ -218,20 +222,21 @@ class ConnectionGuard:
             self._sweeping = self.loop.call_later(SWEEP_INTERVAL_S, self.sweep)
         if len(self.connections) <= self.limits.max_connections:
             return True
-        victim = self._longest_waiting(protocol)
+        victim = self._oldest_waiting(protocol)
         if victim is None:
             _closed("over_capacity", "connection limit reached and every connection busy")
             return False
-        _closed("evicted", "connection limit reached: the longest-waiting connection was closed")
+        _closed("evicted", "connection limit reached: the oldest waiting connection was closed")
         victim.close_connection()
         return True
 
-    def _longest_waiting(self, newcomer: HttpProtocol) -> HttpProtocol | None:
-        """The connection that has waited for its client the longest (only past the cap): idle
-        the longest, or with the oldest request still not read. A real delivery takes
-        milliseconds, so it is never the one."""
-        waiting = [c for c in self.connections if c is not newcomer and c.phase() != BUSY]
-        return min(waiting, key=HttpProtocol.waiting_since, default=None)
+    def _oldest_waiting(self, newcomer: HttpProtocol) -> HttpProtocol | None:
+        """The oldest connection waiting for its client (idle, or sending a request). A real
+        delivery takes milliseconds on a connection just opened: it is the last in line."""
+        for connection in self.connections:
+            if connection is not newcomer and connection.phase() != BUSY:
+                return connection
+        return None
 
     def leave(self, protocol: HttpProtocol) -> None:
         self.connections.pop(protocol, None)
@@ -250,7 +255,11 @@ class ConnectionGuard:
                 protocol.refuse(408, "request_timeout", HEAD_LATE)
             elif phase == BODY and waited > limits.body_timeout_s:
                 _closed("body_timeout", BODY_LATE)
-                protocol.refuse(408, "request_timeout", BODY_LATE)
+                protocol.refuse(408, "request_timeout", BODY_LATE, during_body=True)
+            elif phase == BUSY and waited > limits.body_timeout_s:
+                # An answer the client does not read (its window closed), or a stuck request.
+                _closed("busy_timeout", "answer not taken by the client in time")
+                protocol.close_connection()
             elif phase == CLOSING and waited > LINGER_S:
                 protocol.close_connection()
         if self.connections:
@@ -264,8 +273,11 @@ _feed = HttpToolsProtocol.data_received
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a :class:`CoalescingTransport`, guarded.
 
-    ``limits`` is the process's, set once by the app factory (``receiver.app``) before
-    the server accepts a connection.
+    The request head is held here until it is complete (``END_OF_HEAD``) and fed to
+    httptools in one piece: httptools joins a header's pieces by concatenation, so a
+    head fed in small pieces cost time quadratic in its size. Almost every delivery's
+    head arrives in one read and goes straight through. ``limits`` is the process's,
+    set once by the app factory (``receiver.app``) before the server accepts.
     """
 
     limits = ConnectionLimits()
@@ -273,8 +285,9 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, config: Any, server_state: ServerState, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, server_state, *args, **kwargs)
         self.guard = _guard_of(server_state, self.loop, self.limits)
-        self.head_bytes = 0  # of the request head being read
+        self.head = bytearray()  # a request head not complete yet
         self.lingering = False  # refused: what the client still sends is dropped
+        self.dropped = 0  # bytes dropped while lingering or behind an answer in progress
         # What the last sweep saw (phase and request), and since when.
         self.phase_seen = IDLE
         self.request_seen: object = None
@@ -282,16 +295,16 @@ class HttpProtocol(HttpToolsProtocol):
         self.request_since = 0.0  # when the request being read sent its first byte
 
     def phase(self) -> int:
-        """Read off uvicorn's state: ``self.scope`` is the request being parsed (a new one at
-        each message begin), ``self.cycle`` the one whose head was complete last."""
         if self.lingering:
             return CLOSING
+        if self.head:
+            return HEAD
         cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope:
-            return HEAD if self.scope is not None and self.head_bytes else IDLE
-        if cycle.response_complete:
+        if cycle is None:
             return IDLE
-        return BODY if cycle.more_body else BUSY
+        if cycle.more_body and cycle.scope is self.scope:
+            return BODY  # also after an early answer (413): the client may still send it
+        return IDLE if cycle.response_complete else BUSY
 
     def waiting_since(self) -> float:
         """Since when this connection has been waiting for its client: the first byte of the
@@ -314,43 +327,42 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
-            self.head_bytes += len(data)
-            if self.head_bytes > LINGER_BYTES:
-                self.close_connection()
+            self._drop(data)
             return
         cycle = self.cycle
-        if (
-            cycle is not None
-            and cycle.more_body
-            and cycle.scope is self.scope
-            and not cycle.response_complete
-        ):
+        if cycle is not None and cycle.more_body and cycle.scope is self.scope:
             _feed(self, data)  # a body: the application limits its size
             return
-        if not self.head_bytes:
-            self.request_since = self.loop.time()  # a new request's first bytes
-        room = self.limits.max_head_bytes - self.head_bytes
-        if len(data) > room:
-            self._head_too_large(data, room)
+        if cycle is not None and not cycle.response_complete:
+            # A request sent before the last one was answered (pipelining): HTTP/1.1 lets
+            # the server close after its answer instead, and the client sends it again.
+            cycle.keep_alive = False
+            self._drop(data)
             return
-        self.head_bytes += len(data)
-        _feed(self, data)
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:
-            self.head_bytes = 0  # the head is complete: the next one is counted afresh
-
-    def _head_too_large(self, data: bytes, room: int) -> None:
-        """Feed only what fits: if the head does not end within it, it is too large."""
-        self.head_bytes += room
-        _feed(self, data[:room])
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:
-            self.head_bytes = 0
-            if not self.transport.is_closing():
-                self.data_received(data[room:])
-        elif not self.transport.is_closing():
+        head = self.head
+        if not head:
+            self.request_since = self.loop.time()  # a new request's first bytes
+            end = data.find(END_OF_HEAD)
+            if 0 <= end <= self.limits.max_head_bytes - len(END_OF_HEAD):
+                _feed(self, data)  # the whole head in one read: straight through
+                return
+        searched_from = max(0, len(head) - len(END_OF_HEAD) + 1)
+        head += data
+        end = head.find(END_OF_HEAD, searched_from)
+        if end < 0 and len(head) <= self.limits.max_head_bytes:
+            return  # more to come
+        if end < 0 or end + len(END_OF_HEAD) > self.limits.max_head_bytes:
+            self.head = bytearray()
             _closed("header_too_large", HEAD_TOO_LARGE)
             self.refuse(431, "header_too_large", HEAD_TOO_LARGE)
+            return
+        self.head = bytearray()
+        _feed(self, bytes(head))
+
+    def _drop(self, data: bytes) -> None:
+        self.dropped += len(data)
+        if self.dropped > LINGER_BYTES:
+            self.close_connection()
 
     def on_response_complete(self) -> None:
         """uvicorn's, less its keep-alive timer: the guard's sweep closes idle connections,
@@ -365,6 +377,15 @@ class HttpProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
 
+    def _should_upgrade_to_ws(self) -> bool:
+        # The receiver has no WebSocket route; an upgrade handed over to uvicorn's WebSocket
+        # protocol would leave this protocol's guard entry behind for good.
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn logs a warning per request: a flood of them would fill the disk.
+        REJECTIONS.note("upgrade_refused", "an Upgrade request was answered as plain HTTP")
+
     def connection_lost(self, exc: Exception | None) -> None:
         # The peer reset the connection mid-response: uvicorn does not close the transport
         # then, and a flush scheduled for the next step would write to a closed handle.
@@ -373,19 +394,21 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def close_connection(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.close()
+        """Close now: abort, not close, which would wait for a client that does not read."""
+        self.transport.abort()
 
-    def refuse(self, status: int, error: str, reason: str) -> None:
-        """Answer ``status`` and close, unless a response is under way (then only close)."""
+    def refuse(self, status: int, error: str, reason: str, during_body: bool = False) -> None:
+        """Answer ``status`` and close. During a body the request has its cycle: if the
+        application has answered already (an early 413), only close; else its answer, if
+        any comes, is dropped."""
         if self.transport.is_closing() or self.lingering:
             return
         cycle = self.cycle
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
-            self.transport.close()
-            return
-        if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True  # the application's answer, if any, is dropped
+        if during_body and cycle is not None:
+            if cycle.response_started:
+                self.close_connection()
+                return
+            cycle.disconnected = True
         body = b'{"error":"%s","reason":"%s"}' % (error.encode(), reason.encode())
         self.transport.write(
             b"".join(
@@ -402,7 +425,8 @@ class HttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.transport.write_eof()
-        self.lingering, self.head_bytes = True, 0
+        self.flow.resume_reading()  # reading may be paused: the client must finish sending
+        self.lingering, self.dropped = True, 0
         self.phase_seen, self.phase_since = CLOSING, self.loop.time()
 
 

@@ -199,6 +199,12 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
         async with serving(settings) as server, aiohttp.ClientSession() as session:
             with caplog.at_level(logging.ERROR, logger="hrflow_webhooks.durability"):
                 acknowledged, n = await deliver_until_refused(session, server, 0, 20_000)
+
+                async def watched_over_the_mark() -> bool:
+                    # The first 503 may be Redis's own refusal, just before the watch looks.
+                    return _watch_of(server).refusing_writes
+
+                await eventually(watched_over_the_mark, timeout_s=30)
             async with session.get(f"{server.url}/readyz") as ready:
                 assert ready.status == 503
                 assert "high-water mark" in (await ready.json())["reason"]
@@ -263,4 +269,19 @@ async def test_a_worker_meeting_an_out_of_memory_redis_keeps_running_and_drains_
         loop.stop()
         if running is not None:
             await running
+        server_redis.kill()
+
+
+async def test_check_reports_a_full_redis_as_full_not_as_unreachable(tmp_path: Path) -> None:
+    """Its reads come first: at maxmemory the writes are refused, the findings still stand."""
+    server_redis = RedisServer(tmp_path / "full-check")
+    server_redis.start()
+    settings = make_settings(server_redis.url)
+    try:
+        async with Redis.from_url(server_redis.url) as redis:
+            await fill_past_maxmemory(redis)
+        problems = await check(settings, 300)
+        assert any("high-water mark" in p for p in problems), problems
+        assert not any("unreachable" in p for p in problems), problems
+    finally:
         server_redis.kill()

@@ -25,6 +25,7 @@ import uvicorn
 from redis.asyncio import Redis
 from uvicorn.server import ServerState
 
+from hrflow_webhooks.logs import OncePerInterval
 from receiver.protocol import CLOSED, ConnectionLimits, HttpProtocol, default_max_head_bytes
 from receiver.rejections import RejectionLog
 from tests.redis_server import RedisServer, free_port
@@ -35,6 +36,7 @@ from tests.service import (
     parsing_event,
     queued_event_ids,
     receiver,
+    signed_body_headers,
     signed_headers,
 )
 from tests.test_protocol import RecordingTransport, json_202
@@ -252,3 +254,89 @@ def _listening_sockets(port: int) -> list[Any]:
             host = socket.inet_ntoa(bytes.fromhex(host_hex)[::-1])
             found.append(SimpleNamespace(laddr=(host, port)))
     return found
+
+
+class CountingParser:
+    """httptools' parser, noting the size of each piece it is fed."""
+
+    def __init__(self, parser: Any, fed: list[int]) -> None:
+        self.parser, self.fed = parser, fed
+
+    def feed_data(self, data: bytes) -> None:
+        self.fed.append(len(data))
+        self.parser.feed_data(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+
+async def test_a_head_arriving_in_pieces_reaches_the_parser_in_one_piece() -> None:
+    """httptools joins a header's pieces by concatenation (quadratic): it gets it whole."""
+    config = uvicorn.Config(json_202, http=HttpProtocol, log_level="warning", lifespan="off")
+    config.load()
+    protocol = HttpProtocol(config, ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    fed: list[int] = []
+    protocol.parser = CountingParser(protocol.parser, fed)  # type: ignore[assignment]
+    head = b"POST /webhook HTTP/1.1\r\nhost: t\r\nx-big: " + b"a" * 200_000 + b"\r\n"
+    request = head + b"content-length: 2\r\n\r\n{}"
+    for start in range(0, len(request), 1_000):
+        protocol.data_received(request[start : start + 1_000])
+    for _ in range(10):
+        await asyncio.sleep(0)
+    protocol.coalescing.flush()
+    assert fed == [len(request)]
+    assert transport.writes[0].startswith(b"HTTP/1.1 202 ")
+    protocol.connection_lost(None)
+
+
+async def test_an_upgrade_request_is_answered_as_plain_http_and_leaves_no_guard_entry(
+    redis_server: RedisServer,
+) -> None:
+    async with receiver(make_settings(redis_server.url)) as server:
+        async with connection(server.url) as (reader, writer):
+            writer.write(
+                b"GET /webhook HTTP/1.1\r\nhost: t\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+                b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+            assert head.split()[1] == b"405"  # /webhook takes POST only
+        guard = server.server.server_state.hrflow_guard  # type: ignore[attr-defined]
+
+        async def left() -> bool:
+            return not guard.connections
+
+        await eventually(left, timeout_s=WAIT_S)
+
+
+async def test_requests_pipelined_behind_an_unanswered_one_are_not_read(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """The first is answered, then the connection closes; the rest are the client's to resend."""
+    settings = make_settings(redis_server.url)
+    requests = []
+    for key in ("piped-1", "piped-2", "piped-3"):
+        body = json.dumps(parsing_event(key)).encode()
+        signature = signed_body_headers(body)["HTTP-HRFLOW-SIGNATURE"].encode()
+        requests.append(head(len(body), b"http-hrflow-signature: " + signature) + body)
+    async with receiver(settings) as server, connection(server.url) as (reader, writer):
+        writer.write(requests[0])
+        await writer.drain()
+        await asyncio.sleep(0)  # let the first one be read alone
+        writer.write(requests[1] + requests[2])
+        answers = await asyncio.wait_for(reader.read(), WAIT_S)
+    assert answers.count(b"HTTP/1.1 ") >= 1
+    assert answers.startswith(b"HTTP/1.1 202 ")
+    queued = len(await queued_event_ids(redis))
+    assert queued == answers.count(b"HTTP/1.1 202 ")  # what was answered 202 is queued
+
+
+def test_uvicorns_per_request_warnings_pass_once_per_interval() -> None:
+    once = OncePerInterval(interval_s=60)
+    record = logging.LogRecord(
+        "uvicorn.error", logging.WARNING, __file__, 1, "Invalid HTTP request received.", None, None
+    )
+    other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "other", None, None)
+    assert [once.filter(record) for _ in range(1_000)].count(True) == 1
+    assert once.filter(other)

@@ -44,6 +44,7 @@ from tests.service import (
     METRICS_HEADERS,
     WEBHOOK_SECRET,
     ReceiverServer,
+    eventually,
     make_settings,
     parsing_event,
     receiver,
@@ -500,6 +501,13 @@ async def scrape_when_up(session: aiohttp.ClientSession, url: str) -> Samples:
     raise AssertionError(f"nothing answered at {url}")
 
 
+async def answers(session: aiohttp.ClientSession, url: str) -> bool:
+    with contextlib.suppress(aiohttp.ClientConnectionError):
+        async with session.get(url) as response:
+            return response.status == 200
+    return False
+
+
 async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
     redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -520,7 +528,8 @@ async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
         service_process(worker, env, tmp_path / "worker.log"),
     ):
         receiver_metrics = f"http://127.0.0.1:{receiver_metrics_port}/metrics"
-        await scrape_when_up(session, receiver_metrics)
+        await scrape_when_up(session, receiver_metrics)  # up during the lifespan, before
+        await eventually(lambda: answers(session, f"{base}/healthz"), timeout_s=30)  # uvicorn's
         async with session.get(f"{base}/metrics") as public:
             assert public.status == 404  # no token set: not on the public port
         for event in events:

@@ -40,10 +40,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.client.api import client_if_configured
-from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
-from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 from workers.arq_worker import Worker
 from workers.context import WorkerServices
@@ -77,21 +75,11 @@ def _make_startup(settings: Settings, registry: Registry | None) -> Any:
             hrflow=client_if_configured(settings, http, ctx["redis"]),
         )
         ctx["metrics_server"] = start_worker_metrics(settings)
-        # Its own fail-fast connection: arq's pool retries forever, so a watch on it would
-        # wait through an outage instead of reporting it.
-        ctx["durability"] = durability = DurabilityWatch(
-            connect_redis(settings), settings, "worker"
-        )
-        durability.start()
 
     return on_startup
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
-    durability: DurabilityWatch | None = ctx.get("durability")
-    if durability is not None:
-        await durability.stop()
-        await durability.redis.aclose()
     stop_worker_metrics(ctx.get("metrics_server"))
     services: WorkerServices | None = ctx.get("services")
     if services is not None:
