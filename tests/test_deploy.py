@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import click
 import pytest
 import typer
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from starlette.routing import Route
 from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -104,9 +109,12 @@ def test_dockerfile_base_user_and_dependency_layer() -> None:
     assert user
     assert user[-1] not in ("root", "0")
     copies = [args for name, args in steps if name == "COPY"]
-    assert copies[0].split()[0] == "pyproject.toml"  # dependencies before the code
+    assert copies[0].split() == ["requirements.lock", "./"]  # dependencies before the code
     first_code_copy = steps.index(("COPY", copies[1]))
-    assert any("pip install -r" in args for _, args in steps[:first_code_copy])
+    assert any(
+        "pip install --require-hashes -r requirements.lock" in args
+        for _, args in steps[:first_code_copy]
+    )
     assert instructions.index("USER") > first_code_copy
 
 
@@ -193,3 +201,51 @@ def test_readme_configuration_table_has_a_row_for_every_setting_and_no_other() -
     section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     rows = set(re.findall(r"^\| `([A-Z_]+)`", section, flags=re.MULTILINE))
     assert rows == settings_variables() | {"PORT"}  # PORT's row also names WEB_CONCURRENCY
+
+
+def test_the_lock_files_pin_every_dependency_within_pyprojects_ranges() -> None:
+    """make test and the Dockerfile install from the lock files; pyproject.toml keeps ranges."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for lock, requirements in (
+        ("requirements.lock", project["dependencies"]),
+        (
+            "requirements-dev.lock",
+            project["dependencies"] + project["optional-dependencies"]["dev"],
+        ),
+    ):
+        pinned = dict(
+            re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", (ROOT / lock).read_text(), re.M)
+        )
+        pinned = {canonicalize_name(name): version for name, version in pinned.items()}
+        for line in requirements:
+            requirement = Requirement(line)
+            version = pinned.get(canonicalize_name(requirement.name))
+            assert version is not None, f"{requirement.name} is not in {lock}"
+            assert requirement.specifier.contains(version), f"{lock}: {requirement} vs {version}"
+
+
+def test_the_developers_environment_does_not_reach_the_tests() -> None:
+    """HRFLOW_MAX_TRIES=1 or a REDIS_URL in the shell once failed tests (tests/conftest.py)."""
+    env = {
+        **os.environ,
+        "HRFLOW_MAX_TRIES": "1",
+        "HRFLOW_JOB_TIMEOUT_S": "30",
+        "REDIS_URL": "redis://nowhere.invalid:1/0",
+    }
+    test = "tests/test_deploy.py::test_env_example_defaults_are_the_settings_defaults"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2_000:]
+
+
+def test_readme_shows_the_procfile_as_it_is() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"```Procfile\n(.*?)```", readme, flags=re.DOTALL)
+    assert shown is not None
+    assert shown[1] == (ROOT / "Procfile").read_text()
