@@ -17,6 +17,7 @@ here prints profile contents: dead letters are shown with their keys only.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -27,10 +28,11 @@ from typing import Annotated, Any, TypeVar
 import aiohttp
 import orjson
 import typer
+from redis.exceptions import RedisError
 
 from hrflow_webhooks import runner
 from hrflow_webhooks.erasure import erase_profile
-from hrflow_webhooks.events import canonical_event_name
+from hrflow_webhooks.events import UnknownEventNameError, canonical_event_name, checked_event_name
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
@@ -52,6 +54,21 @@ SIGNATURE_HEADER = "HTTP-HRFLOW-SIGNATURE"
 StateDir = Annotated[
     Path, typer.Option(help="Where `run` keeps its webhook secret and Redis data.")
 ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hrflow-webhooks {importlib.metadata.version('hrflow-webhooks')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Receive HrFlow.ai webhooks safely and act on them reliably."""
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -203,8 +220,16 @@ def send(
         Path | None, typer.Option(help="Send this JSON file's bytes, signed, as they are.")
     ] = None,
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+    allow_unknown: Annotated[
+        bool, typer.Option("--allow-unknown", help="Send a type HrFlow does not document.")
+    ] = False,
 ) -> None:
     """Sign an event the way HrFlow does and POST it; exits 1 on a non-2xx answer."""
+    if file is None and not allow_unknown:
+        try:
+            checked_event_name(event_type)
+        except UnknownEventNameError as error:
+            raise fail(str(error).replace("allow_unknown=True", "--allow-unknown"), 2) from None
     if scheme not in ("python-sdk", "js-sdk", "docs", "body-hex"):
         raise fail(f"unknown --scheme {scheme!r}: python-sdk, js-sdk, docs or body-hex", 2)
     if file is None and not (profile_key and source_key):
@@ -336,7 +361,10 @@ def with_store(work: Callable[[Any], Awaitable[T]]) -> T:
         async with dead_letter_store() as store:
             return await work(store)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (RedisError, OSError) as error:  # as `check` says it: one line, no traceback
+        raise fail(f"redis is unreachable ({type(error).__name__})") from None
 
 
 async def _collect(store: Any, event_type: str | None, since: float | None) -> list[Any]:

@@ -18,6 +18,13 @@ SignatureScheme = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
 class MissingSecretError(RuntimeError):
     """The receiver cannot start without a webhook secret."""
 
+    @classmethod
+    def for_receiver(cls) -> MissingSecretError:
+        return cls(
+            "HRFLOW_WEBHOOK_SECRET is not set: the receiver refuses to start without it "
+            "(comma-separate several secrets to rotate: HRFLOW_WEBHOOK_SECRET=new,old)"
+        )
+
 
 def _split_items(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
@@ -126,8 +133,5 @@ class Settings(BaseSettings):
     def secret_bytes(self) -> tuple[bytes, ...]:
         """The webhook secrets as bytes, newest first; raises when none is set."""
         if not self.webhook_secrets:
-            raise MissingSecretError(
-                "HRFLOW_WEBHOOK_SECRET is not set: the receiver refuses to start without it "
-                "(comma-separate several secrets to rotate: HRFLOW_WEBHOOK_SECRET=new,old)"
-            )
+            raise MissingSecretError.for_receiver()
         return tuple(s.get_secret_value().encode() for s in self.webhook_secrets)

@@ -31,7 +31,7 @@ from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import COALESCED, QUEUED, EventQueue
 from hrflow_webhooks.redis_setup import connect_redis
-from hrflow_webhooks.settings import Settings
+from hrflow_webhooks.settings import MissingSecretError, Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
 from receiver import metrics
 from receiver.decoding import TOO_DEEP, BadPayloadError, decode_events
@@ -388,6 +388,11 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
     settings = settings or Settings()
     if own_logging:  # now, not in the lifespan: uvicorn's start-up lines are JSON too
         configure_logging(settings.log_level, settings.log_format)
+    if not settings.webhook_secrets:
+        # Before uvicorn starts: in the lifespan this was a traceback ending in "Application
+        # startup failed", JSON-escaped. One line says what to do instead.
+        logger.error(str(MissingSecretError.for_receiver()))
+        raise SystemExit(1)
     limits = connection_limits(settings)
     HttpProtocol.limits = limits
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None

@@ -375,3 +375,26 @@ async def test_sandbox_command_passes_its_fault_and_seed_options(seed: str, prof
     assert status == 429
     keys = [p["key"] for p in listed["profiles"] if p.get("key") == JOHN_DOE_KEY]
     assert len(keys) == profiles
+
+
+async def test_send_suggests_the_right_name_for_a_misspelt_event_type() -> None:
+    code, _, err = await cli(
+        "send", "profile.parsing.succes", "--profile-key", "k", "--source-key", "s"
+    )
+    assert code == 2
+    assert "did you mean 'profile.parsing.success'" in err
+    assert "--allow-unknown" in err
+
+
+async def test_version_is_printed() -> None:
+    code, out, _ = await cli("--version")
+    assert code == 0
+    assert out.strip() == "hrflow-webhooks 0.1.0"
+
+
+async def test_dead_letters_with_redis_down_is_one_line_not_a_traceback() -> None:
+    code, _, err = await cli(
+        "dead-letters", "list", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    )
+    assert code == 1
+    assert err.strip() == "error: redis is unreachable (ConnectionError)"

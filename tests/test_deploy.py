@@ -32,6 +32,7 @@ from bench.procs import expand, procfile
 from hrflow_webhooks.cli import app as cli_app
 from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
 from hrflow_webhooks.settings import Settings
+from receiver.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM_VARIABLES = {"PORT", "WEB_CONCURRENCY"}
@@ -65,7 +66,12 @@ def script_command(argv: list[str]) -> str:
 def check_receiver_command(argv: list[str]) -> None:
     params = uvicorn_context(argv).params
     module, attribute = params["app"].split(":")
-    assert isinstance(getattr(importlib.import_module(module), attribute), object)
+    # Built as uvicorn builds it; the receiver refuses to be built without a secret.
+    os.environ["HRFLOW_WEBHOOK_SECRET"] = "deploy-test-secret"
+    try:
+        assert isinstance(getattr(importlib.import_module(module), attribute), object)
+    finally:
+        del os.environ["HRFLOW_WEBHOOK_SECRET"]
     assert (params["host"], params["port"]) == ("0.0.0.0", 8000)
     # The same HTTP protocol as `make run`, loaded the way uvicorn loads it.
     assert params["http"] == RECEIVER_HTTP_PROTOCOL
@@ -141,9 +147,9 @@ def test_dockerfile_cmd_is_the_same_receiver_command() -> None:
 def test_dockerfile_healthcheck_uses_real_endpoints_and_commands() -> None:
     [check] = [args for name, args in dockerfile() if name == "HEALTHCHECK"]
     assert "/healthz" in check
-    paths = {route.path for route in importlib.import_module("receiver.app").app.routes}
-    assert "/healthz" in paths
-    assert all(isinstance(r, Route) for r in importlib.import_module("receiver.app").app.routes)
+    app = create_app(Settings(webhook_secrets="deploy-test-secret"), own_logging=False)
+    assert "/healthz" in {route.path for route in app.routes}
+    assert all(isinstance(r, Route) for r in app.routes)
     assert script_command(["hrflow-webhooks", "check"]) == "check"
     assert "hrflow-webhooks check" in check
 
