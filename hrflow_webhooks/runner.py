@@ -22,6 +22,7 @@ cannot work without it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shlex
@@ -202,6 +203,17 @@ class Output:
             self.stream.flush()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when `run` dies, even by SIGKILL, which no
+    handler of ours can see (Linux only; elsewhere the children outlive a killed `run`)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass(slots=True)
 class Child:
     spec: ChildSpec
@@ -219,6 +231,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: Ctrl-C and our kills stay apart
+            preexec_fn=_die_with_parent,
         )
         self.started_at = time.monotonic()
         self._pump = threading.Thread(

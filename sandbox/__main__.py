@@ -11,7 +11,7 @@ from sandbox.app import run_sandbox
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--port", type=int, default=8001)  # as `hrflow-webhooks sandbox`
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API call")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="share of API calls failing")
     parser.add_argument("--status", type=int, default=500, help="status of the failing calls")
@@ -24,7 +24,6 @@ def _arguments() -> argparse.Namespace:
 def main() -> None:
     args = _arguments()
     logging.basicConfig(level=logging.INFO)
-    print(f"sandbox HrFlow API on http://{args.host}:{args.port}/v1", flush=True)
     run_sandbox(
         args.host,
         args.port,

@@ -416,4 +416,5 @@ def run_sandbox(
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
     )
+    print(f"sandbox HrFlow API on http://{host}:{port}/v1", flush=True)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5.0)

@@ -180,6 +180,19 @@ def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
     assert (tmp_path / ".run" / "redis" / "appendonlydir").is_dir()  # AOF on, in .run
 
 
+def test_the_children_die_with_run_when_it_is_killed(
+    run_process: tuple[RunProcess, dict[str, int]],
+) -> None:
+    """SIGKILL gives `run` no chance to stop its children: they must not outlive it."""
+    run, _ = run_process
+    wait_for(lambda: run.line_with(" send profile.parsing.success "), "banner")
+    started = descendants(run.process.pid)
+    assert len(started) >= 4  # redis, sandbox, receiver, worker
+    run.process.kill()
+    run.process.wait()
+    wait_for(lambda: not [pid for pid in started if alive(pid)], "the children to die with run")
+
+
 def test_the_secret_is_generated_once_and_kept_private(tmp_path: Path) -> None:
     path = tmp_path / "state" / "webhook-secret"
     first = load_or_create_secret(path)
