@@ -8,10 +8,7 @@ so it keeps its pressure up for the whole measurement. None of them has the secr
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import statistics
 import subprocess
@@ -23,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import ROOT, deployed_env, deployed_web_command, terminate
+from tests.service import signed_body_headers
 
 Attack = Callable[[str, int, asyncio.Event], Awaitable[None]]
 
@@ -93,7 +91,7 @@ stalled_bodies = _held_connections(
 def bad_signature_request(payload_bytes: int) -> tuple[bytes, dict[str, str]]:
     """A payload of about ``payload_bytes`` with a well-formed signature made with a wrong key."""
     body = json.dumps({"type": "profile.parsing.success", "message": "x" * payload_bytes}).encode()
-    return body, sign(body, "not-the-secret")
+    return body, signed_body_headers(body, "not-the-secret")
 
 
 async def bad_signature_flood(
@@ -122,13 +120,6 @@ ATTACKS: dict[str, Attack] = {
     "stalled bodies": stalled_bodies,
     "bad-signature flood": bad_signature_flood,
 }
-
-
-def sign(body: bytes, secret: str) -> dict[str, str]:
-    """HrFlow's Python SDK scheme, written out independently of the product."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
-    header = base64.urlsafe_b64encode(digest) + b"." + base64.urlsafe_b64encode(body)
-    return {"HTTP-HRFLOW-SIGNATURE": header.decode(), "Content-Type": "application/json"}
 
 
 @dataclass
@@ -170,7 +161,9 @@ async def good_deliveries(
         started = time.perf_counter()
         status = 0
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-            async with session.post(url, data=body, headers=sign(body, secret)) as response:
+            async with session.post(
+                url, data=body, headers=signed_body_headers(body, secret)
+            ) as response:
                 await response.read()
                 status = response.status
         traffic.statuses.append(status)

@@ -20,6 +20,7 @@ import aiohttp
 from bench import attacks, measure
 from bench.procs import WEBHOOK_SECRET, Processes, cpu_seconds
 from tests.redis_server import free_port
+from tests.service import signed_body_headers
 
 PAYLOAD_BYTES = 262_144
 
@@ -94,7 +95,7 @@ def _request(kind: str, key: str) -> tuple[bytes, dict[str, str]]:
     }
     body = json.dumps(event).encode()
     secret = WEBHOOK_SECRET if kind == "accept" else "not-the-secret"
-    return body, attacks.sign(body, secret)
+    return body, signed_body_headers(body, secret)
 
 
 async def _send_all(
