@@ -19,10 +19,12 @@ RUN pip install --require-hashes -r requirements.lock
 
 COPY pyproject.toml README.md ./
 
+# The product's packages; sandbox/ (the HrFlow double for tests and `make run`) stays out.
 COPY hrflow_webhooks ./hrflow_webhooks
+COPY hrflow_client ./hrflow_client
 COPY receiver ./receiver
 COPY workers ./workers
-COPY sandbox ./sandbox
+COPY control ./control
 RUN pip install --no-deps . \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 
@@ -33,5 +35,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
   CMD if grep -q uvicorn /proc/1/cmdline; then python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "http://127.0.0.1:${PORT}/healthz"; else hrflow-webhooks check; fi
 
+# The Procfile's web line (control.commands.WEB; tests/test_deploy.py checks they agree).
 # exec: uvicorn is PID 1 and gets SIGTERM itself, so running requests finish on stop.
-CMD ["sh", "-c", "exec uvicorn receiver.app:app --http receiver.protocol:HttpProtocol --host 0.0.0.0 --port \"${PORT}\" --proxy-headers --no-access-log --workers \"${WEB_CONCURRENCY}\""]
+CMD ["sh", "-c", "exec uvicorn receiver.app:create_app --factory --http receiver.protocol:HttpProtocol --host 0.0.0.0 --port \"${PORT}\" --proxy-headers --no-access-log --workers \"${WEB_CONCURRENCY}\""]

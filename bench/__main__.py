@@ -28,7 +28,7 @@ RESULTS = Path(__file__).with_name("results")
 ROWS = ("P1", "P5", "P3", "P4", "P2", "P6")
 
 
-def run(config: rows.Config, selected: set[str], log_level: str) -> dict[str, Any]:
+def run(config: rows.Config, selected: set[str], log_level: str | None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with processes(config.work_dir, log_level) as procs:
         redis = Redis.from_url(procs.start_redis().url)
@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, e.g. P1,P5")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.*")
     parser.add_argument(
-        "--log-level", default="WARNING", help="log level of the measured processes"
+        "--log-level",
+        default=None,
+        help="log level of the measured processes (default: the deployed default, INFO)",
     )
     args = parser.parse_args()
     selected = {row.strip().upper() for row in args.rows.split(",")}

@@ -18,7 +18,7 @@ from redis.asyncio import Redis as AsyncRedis
 from bench.deliveries import bench_event
 from bench.handlers import HANDLED_KEY, PICKUP_KEY
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import EventQueue
+from receiver.enqueue import EventQueue
 
 WRK_SCRIPT = Path(__file__).with_name("replay.lua")
 QUEUE = "hrflow:queue"

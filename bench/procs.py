@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -20,42 +18,25 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
+from control.commands import PROCFILE, expand, web_argv
 from tests.redis_server import RedisServer, free_port
 
 PYTHON = sys.executable
 WEBHOOK_SECRET = "bench-webhook-secret"
-# One uvicorn process with the fast parts of uvicorn[standard] named, and no access log: the
-# same flags for the baseline and the receiver. Each is served with the HTTP protocol it is
-# deployed with: uvicorn's httptools for the bare endpoint, the receiver's own subclass of it
-# (one write per response, receiver/protocol.py) as in the Procfile and the Dockerfile. So P1
-# counts that protocol's gain as the receiver's (the bare 202 has no body: one write either way).
-UVICORN_FLAGS = ("--loop", "uvloop", "--no-access-log")
-RECEIVER_APP = "receiver.app:app"
+# The receiver runs the Procfile's web line (control.commands), as deployed. The bare
+# endpoint runs the same line with its app and uvicorn's own httptools protocol in place of
+# the receiver's, so the two differ by the receiver and nothing else.
+RECEIVER_APP = "receiver.app:create_app"
+BARE_APP = "bench.bare:app"
 
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def expand(command: str, env: Mapping[str, str]) -> list[str]:
-    """The shell's ``${VAR:-default}`` / ``${VAR}`` expansion, then its word splitting."""
-
-    def value(match: re.Match[str]) -> str:
-        return env.get(match[1], match[2] or "")
-
-    return shlex.split(re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", value, command))
-
-
-def procfile() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    entries = [line.split(":", 1) for line in lines if line.strip()]
-    return {name.strip(): command.strip() for name, command in entries}
-
-
 def deployed_web_command(port: int, open_files: int | None = None) -> list[str]:
     """The Procfile's web line as a platform runs it (``PORT`` set), optionally under an
     open-file limit (``ulimit -n``, as a small container or dyno has)."""
-    argv = expand(procfile()["web"], {"PORT": str(port)})
+    argv = expand(PROCFILE["web"], {"PORT": str(port)})
     if open_files is None:
         return argv
     return ["sh", "-c", f'ulimit -n {open_files} && exec "$@"', "sh", *argv]
@@ -70,6 +51,15 @@ def deployed_env(redis_url: str, secret: str) -> dict[str, str]:
         "HRFLOW_WEBHOOK_SECRET": secret,
         "PATH": f"{Path(PYTHON).parent}:{env.get('PATH', '')}",
     }
+
+
+def bare_argv(app: str, port: int) -> list[str]:
+    """The deployed web line serving ``app`` over uvicorn's own httptools protocol."""
+    argv = web_argv(port, "127.0.0.1")
+    argv[argv.index(RECEIVER_APP)] = app
+    argv.remove("--factory")
+    argv[argv.index("--http") + 1] = "httptools"
+    return argv
 
 
 def terminate(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
@@ -121,7 +111,7 @@ class Processes:
     """Owns the processes of one bench run; ``close`` stops each by its pid."""
 
     work_dir: Path
-    log_level: str = "WARNING"
+    log_level: str | None = None  # None: the deployed default (INFO)
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     redis: RedisServer | None = None
 
@@ -144,14 +134,10 @@ class Processes:
 
     def env(self, **extra: str) -> dict[str, str]:
         assert self.redis is not None
-        return {
-            **os.environ,
-            "HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "REDIS_URL": self.redis.url,
-            "HRFLOW_LOG_LEVEL": self.log_level,
-            "PYTHONUNBUFFERED": "1",
-            **extra,
-        }
+        env = deployed_env(self.redis.url, WEBHOOK_SECRET) | {"PYTHONUNBUFFERED": "1"}
+        if self.log_level is not None:
+            env["HRFLOW_LOG_LEVEL"] = self.log_level
+        return env | extra
 
     def spawn(
         self, name: str, command: list[str], env: Mapping[str, str]
@@ -168,9 +154,7 @@ class Processes:
         """One uvicorn process serving ``app`` (under ``wrapper``, e.g. valgrind); returns it
         and its base URL."""
         port = free_port()
-        http = RECEIVER_HTTP_PROTOCOL if app == RECEIVER_APP else "httptools"
-        command = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--http", http, *UVICORN_FLAGS]
+        command = web_argv(port, "127.0.0.1") if app == RECEIVER_APP else bare_argv(app, port)
         process = self.spawn(name, [*wrapper, *command], self.env(**env))
         wait_for_port(port, timeout_s=120 if wrapper else 20)
         return process, f"http://127.0.0.1:{port}"
@@ -209,7 +193,7 @@ class Processes:
 
 
 @contextlib.contextmanager
-def processes(work_dir: Path, log_level: str = "WARNING") -> Iterator[Processes]:
+def processes(work_dir: Path, log_level: str | None = None) -> Iterator[Processes]:
     work_dir.mkdir(parents=True, exist_ok=True)
     owned = Processes(work_dir, log_level)
     try:

@@ -15,8 +15,8 @@ from typing import Any
 
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.settings import Settings
-from hrflow_webhooks.worker_process import event_loop_factory
 from workers.plugins import apply_plugin
+from workers.process import event_loop_factory
 from workers.registry import Registry
 from workers.settings import create_worker
 

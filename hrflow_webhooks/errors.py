@@ -10,19 +10,15 @@
         └── SubjectGoneError     the subject is still 404 after the grace period: one
                                  recorded skip for the run, not a dead letter
 
-The HrFlow client's ``ApiError`` family (``hrflow_webhooks.client.errors``)
+The HrFlow client's ``ApiError`` family (``hrflow_client.errors``)
 slots under these two, so a 429 is a ``TransientError`` and a 404 a
 ``PermanentError`` without the worker knowing about HTTP. Anything else a
-handler raises is classified by :func:`is_transient`: infrastructure hiccups
-and unknown exceptions are retried up to the try limit; the worker never
-swallows an error silently.
+handler raises is classified by the worker (``workers.failures.is_transient``):
+infrastructure hiccups and unknown exceptions are retried up to the try limit;
+the worker never swallows an error silently.
 """
 
 from __future__ import annotations
-
-import asyncio
-
-import redis.exceptions
 
 
 class HandlerError(Exception):
@@ -54,26 +50,6 @@ class SubjectNotReadableError(TransientError):
 class SubjectGoneError(PermanentError):
     """The event's own subject is still 404 after the grace period: deleted, archived or
     never indexed. The run records one skip (``profile not found``) instead of dead letters."""
-
-
-_TRANSIENT_INFRASTRUCTURE: tuple[type[BaseException], ...] = (
-    TimeoutError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    OSError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a retry may succeed. Unknown exceptions count as transient, up to the try limit."""
-    if isinstance(error, PermanentError):
-        return False
-    if isinstance(error, (TransientError, *_TRANSIENT_INFRASTRUCTURE)):
-        return True
-    return not isinstance(error, ValueError | TypeError | KeyError | LookupError)
 
 
 def retry_after_of(error: BaseException) -> float | None:

@@ -137,10 +137,14 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's --no-access-log leaves its access logger with no handler and not propagating;
+    # rerouting it would switch the access log back on (one more line per delivery).
+    access = logging.getLogger("uvicorn.access")
+    access_log_off = not access.handlers and not access.propagate
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq", "arq.worker"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
-        logger.propagate = True
+        logger.propagate = not (name == "uvicorn.access" and access_log_off)
         # uvicorn pins its loggers at INFO: unpinned, HRFLOW_LOG_LEVEL governs them like ours
         # (else each delivery is logged twice, access line included, even at WARNING).
         logger.setLevel(logging.NOTSET)

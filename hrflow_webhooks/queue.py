@@ -2,7 +2,7 @@
 
 Every key the service writes and every Lua script it runs are defined here;
 the receiver, the workers, dead letters, erasure, health and stats import them
-instead of building key strings. The receiver calls :func:`EventQueue.enqueue_events`;
+instead of building key strings. The receiver runs :data:`ENQUEUE_SCRIPT` (``receiver.enqueue``);
 the workers are arq workers whose job function is :data:`JOB_FUNCTION`. Jobs
 use arq's own layout (a job key plus a member of the queue's sorted set),
 serialised as JSON, so arq's format stays behind this module.
@@ -53,22 +53,15 @@ hold no profile key.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import os
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import ONCE, Event
 
@@ -80,11 +73,6 @@ IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
 RETRY_KEY_PREFIX = "arq:retry:"
 RESULT_KEY_PREFIX = "arq:result:"
 JOB_KEY_PREFIX_BYTES = JOB_KEY_PREFIX.encode()
-# Events per script call when callers are batched; a bigger call would hold Redis for longer.
-MAX_BATCH_EVENTS = 1_000
-# Script calls in flight at once. With one, the receiver idled while Redis (sharing the
-# machine's cores) answered; a second keeps both busy. More did not help (docs/benchmarks.md).
-MAX_CALLS_IN_FLIGHT = 2
 # How long a run whose subject is busy stays parked before the claim looks at it again. The
 # run ahead wakes it when it finishes; this only bounds recovery when that run was lost.
 PARK_MS = 2_000
@@ -250,7 +238,7 @@ end
 # write fail half-way, an event may then be queued without its marker (a retried delivery
 # queues it again: harmless), never marked without its job (a retried delivery would be
 # acknowledged as a duplicate and the event lost).
-_ENQUEUE_SCRIPT = (
+ENQUEUE_SCRIPT = (
     _NEW_RUN_LUA
     + """
 local window, score = ARGV[1], ARGV[2]
@@ -426,7 +414,7 @@ return 1
 )
 
 
-# The HrFlow API rate budget (hrflow_webhooks.client.rate), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
+# The HrFlow API rate budget (workers.rate_budget), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
 RATE_BUDGET_SCRIPT = """
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call('TIME')
@@ -447,11 +435,6 @@ return wait_ms
 """
 
 
-def resp_bulk(value: bytes) -> bytes:
-    """One command argument as Redis reads it (a RESP bulk string), as redis-py packs it."""
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
 def serialize_job(
     event: Event, enqueue_time_ms: int, handlers: Sequence[str] | None = None
 ) -> bytes:
@@ -469,233 +452,3 @@ def serialize_job(
 def deserialize_job(data: bytes) -> dict[str, Any]:
     job: dict[str, Any] = orjson.loads(data)
     return job
-
-
-@dataclass(frozen=True, slots=True)
-class PackedArguments:
-    """A script call's keys then arguments, packed (:func:`resp_bulk`), and how many."""
-
-    packed: list[bytes]  # each item may hold several arguments
-    keys: int
-    count: int  # keys and arguments
-
-
-def packed_script_call(command: bytes, arguments: PackedArguments) -> list[bytes]:
-    """EVALSHA/EVAL as Redis reads it; ``command`` is the packed name and SHA (or script)."""
-    head = b"*%d\r\n%s%s" % (3 + arguments.count, command, resp_bulk(b"%d" % arguments.keys))
-    return [head, *arguments.packed]
-
-
-class ScriptConnection:
-    """A Redis connection of the queue's own, for its script calls, one call at a time.
-
-    Not the client's pool, for latency: each pool checkout polls the connection for
-    unread data, which suspends the caller for an event-loop turn, and with a socket
-    timeout redis-py 5 sends through ``asyncio.wait_for``: on Python 3.11, a task and two
-    more turns. Under load a turn is a burst of deliveries, so a script call waited for
-    several bursts and the receiver idled (docs/benchmarks.md). This connection has no
-    unread data between calls by construction: a call that fails, times out or is
-    cancelled leaves it disconnected, and the next call connects afresh. One deadline
-    covers the call.
-    """
-
-    def __init__(self, redis: Redis, script: str) -> None:
-        pool = redis.connection_pool
-        self.timeout_s: float | None = pool.connection_kwargs.get("socket_timeout")
-        # The deadline below replaces the socket timeout, so reads and writes carry none.
-        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-        self._connection: AbstractConnection = pool.connection_class(**kwargs)
-        # Redis names scripts by SHA-1: an identifier, not a security measure.
-        sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-        self._evalsha = resp_bulk(b"EVALSHA") + resp_bulk(sha.encode())
-        self._eval = resp_bulk(b"EVAL") + resp_bulk(script.encode())
-
-    async def evaluate(self, arguments: PackedArguments) -> Any:
-        """Run the script; one more try on a fresh connection if a kept one was found closed."""
-        kept = self._connection.is_connected
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                try:
-                    return await self._evaluate(arguments)
-                except RedisConnectionError:
-                    if not kept:
-                        raise
-                    # Redis restarted or failed over, or dropped the idle connection, since
-                    # the last call (the pool's checkout poll used to catch this). A second
-                    # run cannot lose or double an event; if the first ran and only its reply
-                    # was lost, its events read as duplicates or as merged into the runs the
-                    # first one queued (the delivery is queued either way).
-                    return await self._evaluate(arguments)
-        except TimeoutError as error:  # redis-py's own type, like its socket timeout
-            await self.close()
-            raise RedisTimeoutError("Redis did not answer the enqueue script in time") from error
-        except ResponseError:
-            raise  # Redis answered (with an error): the connection is in step
-        except BaseException:
-            await self.close()  # a reply may still be on its way: never reuse the socket
-            raise
-
-    async def _evaluate(self, arguments: PackedArguments) -> Any:
-        """EVALSHA, or EVAL when Redis does not know the script (restarted, SCRIPT FLUSH)."""
-        try:
-            return await self._command(self._evalsha, arguments)
-        except NoScriptError:
-            return await self._command(self._eval, arguments)
-
-    async def _command(self, command: bytes, arguments: PackedArguments) -> Any:
-        await self._connection.send_packed_command(
-            packed_script_call(command, arguments), check_health=False
-        )
-        return await self._connection.read_response()
-
-    async def close(self) -> None:
-        await self._connection.disconnect(nowait=True)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One caller's events, waiting for the batch that writes them."""
-
-    events: int
-    keys: bytes  # (marker, order list) per event, packed
-    runs: bytes  # (class and run id, job) per event, packed
-    done: asyncio.Future[list[int]]
-
-
-class EventQueue:
-    """Enqueue events on Redis with deduplication and coalescing, atomically, with group commit.
-
-    Concurrent callers share round trips: while ``max_in_flight`` script calls
-    are in flight, new callers wait in a batch, and the next call writes the
-    whole batch. One busy receiver thus pays for a few Redis calls per
-    event-loop turn instead of one per delivery (the Redis client's Python
-    overhead, not Redis, was the cost), and a lone delivery still goes out at
-    once. Each caller returns only after the script that wrote its events has
-    answered: an acknowledged event is durably queued, as before. Calls in
-    flight together stay correct: Redis runs scripts one at a time, and with
-    ``appendfsync always`` it syncs a script's writes before any later reply.
-    The calls go over the queue's own connections (:class:`ScriptConnection`):
-    close them with :meth:`aclose`, or use the queue as ``async with``.
-    """
-
-    def __init__(
-        self,
-        redis: Redis,
-        queue_name: str,
-        dedup_window_s: int,
-        max_batch_events: int = MAX_BATCH_EVENTS,
-        max_in_flight: int = MAX_CALLS_IN_FLIGHT,
-    ) -> None:
-        self.redis = redis
-        self.keys = QueueKeys(queue_name)
-        self._queue_key = resp_bulk(queue_name.encode())
-        self._seen_prefix = self.keys.seen("").encode()  # marker_of(), without a call per event
-        self._waiting_prefix = self.keys.waiting("").encode()
-        self._order_prefix = self.keys.order_prefix.encode()
-        self._window = b"%d" % dedup_window_s
-        self.max_batch_events = max_batch_events
-        # One connection per writer: a writer takes one when it starts, returns it when done.
-        self._connections = tuple(
-            ScriptConnection(redis, _ENQUEUE_SCRIPT) for _ in range(max_in_flight)
-        )
-        self._free_connections = list(self._connections)
-        self._waiting: list[_Pending] = []
-        self._writing = 0  # writer tasks running; each sends batches while callers wait
-        self._writers: set[asyncio.Task[None]] = set()  # strong references, for the loop
-        # The loop is looked up once: on Python 3.11 each lookup is a getpid() system call.
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def enqueue_events(self, events: Sequence[Event]) -> list[int]:
-        """Per event: :data:`QUEUED`, :data:`DUPLICATE` (once) or :data:`COALESCED` (latest)."""
-        now_ms = int(time.time() * 1000)
-        # Packed here, per caller: redis-py's pack_command took 3.6 µs per event in the
-        # receiver's writer, which every caller of a batch waits for (docs/benchmarks.md).
-        keys: list[bytes] = []
-        runs: list[bytes] = []
-        for event in events:
-            subject_tag = tag_of(event.subject)
-            once = event.event_class == ONCE
-            marker = (self._seen_prefix if once else self._waiting_prefix) + event.id.encode()
-            flag = "o" if once else "l"
-            keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag.encode()))
-            run = flag + new_run_id(subject_tag)
-            runs += (resp_bulk(run.encode()), resp_bulk(serialize_job(event, now_ms)))
-        loop = self._loop or self._bind_loop()
-        pending = _Pending(len(events), b"".join(keys), b"".join(runs), loop.create_future())
-        self._waiting.append(pending)
-        if self._writing < len(self._connections):
-            self._writing += 1
-            writer = loop.create_task(self._write_batches())
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
-        # A caller that goes away cancels only its own future: a writer task, not the
-        # caller, sends the batch, so the other callers' events are written all the same.
-        return await pending.done
-
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        self._loop = asyncio.get_running_loop()
-        return self._loop
-
-    async def aclose(self) -> None:
-        """Let the batches being written finish, then close the queue's own connections.
-
-        Closing under a writer would read as a dropped connection, and the writer would
-        open a new one (its one retry) that nothing then closes. Each call has a deadline,
-        so the wait is bounded. The Redis client's pool is the caller's to close.
-        """
-        if self._writers:
-            await asyncio.wait(self._writers)
-        for connection in self._connections:
-            await connection.close()
-
-    async def __aenter__(self) -> EventQueue:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def _write_batches(self) -> None:
-        connection = self._free_connections.pop()  # there are as many as writers may run
-        try:
-            while self._waiting:
-                await self._write(connection, self._next_batch())
-        finally:  # no await between the last check of _waiting and this: no caller is missed
-            self._writing -= 1
-            self._free_connections.append(connection)
-
-    def _next_batch(self) -> list[_Pending]:
-        """Callers in arrival order, up to ``max_batch_events`` (always at least one caller)."""
-        taken, events = 0, 0
-        for pending in self._waiting:
-            if taken and events + pending.events > self.max_batch_events:
-                break
-            taken, events = taken + 1, events + pending.events
-        batch, self._waiting = self._waiting[:taken], self._waiting[taken:]
-        return batch
-
-    async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
-        events = sum(pending.events for pending in batch)
-        fixed_arguments = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
-        arguments = PackedArguments(
-            [self._queue_key, *[p.keys for p in batch], fixed_arguments, *[p.runs for p in batch]],
-            keys=1 + 2 * events,
-            count=1 + 2 * events + 2 + 2 * events,
-        )
-        try:
-            outcomes = await connection.evaluate(arguments)
-        except Exception as error:  # every caller of the batch learns of the failure
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(error)
-            return
-        except BaseException:  # cancelled (shutdown): its callers are cancelled, not left waiting
-            for pending in batch + self._waiting:
-                pending.done.cancel()
-            self._waiting = []
-            raise
-        start = 0
-        for pending in batch:
-            end = start + pending.events
-            if not pending.done.done():
-                pending.done.set_result(outcomes[start:end])
-            start = end

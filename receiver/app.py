@@ -1,8 +1,9 @@
 """The HTTP edge: verify, decode, enqueue, answer. Nothing else happens here.
 
-``uvicorn receiver.app:app`` serves it. Settings come from the environment
-once, when the module is imported; the lifespan refuses to start without a
-webhook secret and opens (and closes) the one Redis connection pool.
+``uvicorn receiver.app:create_app --factory`` serves it (the Procfile's web line).
+Settings come from the environment once, when uvicorn calls the factory, which
+refuses to build the app without a webhook secret; the lifespan opens (and
+closes) the one Redis connection pool.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from starlette.types import Receive, Scope, Send
 from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
-from hrflow_webhooks.queue import COALESCED, QUEUED, EventQueue
+from hrflow_webhooks.queue import COALESCED, QUEUED
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import MissingSecretError, Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
 from receiver import metrics
 from receiver.decoding import TOO_DEEP, BadPayloadError, decode_events
+from receiver.enqueue import EventQueue
 from receiver.protocol import (
     HEAD_ALLOWANCE_BYTES,
     ConnectionLimits,
@@ -429,11 +431,3 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         Route("/metrics", metrics.endpoint(token)),
     ]
     return ReceiverApp(routes=routes, lifespan=lifespan)
-
-
-def __getattr__(name: str) -> Starlette:
-    """``app`` is built when uvicorn asks for it, so importing this module (tests, the CLI)
-    neither reads the environment nor reconfigures the host's logging."""
-    if name != "app":
-        raise AttributeError(name)
-    return create_app()

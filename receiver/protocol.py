@@ -31,7 +31,7 @@ when the response is complete. A write that is not followed by the end of its
 response in the same event-loop step (a streamed body, ``100 Continue``) goes
 out on the next step, so nothing waits on the application.
 
-Serve the receiver with it: ``uvicorn receiver.app:app --http receiver.protocol:HttpProtocol``
+Serve the receiver with it: ``uvicorn receiver.app:create_app --factory --http receiver.protocol:HttpProtocol``
 (the Procfile, the Dockerfile and ``make run`` do).
 """
 

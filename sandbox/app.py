@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from hrflow_webhooks.client.profiles import ProfileWrite
+from hrflow_client.profiles import ProfileWrite
 from hrflow_webhooks.signatures import sign
 from sandbox.faults import Fault, Faults, Outcome
 from sandbox.store import DuplicateReferenceError, ProfileStore

@@ -13,10 +13,12 @@ from typing import Any
 
 import aiohttp
 
+from control.commands import worker_argv
+
 ROOT = Path(__file__).resolve().parent.parent
-PROCFILE_WORKER = ("hrflow_webhooks.cli", "worker")
+PROCFILE_WORKER = tuple(worker_argv())
 ARQ_CLI = (
-    "arq", "workers.settings.WorkerSettings",
+    sys.executable, "-m", "arq", "workers.settings.WorkerSettings",
     "--custom-log-dict", "hrflow_webhooks.logs.ARQ_LOG_CONFIG",
 )  # fmt: skip
 
@@ -49,7 +51,7 @@ class WorkerProcess:
     ) -> None:
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", *command],
+            list(command),
             cwd=ROOT,
             env=worker_env(redis_url, **settings),
             stdout=self.log,

@@ -18,10 +18,11 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from hrflow_webhooks.cli import parse_since, redacted_letter
-from hrflow_webhooks.erasure import erase_profile, glob_escape
+from control.cli import parse_since, redacted_letter
+from control.erasure import erase_profile, glob_escape
 from hrflow_webhooks.events import Event, event_id_of
-from hrflow_webhooks.queue import EventQueue, QueueKeys, deserialize_job, tag_of
+from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
+from receiver.enqueue import EventQueue
 from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from tests.redis_server import RedisServer, free_port
 from tests.service import (
@@ -43,7 +44,7 @@ async def cli(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, st
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "hrflow_webhooks.cli",
+        "control.cli",
         *args,
         env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
@@ -358,7 +359,7 @@ async def sandbox_answers(url: str, headers: Mapping[str, str] | None = None) ->
 async def test_sandbox_command_passes_its_fault_and_seed_options(seed: str, profiles: int) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hrflow_webhooks.cli", "sandbox", "--port", str(port), seed,
+        sys.executable, "-m", "control.cli", "sandbox", "--port", str(port), seed,
         "--fail-rate", "1", "--status", "429",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip

@@ -11,23 +11,24 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from hrflow_webhooks.client import (
+from hrflow_client import (
     BadRequest,
     HrflowClient,
     NotFound,
-    RateBudget,
     RateLimited,
     RejectedRequest,
     Unauthorized,
     UpstreamError,
     profile_to_indexing_payload,
 )
-from hrflow_webhooks.client.api import parse_retry_after
-from hrflow_webhooks.errors import PermanentError, TransientError, is_transient
+from hrflow_client.api import parse_retry_after
+from hrflow_webhooks.errors import PermanentError, TransientError
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY
 from sandbox.faults import Fault
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
+from workers.failures import is_transient
+from workers.rate_budget import SharedRateBudget
 
 
 def _client(
@@ -179,10 +180,13 @@ async def test_the_rate_budget_is_shared_by_two_processes_clients(
     """Two Redis connections stand for two worker processes: together they stay in budget."""
     rate_per_s = 40.0
     other = Redis.from_url(redis_server.url)
-    budgets = [RateBudget(redis, "budget", rate_per_s), RateBudget(other, "budget", rate_per_s)]
+    budgets = [
+        SharedRateBudget(redis, "budget", rate_per_s),
+        SharedRateBudget(other, "budget", rate_per_s),
+    ]
     taken: list[float] = []
 
-    async def take(budget: RateBudget) -> None:
+    async def take(budget: SharedRateBudget) -> None:
         for _ in range(12):
             await budget.acquire()
             taken.append(time.monotonic())
@@ -199,4 +203,4 @@ async def test_the_rate_budget_is_shared_by_two_processes_clients(
 
 def test_a_budget_needs_a_positive_rate() -> None:
     with pytest.raises(ValueError, match="rate_per_s"):
-        RateBudget(Redis(), "k", 0)
+        SharedRateBudget(Redis(), "k", 0)

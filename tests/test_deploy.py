@@ -10,6 +10,7 @@ fits the largest signed payload, and .env.example lists every setting.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -24,13 +25,13 @@ import pytest
 import typer
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from starlette.applications import Starlette
 from starlette.routing import Route
 from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bench.procs import expand, procfile
-from hrflow_webhooks.cli import app as cli_app
-from hrflow_webhooks.runner import RECEIVER_HTTP_PROTOCOL
+from control.cli import app as cli_app
+from control.commands import PROCFILE, WEB, expand, procfile_text, web_argv, worker_argv
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 
@@ -57,7 +58,7 @@ def script_command(argv: list[str]) -> str:
     """The name of the command `hrflow-webhooks ARGV...` would run (typer's own click)."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert argv[0] in scripts
-    assert scripts[argv[0]] == "hrflow_webhooks.cli:main"
+    assert scripts[argv[0]] == "control.cli:main"
     commands = typer.main.get_command(cli_app).commands  # type: ignore[attr-defined]
     assert argv[1] in commands, f"no `{argv[0]} {argv[1]}` command"
     return str(commands[argv[1]].name)
@@ -65,16 +66,15 @@ def script_command(argv: list[str]) -> str:
 
 def check_receiver_command(argv: list[str]) -> None:
     params = uvicorn_context(argv).params
-    module, attribute = params["app"].split(":")
-    # Built as uvicorn builds it; the receiver refuses to be built without a secret.
-    os.environ["HRFLOW_WEBHOOK_SECRET"] = "deploy-test-secret"
-    try:
-        assert isinstance(getattr(importlib.import_module(module), attribute), object)
-    finally:
-        del os.environ["HRFLOW_WEBHOOK_SECRET"]
+    # uvicorn calls the factory with no arguments; it builds the receiver app.
+    assert params["factory"]
+    factory = import_from_string(params["app"])
+    inspect.signature(factory).bind()
+    built = factory(Settings(webhook_secrets="deploy-test-secret"), own_logging=False)
+    assert isinstance(built, Starlette)
     assert (params["host"], params["port"]) == ("0.0.0.0", 8000)
-    # The same HTTP protocol as `make run`, loaded the way uvicorn loads it.
-    assert params["http"] == RECEIVER_HTTP_PROTOCOL
+    # The receiver's guard protocol, loaded the way uvicorn loads it.
+    assert params["http"] == "receiver.protocol:HttpProtocol"
     assert issubclass(import_from_string(params["http"]), HttpToolsProtocol)
     assert params["proxy_headers"] is True
     # Whom to trust for X-Forwarded-For comes from FORWARDED_ALLOW_IPS (uvicorn's variable,
@@ -86,6 +86,26 @@ def check_receiver_command(argv: list[str]) -> None:
 
 
 ENV = {"PORT": "8000", "WEB_CONCURRENCY": "3"}
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    entries = [line.split(":", 1) for line in lines if line.strip()]
+    return {name.strip(): command.strip() for name, command in entries}
+
+
+def test_procfile_is_the_one_source_of_command_lines() -> None:
+    assert (ROOT / "Procfile").read_text() == procfile_text()
+    assert procfile() == PROCFILE
+
+
+def test_run_tests_and_bench_start_the_procfile_lines() -> None:
+    """``hrflow-webhooks run``, the suites and the bench take their argv from here."""
+    argv = web_argv(8123, "127.0.0.1")
+    deployed = expand(WEB, {"PORT": "8123"})
+    deployed[deployed.index("--host") + 1] = "127.0.0.1"
+    assert argv == [sys.executable, "-m", *deployed]
+    assert worker_argv() == [sys.executable, "-m", "control.cli", "worker"]
 
 
 def test_procfile_web_runs_the_receiver_with_router_flags() -> None:
@@ -104,7 +124,7 @@ def test_procfile_worker_is_a_command_of_the_console_script() -> None:
 
 def test_a_wrong_flag_would_be_caught() -> None:
     with pytest.raises(click.UsageError):
-        uvicorn_context(["uvicorn", "receiver.app:app", "--proxy-header"])
+        uvicorn_context(["uvicorn", "receiver.app:create_app", "--proxy-header"])
 
 
 def test_dockerfile_base_user_and_dependency_layer() -> None:
@@ -124,11 +144,12 @@ def test_dockerfile_base_user_and_dependency_layer() -> None:
     assert instructions.index("USER") > first_code_copy
 
 
-def test_dockerfile_copies_every_package_pyproject_ships() -> None:
+def test_dockerfile_copies_every_product_package_and_not_the_sandbox() -> None:
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {p.rstrip("*") for p in include["packages"]["find"]["include"]}
     copied = {args.split()[0] for name, args in dockerfile() if name == "COPY"}
-    assert packages <= copied
+    assert packages - {"sandbox"} <= copied
+    assert "sandbox" not in copied  # a development component, not production code
     for source in copied:
         assert (ROOT / source).exists()
 
@@ -139,6 +160,7 @@ def test_dockerfile_cmd_is_the_same_receiver_command() -> None:
     assert (shell, flag) == ("sh", "-c")
     assert script.startswith("exec ")  # uvicorn becomes PID 1 and gets SIGTERM
     check_receiver_command(expand(script.removeprefix("exec "), ENV))
+    assert expand(script.removeprefix("exec "), ENV) == expand(WEB, ENV)
     env_lines = " ".join(args for name, args in dockerfile() if name == "ENV")
     assert "PORT=8000" in env_lines
     assert ("EXPOSE", "8000") in dockerfile()

@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from control.commands import web_argv
 from tests.processes import ROOT, WorkerProcess, wait_until_answering, worker_env
 from tests.redis_server import RedisServer, free_port
 from tests.service import WEBHOOK_SECRET, parsing_event, signed_headers
@@ -37,8 +37,7 @@ class ReceiverProcess:
         env = worker_env(redis_url) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", str(self.port),
-             "--no-access-log", "--log-level", "warning"],
+            web_argv(self.port, "127.0.0.1"),
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -29,10 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from bench.procs import terminate
-from hrflow_webhooks.client_metrics import record_api_call, record_rate_wait
+from control.commands import web_argv, worker_argv
+from control.health import check
+from hrflow_client.metrics import record_api_call, record_rate_wait
 from hrflow_webhooks.errors import PermanentError
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.health import check
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -511,15 +511,15 @@ async def answers(session: aiohttp.ClientSession, url: str) -> bool:
 async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
     redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """``uvicorn receiver.app:app`` and ``hrflow-webhooks worker``, as separate processes."""
+    """The Procfile's web and worker lines (control.commands), as separate processes."""
     receiver_port, metrics_port, receiver_metrics_port = free_port(), free_port(), free_port()
     env = service_env(
         redis_server.url,
         worker_metrics_port=str(metrics_port),
         receiver_metrics_port=str(receiver_metrics_port),
     )
-    uvicorn = [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", str(receiver_port)]
-    worker = [sys.executable, "-m", "hrflow_webhooks.cli", "worker"]
+    uvicorn = web_argv(receiver_port, "127.0.0.1")
+    worker = worker_argv()
     base = f"http://127.0.0.1:{receiver_port}"
     events = [parsing_event(f"pk-{i}", type="profile.teleporting.success") for i in range(3)]
     events[0]["profile"] = HARRY_POTTER
@@ -554,6 +554,12 @@ async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
         assert len(lines) > 3, name
         assert all(isinstance(line, dict) for line in lines), name
         assert [v for v in PERSONAL_VALUES if v.lower() in text.lower()] == [], name
+    # --no-access-log holds: each delivery is one line, the receiver's own, not two.
+    receiver_lines = [
+        json.loads(line) for line in (tmp_path / "receiver.log").read_text().splitlines()
+    ]
+    assert [line for line in receiver_lines if line["logger"] == "uvicorn.access"] == []
+    assert sum(line["message"] == "delivery queued" for line in receiver_lines) == len(events)
 
 
 def harry_potter_with_contacts() -> dict[str, Any]:

@@ -6,12 +6,12 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from control.commands import web_argv
 from hrflow_webhooks.queue import QueueKeys
 from tests.processes import ROOT
 from tests.redis_server import RedisServer, free_port
@@ -290,7 +290,7 @@ def test_the_receiver_refuses_to_start_without_a_webhook_secret(redis_server: Re
     env["REDIS_URL"] = redis_server.url
     port = str(free_port())
     result = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "receiver.app:app", "--port", port],
+        web_argv(int(port), "127.0.0.1"),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode != 0

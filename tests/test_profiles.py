@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from hrflow_webhooks.client.profiles import (
+from hrflow_client.profiles import (
     Profile,
     ProfileWrite,
     payload_fingerprint,

@@ -22,13 +22,10 @@ from hrflow_webhooks.queue import (
     OTHER_TYPES,
     QUEUED,
     UNROUTED_TYPES_MAX,
-    EventQueue,
-    PackedArguments,
     QueueKeys,
     deserialize_job,
-    packed_script_call,
-    resp_bulk,
 )
+from receiver.enqueue import EventQueue, PackedArguments, packed_script_call, resp_bulk
 from tests.redis_server import RedisServer
 from tests.service import parsing_event, queued_event_ids, runs_of, update_event
 

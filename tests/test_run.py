@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from control.runner import load_or_create_secret
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import EventQueue
-from hrflow_webhooks.runner import load_or_create_secret
-from hrflow_webhooks.worker_process import WorkerLoop
+from receiver.enqueue import EventQueue
 from tests.redis_server import RedisServer, free_port
 from tests.service import make_settings, parsing_event, recorder
+from workers.process import WorkerLoop
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -78,11 +78,11 @@ def alive(pid: int) -> bool:
 
 
 def child_pids(root: int, marker: str) -> set[int]:
-    """Descendants whose command line contains ``marker``."""
+    """Descendants with ``marker`` as one of their arguments."""
     pids = set()
     for pid in descendants(root):
         with contextlib.suppress(OSError):
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
                 pids.add(pid)
     return pids
 
@@ -94,7 +94,7 @@ class RunProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HRFLOW_")}
         env.pop("REDIS_URL", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hrflow_webhooks.cli", "run", *args],
+            [sys.executable, "-m", "control.cli", "run", *args],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,

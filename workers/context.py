@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from hrflow_webhooks.client.api import HrflowClient
+from hrflow_client.api import HrflowClient
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     COUNT_UNROUTED_SCRIPT,

@@ -38,12 +38,7 @@ from typing import Any
 
 from arq import Retry
 
-from hrflow_webhooks.errors import (
-    SubjectGoneError,
-    SubjectNotReadableError,
-    is_transient,
-    retry_after_of,
-)
+from hrflow_webhooks.errors import SubjectGoneError, SubjectNotReadableError, retry_after_of
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     BEGIN_RUN_SCRIPT,
@@ -58,6 +53,7 @@ from workers import metrics
 from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
 from workers.context import EventLogger, HandlerContext, WorkerServices
 from workers.dead_letters import DeadLetters
+from workers.failures import is_transient
 from workers.registry import Handler
 
 logger = logging.getLogger("hrflow_webhooks.worker")

@@ -27,8 +27,8 @@ from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
 from hrflow_webhooks.queue import QueueKeys
-from hrflow_webhooks.queue_stats import read_queue_stats_sync
 from hrflow_webhooks.settings import Settings
+from workers.queue_stats import read_queue_stats_sync
 
 logger = logging.getLogger("hrflow_webhooks.worker")
 

@@ -39,11 +39,11 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hrflow_webhooks.client.api import client_if_configured
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers.arq_worker import Worker
+from workers.client import client_if_configured
 from workers.context import WorkerServices
 from workers.jobs import handle_event
 from workers.metrics_server import start_worker_metrics, stop_worker_metrics

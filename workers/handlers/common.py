@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hrflow_webhooks.client.api import HrflowClient
-from hrflow_webhooks.client.errors import NotFound
-from hrflow_webhooks.client.profiles import Profile
+from hrflow_client.api import HrflowClient
+from hrflow_client.errors import NotFound
+from hrflow_client.profiles import Profile
 from hrflow_webhooks.errors import (
     HandlerError,
     PermanentError,

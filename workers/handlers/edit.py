@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from hrflow_webhooks.client.profiles import (
+from hrflow_client.profiles import (
     Education,
     Experience,
     Item,

@@ -18,9 +18,9 @@ echoes of our own writes.
 
 from __future__ import annotations
 
-from hrflow_webhooks.client.api import HrflowClient
-from hrflow_webhooks.client.errors import NotFound
-from hrflow_webhooks.client.profiles import (
+from hrflow_client.api import HrflowClient
+from hrflow_client.errors import NotFound
+from hrflow_client.profiles import (
     Profile,
     ProfileWrite,
     WriteItem,

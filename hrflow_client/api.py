@@ -3,7 +3,7 @@
 The calls are named after the official SDK (``client.profile.indexing.get`` →
 :meth:`HrflowClient.profile_indexing_get`) so SDK users recognise them. Every
 answer is HrFlow's envelope ``{"code", "message", "data"}``; methods return
-``data``, and every failure raises an :class:`~hrflow_webhooks.client.errors.ApiError`.
+``data``, and every failure raises an :class:`~hrflow_client.errors.ApiError`.
 Logs carry the endpoint, status and keys only: never a body.
 """
 
@@ -18,23 +18,16 @@ from typing import Any
 import aiohttp
 import orjson
 import yarl
-from redis.asyncio import Redis
 
-from hrflow_webhooks import client_metrics
-from hrflow_webhooks.client.errors import ApiError, UpstreamError, error_for_status
-from hrflow_webhooks.client.profiles import ProfileWrite
-from hrflow_webhooks.client.rate import RateBudget
-from hrflow_webhooks.queue import QueueKeys
-from hrflow_webhooks.settings import Settings
+from hrflow_client import metrics as client_metrics
+from hrflow_client.errors import ApiError, UpstreamError, error_for_status
+from hrflow_client.profiles import ProfileWrite
+from hrflow_client.rate import RateBudget
 
-logger = logging.getLogger("hrflow_webhooks.client")
+logger = logging.getLogger("hrflow_client")
 
 PROFILE_INDEXING = "profile/indexing"
 PROFILE_PARSING = "profile/parsing"
-
-
-class MissingCredentialsError(RuntimeError):
-    """HRFLOW_API_KEY or HRFLOW_API_USER is not set."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -88,27 +81,6 @@ class HrflowClient:
         self.rate_budget = rate_budget
         self._url_path = yarl.URL(self.base_url).path.rstrip("/")  # metrics label: "/v1"
         self._headers = {"X-API-KEY": api_key, "X-USER-EMAIL": api_user}
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, session: aiohttp.ClientSession, redis: Redis
-    ) -> HrflowClient:
-        if settings.api_key is None or not settings.api_user:
-            raise MissingCredentialsError(
-                "the HrFlow API client needs HRFLOW_API_KEY and HRFLOW_API_USER"
-            )
-        budget = None
-        if settings.api_rate_per_s is not None:
-            budget = RateBudget(
-                redis, QueueKeys(settings.queue_name).api_budget, settings.api_rate_per_s
-            )
-        return cls(
-            session,
-            settings.api_url,
-            settings.api_key.get_secret_value(),
-            settings.api_user,
-            budget,
-        )
 
     # --- the SDK's calls ----------------------------------------------------------------------
 
@@ -236,12 +208,3 @@ def _error(status: int, message: str | None, endpoint: str, headers: Mapping[str
     return error_for_status(
         status, message, endpoint, parse_retry_after(headers.get("Retry-After"))
     )
-
-
-def client_if_configured(
-    settings: Settings, session: aiohttp.ClientSession, redis: Redis
-) -> HrflowClient | None:
-    """The worker's client, or None when no API credentials are set (no handler needs one)."""
-    if settings.api_key is None or not settings.api_user:
-        return None
-    return HrflowClient.from_settings(settings, session, redis)

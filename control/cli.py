@@ -30,8 +30,8 @@ import orjson
 import typer
 from redis.exceptions import RedisError
 
-from hrflow_webhooks import runner
-from hrflow_webhooks.erasure import erase_profile
+from control import runner
+from control.erasure import erase_profile
 from hrflow_webhooks.events import UnknownEventNameError, canonical_event_name, checked_event_name
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.redis_setup import connect_redis
@@ -108,7 +108,7 @@ def run(
 def worker() -> None:
     """Run one arq worker; it restarts itself after a Redis outage instead of dying."""
     from hrflow_webhooks.logs import configure_logging
-    from hrflow_webhooks.worker_process import run_worker
+    from workers.process import run_worker
     from workers.settings import create_worker
 
     settings = Settings()
@@ -132,8 +132,7 @@ def sandbox_command(
     webhook_secret: Annotated[str | None, typer.Option(help="Secret that signs it.")] = None,
 ) -> None:
     """Run the sandbox HrFlow API (api key sandbox-api-key, user sandbox@hrflow.local)."""
-    import sandbox
-
+    sandbox = _sandbox_package()
     sandbox.run_sandbox(
         host=host,
         port=port,
@@ -144,6 +143,17 @@ def sandbox_command(
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
     )
+
+
+def _sandbox_package() -> Any:
+    """The sandbox, a development component: a checkout has it, the production image not."""
+    try:
+        import sandbox
+    except ImportError:
+        raise fail(
+            "the sandbox is not installed here (it is left out of the production image)"
+        ) from None
+    return sandbox
 
 
 # --- send -------------------------------------------------------------------------------------
@@ -473,7 +483,7 @@ def check(
     ] = None,
 ) -> None:
     """Exit 1, listing the problems, when Redis, the workers or the queue are unhealthy."""
-    from hrflow_webhooks.health import check as health_check
+    from control.health import check as health_check
 
     settings = Settings()
     age_s = settings.check_max_queue_age_s if max_queue_age_s is None else max_queue_age_s

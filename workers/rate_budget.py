@@ -17,8 +17,11 @@ from redis.asyncio import Redis
 from hrflow_webhooks.queue import RATE_BUDGET_SCRIPT
 
 
-class RateBudget:
-    """``await budget.acquire()`` before each request; it returns once a token is taken."""
+class SharedRateBudget:
+    """``await budget.acquire()`` before each request; it returns once a token is taken.
+
+    Satisfies ``hrflow_client.RateBudget``.
+    """
 
     def __init__(self, redis: Redis, key: str, rate_per_s: float, burst: float = 1.0) -> None:
         if rate_per_s <= 0 or burst < 1:

@@ -19,9 +19,9 @@ from redis.exceptions import RedisError
 
 from hrflow_webhooks.durability import inspect_once
 from hrflow_webhooks.queue import QueueKeys
-from hrflow_webhooks.queue_stats import QueueStats, read_queue_stats
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
+from workers.queue_stats import QueueStats, read_queue_stats
 
 
 async def check(settings: Settings, max_queue_age_s: float) -> list[str]:

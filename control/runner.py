@@ -6,7 +6,7 @@ What starts, in order (each waits until the previous one answers):
    always``, ``noeviction``), only when ``REDIS_URL`` is unset;
 2. the sandbox HrFlow API (``python -m sandbox``), only when ``HRFLOW_API_KEY``
    is unset, with the built-in handlers pointed at it;
-3. the receiver (``uvicorn receiver.app:app``);
+3. the receiver (the Procfile's web line, ``control.commands``);
 4. N workers (``hrflow-webhooks worker``).
 
 Every child runs in its own session (process group), so Ctrl-C reaches the
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from control.commands import web_argv, worker_argv
 from hrflow_webhooks.settings import Settings
 
 DEFAULT_STATE_DIR = Path(".run")
@@ -84,24 +85,6 @@ def webhook_secret(settings: Settings, state_dir: Path = DEFAULT_STATE_DIR) -> s
 
 
 # --- commands the supervisor, the Procfile and the Dockerfile share ---------------------------
-
-
-# uvicorn's httptools protocol, one write per response (receiver/protocol.py).
-RECEIVER_HTTP_PROTOCOL = "receiver.protocol:HttpProtocol"
-
-
-def receiver_command(host: str, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "receiver.app:app",
-        "--http", RECEIVER_HTTP_PROTOCOL,
-        "--host", host,
-        "--port", str(port),
-        "--no-access-log",
-    ]  # fmt: skip
-
-
-def worker_command() -> list[str]:
-    return [sys.executable, "-m", "hrflow_webhooks.cli", "worker"]
 
 
 def sandbox_command(host: str, port: int) -> list[str]:
@@ -419,13 +402,13 @@ def plan_run(settings: Settings, options: RunOptions) -> Plan:
     specs.append(
         ChildSpec(
             "web.1",
-            receiver_command(options.host, options.port),
+            web_argv(options.port, options.host),
             env,
             ready=lambda: http_answers(f"{receiver_url}/healthz"),
         )
     )
     specs += [
-        ChildSpec(f"worker.{n}", worker_command(), env, restart=True)
+        ChildSpec(f"worker.{n}", worker_argv(), env, restart=True)
         for n in range(1, options.workers + 1)
     ]
     redis_url = overrides.get("REDIS_URL", settings.redis_url)
