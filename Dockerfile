@@ -1,7 +1,9 @@
 # One image for both processes; the command picks one:
 #   docker run -p 8000:8000 --env-file .env IMAGE                          # web (default)
 #   docker run --env-file .env IMAGE hrflow-webhooks worker                # worker
-FROM python:3.11-slim
+# BASE_IMAGE: only `make test-docker` overrides it, where the registry is unreachable.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

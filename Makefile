@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint lock test-faults bench bench-smoke clean redis-server wrk
+.PHONY: run test lint lock test-faults test-docker bench bench-smoke clean redis-server wrk
 
 # Dependencies come from the lock file (exact versions, hashes checked); pyproject.toml keeps
 # the ranges the code supports. `make lock` re-resolves both lock files from those ranges.
@@ -41,6 +41,12 @@ lint: $(STAMP)
 
 test-faults: $(STAMP) redis-server
 	$(BIN)/python -m pytest -m slow -s
+
+# The production image built and run in real containers (tests/docker/smoke.py). As root:
+# it installs docker.io and starts dockerd when missing, and builds a local Debian base
+# when the registry is unreachable.
+test-docker: $(STAMP) redis-server
+	$(BIN)/python -m tests.docker.smoke
 
 # P1's load generator is wrk (Debian's package), installed like redis-server.
 wrk:

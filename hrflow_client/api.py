@@ -24,7 +24,7 @@ from hrflow_client.errors import ApiError, UpstreamError, error_for_status
 from hrflow_client.profiles import ProfileWrite
 from hrflow_client.rate import RateBudget
 
-logger = logging.getLogger("hrflow_client")
+logger = logging.getLogger(__name__)
 
 PROFILE_INDEXING = "profile/indexing"
 PROFILE_PARSING = "profile/parsing"

@@ -46,7 +46,7 @@ from receiver.protocol import (
 )
 from receiver.rejections import RejectionLog
 
-logger = logging.getLogger("hrflow_webhooks.receiver")
+logger = logging.getLogger(__name__)
 
 # Header names HrFlow and its older SDKs use, as ASGI servers hand them over (lower case).
 SIGNATURE_HEADERS = frozenset(

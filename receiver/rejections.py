@@ -16,7 +16,7 @@ import collections
 import logging
 import time
 
-logger = logging.getLogger("hrflow_webhooks.receiver")
+logger = logging.getLogger(__name__)
 
 SUMMARY_INTERVAL_S = 10.0
 

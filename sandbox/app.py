@@ -37,7 +37,7 @@ from hrflow_webhooks.signatures import sign
 from sandbox.faults import Fault, Faults, Outcome
 from sandbox.store import DuplicateReferenceError, ProfileStore
 
-logger = logging.getLogger("hrflow_webhooks.sandbox")
+logger = logging.getLogger(__name__)
 
 DEFAULT_API_KEY = "sandbox-api-key"
 DEFAULT_API_USER = "sandbox@hrflow.local"

@@ -254,7 +254,7 @@ async def test_a_worker_meeting_an_out_of_memory_redis_keeps_running_and_drains_
         async with Redis.from_url(server_redis.url) as redis:
             await enqueue(settings, redis, *(parsing_event(f"oom-{n}") for n in range(5)))
             await fill_past_maxmemory(redis)
-            with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.worker"):
+            with caplog.at_level(logging.WARNING, logger="workers"):
                 running = asyncio.create_task(loop.run())
 
                 async def heartbeat_refused() -> bool:

@@ -196,7 +196,7 @@ async def test_a_flood_of_rejections_is_counted_exactly_and_logged_in_two_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     log = RejectionLog(interval_s=0.2)
-    with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.receiver"):
+    with caplog.at_level(logging.WARNING, logger="receiver"):
         for n in range(1_000):
             log.note("bad_signature", "signature does not match", f"req-{n}")
         log.note("too_large", "request body exceeds HRFLOW_MAX_BODY_BYTES")

@@ -362,7 +362,7 @@ async def test_a_handler_blocking_the_event_loop_is_named_and_its_event_is_not_l
         effects.append(ctx.job_try)
 
     await enqueue(settings, redis, parsing_event())
-    with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.worker"):
+    with caplog.at_level(logging.WARNING, logger="workers"):
         worker = await drain(settings, registry)
     assert "event loop blocked 2.6 s by handler sleepy" in caplog.messages
     assert effects == ([2] if awaits_after_blocking else [1, 2])  # retried, not dropped

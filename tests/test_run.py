@@ -225,7 +225,7 @@ async def test_a_worker_started_before_redis_says_so_and_works_once_redis_is_up(
         lambda: create_worker(settings, registry, handle_signals=False),
         restart_delay_s=0.05,
     )
-    caplog.set_level(logging.ERROR, logger="hrflow_webhooks.worker")
+    caplog.set_level(logging.ERROR, logger="workers")
     running = asyncio.create_task(loop.run())
 
     def unreachable() -> list[logging.LogRecord]:

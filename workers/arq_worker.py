@@ -30,7 +30,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 from hrflow_webhooks.queue import CLAIM_SCRIPT, PARK_MS, QueueKeys
 
-logger = logging.getLogger("hrflow_webhooks.worker")
+logger = logging.getLogger(__name__)
 # In the jobs' context: this worker claimed the run in its subject's order already.
 RUNS_CLAIMED_IN_ORDER = "runs_claimed_in_order"
 

@@ -56,7 +56,7 @@ from workers.dead_letters import DeadLetters
 from workers.failures import is_transient
 from workers.registry import Handler
 
-logger = logging.getLogger("hrflow_webhooks.worker")
+logger = logging.getLogger(__name__)
 
 # A handler step that holds the event loop this long is named in a warning: it also stalls
 # every other run of the worker, and past the job timeout it makes arq's timer fire.

@@ -30,7 +30,7 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers.queue_stats import read_queue_stats_sync
 
-logger = logging.getLogger("hrflow_webhooks.worker")
+logger = logging.getLogger(__name__)
 
 
 class QueueCollector:

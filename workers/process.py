@@ -27,7 +27,7 @@ from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 
-logger = logging.getLogger("hrflow_webhooks.worker")
+logger = logging.getLogger(__name__)
 
 WorkerFactory = Callable[[], Worker]
 RESTART_DELAY_MAX_S = 30.0

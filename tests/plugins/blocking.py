@@ -21,7 +21,7 @@ BLOCK_S = float(os.environ.get("HRFLOW_TEST_BLOCK_S", "6"))
 # Written in the same step as the block, so each line is one block that really happened (a
 # run cut off by the stall before this step never blocks).
 BLOCKING_NOW = "test plugin blocks the event loop now"
-logger = logging.getLogger("hrflow_webhooks.worker")
+logger = logging.getLogger(__name__)
 
 
 async def block_once(event: Event, ctx: HandlerContext) -> None:

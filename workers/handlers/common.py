@@ -12,11 +12,12 @@ to the profile changes the fingerprint, so it is handled.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import LockNotOwnedError
 
 from hrflow_client.api import HrflowClient
 from hrflow_client.errors import NotFound
@@ -169,22 +170,16 @@ class WriteEchoes:
         await self._redis.set(self._key(ref), fingerprint, ex=self._ttl_s)
 
 
-# KEYS: lock. ARGV: token. Deletes the lock only if this holder still owns it.
-_RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 @contextlib.asynccontextmanager
 async def exclusive(ctx: HandlerContext, name: str) -> AsyncIterator[None]:
     """One holder at a time across worker processes, or a transient error to retry later.
 
-    The lock expires with the job's timeout, so a killed worker cannot hold it forever.
+    redis-py's ``Lock`` (a random token, released only by its owner). It expires with the
+    job's timeout, so a killed worker cannot hold it forever.
     """
     key = ctx.services.keys.lock(ctx.handler, name)
-    token = secrets.token_hex(8)
-    if not await ctx.redis.set(key, token, nx=True, ex=ctx.settings.job_timeout_s):
+    lock = ctx.redis.lock(key, timeout=ctx.settings.job_timeout_s, blocking=False)
+    if not await lock.acquire():
         remaining_ms = await ctx.redis.pttl(key)
         raise TransientError(
             f"another worker holds {ctx.handler}'s lock on this profile",
@@ -193,4 +188,6 @@ async def exclusive(ctx: HandlerContext, name: str) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await ctx.redis.eval(_RELEASE_SCRIPT, 1, key, token)  # type: ignore[misc]
+        # Expired and taken by another holder meanwhile: theirs now, not ours to release.
+        with contextlib.suppress(LockNotOwnedError):
+            await lock.release()
