@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -43,6 +44,7 @@ LOGGED_FIELDS = (
     "risk",
     "events_at_risk",
 )
+_LOGGED = frozenset(LOGGED_FIELDS)
 # Values are cut to this many characters: a field may hold what a signed sender wrote.
 MAX_FIELD_CHARS = 200
 
@@ -130,12 +132,123 @@ class DropJobArguments(logging.Filter):
 ARQ_LOG_CONFIG: dict[str, Any] = {"version": 1, "incremental": True}
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+class BatchedLineHandler(logging.StreamHandler[IO[str]]):
+    """Lines written in batches: one write per ``interval_s`` (or per ``max_chars``), not one
+    per line, and at once for a warning or worse (with the lines before it, in order).
+
+    Where system calls are dear (containers, sandboxed kernels) the write per line was the
+    largest cost of the receiver's one INFO line per delivery (docs/benchmarks.md). What is
+    lost on SIGKILL is at most ``interval_s`` of INFO lines; a normal exit flushes.
+    """
+
+    def __init__(
+        self, stream: IO[str], interval_s: float = 0.2, max_chars: int = 64 * 1024
+    ) -> None:
+        super().__init__(stream)
+        self.interval_s = interval_s
+        self.max_chars = max_chars
+        self._lines: list[str] = []
+        self._chars = 0
+        self._stopping = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_now_and_then, daemon=True)
+        self._flusher.start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called under self.lock
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._add(line, record.levelno)
+
+    def add_line(self, line: str, level: int) -> None:
+        """A line formatted by :func:`log_line`, queued like a record's."""
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._add(line, level)
+
+    def _add(self, line: str, level: int) -> None:
+        self._lines.append(line)
+        self._chars += len(line)
+        if level >= logging.WARNING or self._chars >= self.max_chars:
+            self._write()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._write()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.flush()
+        super().close()
+
+    def _write(self) -> None:
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines, self._chars = [], 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:  # a closed or full stream must not take the service down
+            self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+    def _flush_now_and_then(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            self.flush()
+
+
+# The handler configure_logging installed for JSON lines, for log_line's direct path.
+_json_handler: BatchedLineHandler | None = None
+
+
+def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+    """What ``logger.log(level, message, extra=fields)`` writes under the service's JSON
+    logging, the same line, without a LogRecord: for the receiver's line per delivery,
+    where the record's machinery cost a fifth of the receiver's CPU (docs/benchmarks.md).
+    Any other set-up (text lines, a host's own handlers or filters) takes the normal path."""
+    if not logger.isEnabledFor(level):
+        return
+    handler = _json_handler
+    if (
+        handler is None
+        or logger.handlers
+        or logger.filters
+        or logging.root.handlers != [handler]
+        or logging.root.filters
+    ):
+        logger.log(level, message, extra=fields)
+        return
+    line: dict[str, Any] = {
+        "ts": round(time.time(), 3),
+        "level": logging.getLevelName(level).lower(),
+        "logger": logger.name,
+        "message": message[:MAX_MESSAGE_CHARS],
+    }
+    for name, value in fields.items():
+        if value is not None and name in _LOGGED:
+            line[name] = _bounded(value)
+    handler.add_line(orjson.dumps(line, default=str).decode(), level)
+
+
+def configure_logging(
+    level: str = "INFO", fmt: str = "json", stream: IO[str] | None = None
+) -> None:
     """Route every logger of the process (ours, arq's, uvicorn's) to stderr in one format."""
-    handler = logging.StreamHandler(sys.stderr)
+    global _json_handler
+    # What no formatter here writes, a record need not gather: the caller's file and line
+    # (a walk up the stack), and the thread and process (os.getpid() is a system call).
+    logging._srcfile = None  # the logging HOWTO's advice
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = BatchedLineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, BatchedLineHandler):
+            old.close()  # its flusher thread stops; its lines are written first
     root.handlers[:] = [handler]
+    _json_handler = handler if fmt == "json" else None
     root.setLevel(level.upper())
     # uvicorn's --no-access-log leaves its access logger with no handler and not propagating;
     # rerouting it would switch the access log back on (one more line per delivery).

@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.logs import configure_logging
+from hrflow_webhooks.logs import configure_logging, log_line
 from hrflow_webhooks.queue import COALESCED, QUEUED
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import MissingSecretError, Settings
@@ -311,9 +311,11 @@ def _queued(
     counts.delivery("queued" if queued else "coalesced" if coalesced else "duplicate")
     counts.events_received(events, outcomes)
     if logger.isEnabledFor(logging.INFO):  # the fields cost more than the check
-        logger.info(
+        log_line(
+            logger,
+            logging.INFO,
             "delivery queued",
-            extra={
+            {
                 "request_id": request_id,
                 "queued": queued,
                 "coalesced": coalesced,

@@ -33,7 +33,7 @@ from control.health import check
 from hrflow_client.metrics import record_api_call, record_rate_wait
 from hrflow_webhooks.errors import PermanentError
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.logs import configure_logging
+from hrflow_webhooks.logs import BatchedLineHandler, configure_logging
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from receiver.metrics import ENQUEUE_BUCKETS_S, ReceiverCollector, ReceiverCounts
@@ -356,6 +356,9 @@ def production_logging() -> Iterator[None]:
     try:
         yield
     finally:
+        for handler in root.handlers:
+            if isinstance(handler, BatchedLineHandler):
+                handler.close()  # its batched lines are written now, its thread stops
         root.handlers[:], _ = saved_root
         root.setLevel(saved_root[1])
         for name, (handlers, propagate) in saved.items():
