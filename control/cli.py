@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -45,6 +46,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no "<bool>" beside every flag
 )
 dead_letters_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 app.add_typer(dead_letters_app, name="dead-letters")
@@ -69,6 +71,21 @@ def _options(
     ] = False,
 ) -> None:
     """Receive HrFlow.ai webhooks safely and act on them reliably."""
+
+
+def service_settings(state_dir: Path) -> Settings:
+    """Settings from the environment; without REDIS_URL, the Redis of a `run` running from
+    ``state_dir`` (its embedded one is not on Redis's default port)."""
+    if "REDIS_URL" not in os.environ:
+        running = runner.running_service_env(state_dir)
+        if "REDIS_URL" in running:
+            typer.echo(
+                f"using the Redis of `hrflow-webhooks run` (pid {running['RUN_PID']}): "
+                f"{running['REDIS_URL']}",
+                err=True,
+            )
+            return Settings(redis_url=running["REDIS_URL"])
+    return Settings()
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -164,8 +181,11 @@ def event_payload(
 ) -> dict[str, Any]:
     """An event as HrFlow sends it: the object's key and its source (or board) key."""
     obj = canonical_event_name(event_type).split(".", 1)[0]
-    default = f"{obj.capitalize()} {event_type.split('.', 1)[-1].replace('.', ' ')}"
-    payload: dict[str, Any] = {"type": event_type, "origin": "api", "message": message or default}
+    payload: dict[str, Any] = {
+        "type": event_type,
+        "origin": "api",
+        "message": message or _default_message(event_type),
+    }
     if obj == "job":
         payload["job"] = {"key": profile_key, "reference": None, "board": {"key": source_key}}
     else:
@@ -173,15 +193,34 @@ def event_payload(
     return payload
 
 
+def _default_message(event_type: str) -> str:
+    """HrFlow's wording: ``profile.parsing.success`` → "Profile parsing success"."""
+    obj = canonical_event_name(event_type).split(".", 1)[0]
+    return f"{obj.capitalize()} {event_type.split('.', 1)[-1].replace('.', ' ')}"
+
+
 def delivery_bodies(
-    event_type: str, profile_key: str, source_key: str, count: int, as_array: bool
+    event_type: str,
+    profile_key: str,
+    source_key: str,
+    count: int,
+    as_array: bool,
+    message: str | None = None,
 ) -> list[bytes]:
-    """``count`` distinct events (their messages differ, so dedup keeps them apart)."""
+    """``count`` distinct events (their messages differ, so dedup keeps them apart).
+
+    Without ``message``, each run of `send` says when it was sent: the same command run
+    again (after `run` restarts, say, with Redis remembering the first) is a new event, not
+    a duplicate. With ``message``, the same command sends the same bytes, as HrFlow's
+    retries do."""
+    if message is None:
+        sent = datetime.now(UTC).isoformat(timespec="milliseconds")
+        message = f"{_default_message(event_type)} (sent by hrflow-webhooks send at {sent})"
     if count == 1:
-        events = [event_payload(event_type, profile_key, source_key)]
+        events = [event_payload(event_type, profile_key, source_key, message)]
     else:
         events = [
-            event_payload(event_type, profile_key, source_key, f"delivery {n} of {count}")
+            event_payload(event_type, profile_key, source_key, f"{message}, {n} of {count}")
             for n in range(1, count + 1)
         ]
     if as_array:
@@ -225,6 +264,13 @@ def send(
         str, typer.Option(help="python-sdk | js-sdk | docs | body-hex")
     ] = "python-sdk",
     count: Annotated[int, typer.Option(min=1, help="How many distinct events.")] = 1,
+    message: Annotated[
+        str | None,
+        typer.Option(
+            help="The event's message. Default: HrFlow's, with the time sent, so each run "
+            "is a new event; a fixed message sends the same bytes again (a retry)."
+        ),
+    ] = None,
     array: Annotated[bool, typer.Option("--array", help="All events in one delivery.")] = False,
     file: Annotated[
         Path | None, typer.Option(help="Send this JSON file's bytes, signed, as they are.")
@@ -248,7 +294,7 @@ def send(
     if file is not None:
         bodies = [file.read_bytes()]
     else:
-        bodies = delivery_bodies(event_type, profile_key, source_key, count, array)
+        bodies = delivery_bodies(event_type, profile_key, source_key, count, array, message)
     worst = 0
     for body in bodies:
         worst = max(worst, _post_one(url, body, key, scheme))  # type: ignore[arg-type]
@@ -355,10 +401,9 @@ LETTER_COLUMNS = ["ID", "DEAD AT", "TYPE", "HANDLER", "TRIES", "ERROR", "KEY", "
 
 
 @asynccontextmanager
-async def dead_letter_store() -> AsyncIterator[Any]:
+async def dead_letter_store(settings: Settings) -> AsyncIterator[Any]:
     from workers.dead_letters import DeadLetters
 
-    settings = Settings()
     redis = connect_redis(settings)
     try:
         yield DeadLetters(redis, QueueKeys(settings.queue_name))
@@ -366,9 +411,19 @@ async def dead_letter_store() -> AsyncIterator[Any]:
         await redis.aclose()
 
 
-def with_store(work: Callable[[Any], Awaitable[T]]) -> T:
+@dead_letters_app.callback()
+def dead_letters_options(
+    ctx: typer.Context, state_dir: StateDir = runner.DEFAULT_STATE_DIR
+) -> None:
+    """Inspect, replay and purge dead letters."""
+    ctx.obj = state_dir
+
+
+def with_store(ctx: typer.Context, work: Callable[[Any], Awaitable[T]]) -> T:
+    settings = service_settings(ctx.obj or runner.DEFAULT_STATE_DIR)  # dead_letters_options
+
     async def main() -> T:
-        async with dead_letter_store() as store:
+        async with dead_letter_store(settings) as store:
             return await work(store)
 
     try:
@@ -391,12 +446,13 @@ SinceOption = Annotated[str | None, typer.Option(help="Only since: 2h, 30m, 1d, 
 
 @dead_letters_app.command("list")
 def list_letters(
+    ctx: typer.Context,
     event_type: TypeOption = None,
     since: SinceOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Dead letters, oldest first (keys only, never profile contents)."""
-    letters = with_store(lambda store: _collect(store, event_type, _since(since)))
+    letters = with_store(ctx, lambda store: _collect(store, event_type, _since(since)))
     if as_json:
         for letter in letters:
             typer.echo(orjson.dumps(redacted_letter(letter)).decode())
@@ -408,9 +464,9 @@ def list_letters(
 
 
 @dead_letters_app.command()
-def show(letter_id: str) -> None:
+def show(ctx: typer.Context, letter_id: str) -> None:
     """One dead letter as JSON (keys only)."""
-    letter = with_store(lambda store: store.get(letter_id))
+    letter = with_store(ctx, lambda store: store.get(letter_id))
     if letter is None:
         raise fail(f"no dead letter {letter_id}")
     typer.echo(orjson.dumps(redacted_letter(letter), option=orjson.OPT_INDENT_2).decode())
@@ -418,6 +474,7 @@ def show(letter_id: str) -> None:
 
 @dead_letters_app.command()
 def replay(
+    ctx: typer.Context,
     letter_id: Annotated[str | None, typer.Argument()] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Every matching letter.")] = False,
     event_type: TypeOption = None,
@@ -427,11 +484,11 @@ def replay(
     if (letter_id is None) == (not replay_all):
         raise fail("pass one dead-letter ID, or --all", 2)
     if letter_id is not None:
-        if not with_store(lambda store: store.replay(letter_id)):
+        if not with_store(ctx, lambda store: store.replay(letter_id)):
             raise fail(f"no dead letter {letter_id} (already replayed or purged?)")
         typer.echo(f"replayed {letter_id}")
         return
-    replayed = with_store(lambda store: _replay_all(store, event_type, _since(since)))
+    replayed = with_store(ctx, lambda store: _replay_all(store, event_type, _since(since)))
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
     for done_id in replayed:
         typer.echo(done_id)
@@ -443,9 +500,9 @@ async def _replay_all(store: Any, event_type: str | None, since: float | None) -
 
 
 @dead_letters_app.command()
-def purge(letter_id: str) -> None:
+def purge(ctx: typer.Context, letter_id: str) -> None:
     """Delete one dead letter for good."""
-    if not with_store(lambda store: store.purge(letter_id)):
+    if not with_store(ctx, lambda store: store.purge(letter_id)):
         raise fail(f"no dead letter {letter_id}")
     typer.echo(f"purged {letter_id}")
 
@@ -454,11 +511,14 @@ def purge(letter_id: str) -> None:
 
 
 @app.command()
-def erase(profile_key: Annotated[str, typer.Option(help="The profile to forget.")]) -> None:
+def erase(
+    profile_key: Annotated[str, typer.Option(help="The profile to forget.")],
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+) -> None:
     """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints."""
+    settings = service_settings(state_dir)
 
     async def main() -> Any:
-        settings = Settings()
         redis = connect_redis(settings)
         try:
             return await erase_profile(redis, QueueKeys(settings.queue_name), profile_key)
@@ -481,11 +541,12 @@ def check(
         float | None,
         typer.Option(help="Oldest queued event allowed, in seconds; default from settings."),
     ] = None,
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
     """Exit 1, listing the problems, when Redis, the workers or the queue are unhealthy."""
     from control.health import check as health_check
 
-    settings = Settings()
+    settings = service_settings(state_dir)
     age_s = settings.check_max_queue_age_s if max_queue_age_s is None else max_queue_age_s
     problems = asyncio.run(health_check(settings, age_s))
     for problem in problems:

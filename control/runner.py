@@ -45,6 +45,9 @@ from hrflow_webhooks.settings import Settings
 
 DEFAULT_STATE_DIR = Path(".run")
 SECRET_FILE_NAME = "webhook-secret"  # noqa: S105 (a file name, not a secret)
+# While `run` runs: the environment other commands need to reach its service (its Redis),
+# as lines a shell can source. Gone when `run` stops.
+SERVICE_ENV_FILE_NAME = "service.env"
 SANDBOX_API_KEY = "sandbox-api-key"
 SANDBOX_API_USER = "sandbox@hrflow.local"
 DEMO_EDIT_TAGS = "processed_by=hrflow-webhooks"
@@ -496,10 +499,41 @@ def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
             "Send a signed test event:",
             f"  {send_command(options)}",
             "",
+            f"dead-letters, check and erase run from this folder find this Redis "
+            f"({options.state_dir / SERVICE_ENV_FILE_NAME}); from elsewhere:",
+            f"  export REDIS_URL={plan.redis_url}",
+            "",
             "Press Ctrl-C to stop.",
             "",
         ]
     )
+
+
+def write_service_env(path: Path, plan: Plan) -> None:
+    """What `dead-letters`, `check` and `erase` read to find this run's Redis."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# written by hrflow-webhooks run (pid {os.getpid()}); removed when it stops"]
+    lines += [f"RUN_PID={os.getpid()}", f"REDIS_URL={plan.redis_url}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def running_service_env(state_dir: Path) -> dict[str, str]:
+    """The environment a running `run` left in ``state_dir``, or {} if none runs there."""
+    path = state_dir / SERVICE_ENV_FILE_NAME
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    values = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
+    try:
+        os.kill(int(values.get("RUN_PID", "")), 0)  # signal 0: is it alive?
+    except (ValueError, ProcessLookupError):
+        return {}  # left by a run that was killed: not to be trusted
+    except PermissionError:
+        pass  # alive, another user's
+    return values
 
 
 def run(settings: Settings, options: RunOptions, stream: IO[str] = sys.stdout) -> int:
@@ -512,15 +546,18 @@ def run(settings: Settings, options: RunOptions, stream: IO[str] = sys.stdout) -
         signum: signal.signal(signum, supervisor.request_stop)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
+    service_env = options.state_dir / SERVICE_ENV_FILE_NAME
     try:
         for spec in plan.specs:
             supervisor.start(spec)
+        write_service_env(service_env, plan)
         output.say(banner(plan, options, settings))
         return supervisor.watch()
     except RunError as error:
         output.say(f"error: {error}")
         return 1
     finally:
+        service_env.unlink(missing_ok=True)
         supervisor.stop_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -112,6 +112,7 @@ async def test_send_signs_the_event_as_each_hrflow_source_describes(
     code, out, _ = await cli(
         "send", "profile.parsing.success", "--profile-key", "pk-9", "--source-key", "sk-9",
         "--url", url, "--secret", "s3cret", "--scheme", scheme,
+        "--message", "Profile parsing success",
     )  # fmt: skip
     assert code == 0
     assert out.startswith("202 ")
@@ -150,6 +151,7 @@ async def test_send_is_queued_by_the_receiver_for_each_scheme(
         code, out, _ = await cli(
             "send", "profile.parsing.success", "--profile-key", "pk-1", "--source-key", "sk-1",
             "--url", f"{server.url}/webhook", "--scheme", scheme,
+            "--message", "Profile parsing success",
             env={"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET},
         )  # fmt: skip
     assert code == 0, out
@@ -163,6 +165,25 @@ async def test_send_is_queued_by_the_receiver_for_each_scheme(
         "event_ids": [event_id_of(expected)],
     }
     assert await queued_event_ids(redis, settings.queue_name) == [event_id_of(expected)]
+
+
+async def test_the_same_send_twice_is_two_events_and_a_fixed_message_is_a_retry(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """The quick-start command run again (after `run` restarts with Redis remembering the
+    first) must not read as a duplicate; --message makes HrFlow's byte-identical retry."""
+    settings = make_settings(redis_server.url)
+    command = (
+        "send", "profile.parsing.success", "--profile-key", "pk-2", "--source-key", "sk-2",
+    )  # fmt: skip
+    answers = []
+    async with receiver(settings) as server:
+        target = ("--url", f"{server.url}/webhook", "--secret", WEBHOOK_SECRET)
+        for extra in ((), (), ("--message", "retry"), ("--message", "retry")):
+            code, out, _ = await cli(*command, *target, *extra)
+            assert code == 0, out
+            answers.append(json.loads(out.split(" ", 1)[1]))
+    assert [(a["queued"], a["duplicates"]) for a in answers] == [(1, 0), (1, 0), (1, 0), (0, 1)]
 
 
 async def test_send_exits_non_zero_when_the_receiver_refuses(
@@ -399,3 +420,12 @@ async def test_dead_letters_with_redis_down_is_one_line_not_a_traceback() -> Non
     )
     assert code == 1
     assert err.strip() == "error: redis is unreachable (ConnectionError)"
+
+
+async def test_help_marks_required_options_and_has_no_type_noise() -> None:
+    for command in (["erase"], ["send"], ["run"], ["dead-letters", "list"]):
+        code, out, _ = await cli(*command, "--help")
+        assert code == 0
+        assert "<bool>" not in out, command
+    _, erase_help, _ = await cli("erase", "--help")
+    assert "[required]" in erase_help

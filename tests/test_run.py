@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from control.runner import load_or_create_secret
+from control.runner import load_or_create_secret, running_service_env
 from hrflow_webhooks.events import Event
 from receiver.enqueue import EventQueue
 from tests.redis_server import RedisServer, free_port
@@ -167,6 +167,18 @@ def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
     assert sent.stdout.startswith("202 ")
     profile_key = argv[argv.index("--profile-key") + 1]
     wait_for(lambda: edited_with_tag(sandbox_calls(ports["sandbox-port"]), profile_key), "edit")
+    again = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert json.loads(again.stdout.split(" ", 1)[1])["queued"] == 1  # a new event, not a dup
+
+    # Commands run beside `run` reach its embedded Redis, not whatever answers on 6379.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HRFLOW_", "REDIS_"))}
+    for command in (["check"], ["dead-letters", "list"]):
+        done = subprocess.run(
+            [argv[0], *command], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"redis://127.0.0.1:{ports['redis-port']}/0" in done.stderr
+    assert (tmp_path / ".run" / "service.env").exists()
 
     [worker] = child_pids(run.process.pid, "worker")
     os.kill(worker, signal.SIGKILL)
@@ -176,6 +188,7 @@ def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
 
     assert run.ctrl_c() == 0
     assert run.lines[-1] == "all processes stopped"
+    assert not (tmp_path / ".run" / "service.env").exists()
     assert [pid for pid in started if alive(pid)] == []
     assert (tmp_path / ".run" / "redis" / "appendonlydir").is_dir()  # AOF on, in .run
 
@@ -191,6 +204,16 @@ def test_the_children_die_with_run_when_it_is_killed(
     run.process.kill()
     run.process.wait()
     wait_for(lambda: not [pid for pid in started if alive(pid)], "the children to die with run")
+
+
+def test_a_service_env_left_by_a_killed_run_is_ignored(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    env_file = tmp_path / "service.env"
+    env_file.write_text(f"RUN_PID={dead.pid}\nREDIS_URL=redis://127.0.0.1:1/0\n")
+    assert running_service_env(tmp_path) == {}
+    env_file.write_text(f"RUN_PID={os.getpid()}\nREDIS_URL=redis://127.0.0.1:1/0\n")
+    assert running_service_env(tmp_path)["REDIS_URL"] == "redis://127.0.0.1:1/0"
 
 
 def test_the_secret_is_generated_once_and_kept_private(tmp_path: Path) -> None:
