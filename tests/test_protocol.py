@@ -91,6 +91,32 @@ async def test_a_response_goes_out_in_one_write_where_uvicorn_makes_two() -> Non
     assert ours[0].endswith(b'{"queued":1}')
 
 
+async def test_the_answer_is_written_when_uvicorn_reports_the_response_complete() -> None:
+    """The hooks the protocol relies on still fire: uvicorn calls ``on_response_complete``
+    right after the body's last write (the request count proves it), and the protocol sends
+    the held answer there, in the same loop step, not one step later."""
+    transport = RecordingTransport()
+    written_when_sent: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await json_202(scope, receive, send)
+        written_when_sent.extend(transport.writes)  # no loop step since the last send
+
+    config = uvicorn.Config(app, http=HttpProtocol, log_level="warning", lifespan="off")
+    config.load()
+    state = ServerState()
+    protocol = HttpProtocol(config, state, app_state={})
+    protocol.connection_made(transport)
+    protocol.data_received(REQUEST)
+    for _ in range(10):  # the app runs as a task: let it answer
+        await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    assert state.total_requests == 1
+    assert len(written_when_sent) == 1
+    assert written_when_sent[0].startswith(b"HTTP/1.1 202 ")
+    assert written_when_sent[0].endswith(b'{"queued":1}')
+
+
 async def test_writes_not_ended_by_a_response_go_out_on_the_next_loop_step() -> None:
     recording = RecordingTransport()
     transport = CoalescingTransport(recording, asyncio.get_running_loop())
