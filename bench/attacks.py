@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.procs import ROOT, deployed_env, deployed_web_command, terminate
+from tests.polling import eventually
 from tests.service import signed_body_headers
 
 Attack = Callable[[str, int, asyncio.Event], Awaitable[None]]
@@ -231,9 +232,7 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 async def until_answering(url: str, secret: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if (await good_deliveries(url, secret, 10, 0.1, "up")).statuses == [202]:
-            return
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"nothing answered 202 at {url}")
+    async def accepts_a_delivery() -> bool:
+        return (await good_deliveries(url, secret, 10, 0.1, "up")).statuses == [202]
+
+    await eventually(accepts_a_delivery, f"a 202 from {url}", timeout_s=timeout_s)

@@ -34,7 +34,9 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from receiver.enqueue import EventQueue
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
+from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port
+from tests.service import answers
 from workers.dead_letters import DeadLetters
 from workers.handlers import edit
 from workers.registry import Registry
@@ -149,14 +151,7 @@ def _start_sandbox(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
 
 async def _wait_for(url: str) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(200):
-            try:
-                async with http.get(url) as answer:
-                    if answer.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} never answered")
+        await eventually(lambda: answers(http, url), url)
 
 
 async def main_async(

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from bench import measure
 from bench.procs import Processes
+from tests.polling import eventually_sync
 
 VALGRIND = ("valgrind", "--tool=callgrind", "--dump-instr=no")
 
@@ -47,11 +47,14 @@ def _control(option: str, pid: int) -> None:
 
 
 def _dumped_total(out_dir: Path, pid: int) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    """The dump's total, once callgrind has written it (callgrind_control returns before)."""
+
+    def total() -> int | None:
         for dump in sorted(out_dir.glob(f"callgrind.out.{pid}.*")):
             for line in dump.read_text(errors="replace").splitlines():
                 if line.startswith("totals:"):
                     return int(line.split()[1])
-        time.sleep(0.2)
-    raise RuntimeError(f"no callgrind dump with totals for pid {pid} in {out_dir}")
+        return None
+
+    what = f"a callgrind dump with totals for pid {pid} in {out_dir}"
+    return eventually_sync(total, what, timeout_s=30, interval_s=0.2)

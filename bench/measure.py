@@ -7,7 +7,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +18,7 @@ from bench.deliveries import bench_event
 from bench.handlers import HANDLED_KEY, PICKUP_KEY
 from hrflow_webhooks.events import Event
 from receiver.enqueue import EventQueue
+from tests.polling import eventually_sync
 
 WRK_SCRIPT = Path(__file__).with_name("replay.lua")
 QUEUE = "hrflow:queue"
@@ -82,14 +82,13 @@ def handled(redis: Redis) -> int:
     return int(cast(bytes | None, redis.get(HANDLED_KEY)) or 0)
 
 
-def wait_handled(redis: Redis, target: int, timeout_s: float) -> float:
-    """Seconds until the workers have handled ``target`` events; raises past ``timeout_s``."""
-    start = time.monotonic()
-    while handled(redis) < target:
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"only {handled(redis)} of {target} events handled in {timeout_s} s")
-        time.sleep(0.02)
-    return time.monotonic() - start
+def wait_handled(redis: Redis, target: int, timeout_s: float) -> None:
+    """Until the workers have handled ``target`` events; raises past ``timeout_s``."""
+    try:
+        eventually_sync(lambda: handled(redis) >= target, timeout_s=timeout_s, interval_s=0.02)
+    except AssertionError:
+        count = handled(redis)
+        raise TimeoutError(f"only {count} of {target} events handled in {timeout_s} s") from None
 
 
 def redis_commands(redis: Redis) -> int:

@@ -24,6 +24,7 @@ from hrflow_webhooks.errors import PermanentError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.settings import Settings
+from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import (
     METRICS_HEADERS,
@@ -69,8 +70,13 @@ async def running_worker(settings: Settings, registry: Registry) -> AsyncIterato
     worker = create_worker(settings, registry, handle_signals=False)
     task = asyncio.create_task(worker.main())
     try:
-        while "metrics_server" not in worker.ctx:
-            await asyncio.sleep(0.01)
+
+        async def started() -> bool:
+            if task.done():
+                task.result()  # a start-up error surfaces here
+            return "metrics_server" in worker.ctx
+
+        await eventually(started, "the worker's metrics server")
         yield worker
     finally:
         task.cancel()
@@ -80,9 +86,12 @@ async def running_worker(settings: Settings, registry: Registry) -> AsyncIterato
 
 async def wait_until_drained(settings: Settings) -> None:
     redis = Redis.from_url(settings.redis_url)
+
+    async def queue_empty() -> bool:
+        return not await redis.zcard(settings.queue_name)
+
     try:
-        while await redis.zcard(settings.queue_name):
-            await asyncio.sleep(0.05)
+        await eventually(queue_empty)
     finally:
         await redis.aclose()
 

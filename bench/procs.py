@@ -12,13 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from control.commands import PROCFILE, expand, web_argv
+from tests.polling import eventually_sync
 from tests.redis_server import RedisServer, free_port
 
 PYTHON = sys.executable
@@ -73,23 +73,24 @@ def terminate(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None
             process.wait(timeout=5)
 
 
+def listens(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def answers(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 (loopback only)
+        return bool(answer.status == 200)
+    return False
+
+
 def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+    eventually_sync(lambda: listens(port), f"a listener on 127.0.0.1:{port}", timeout_s=timeout_s)
 
 
 def wait_for_http(url: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 (loopback only)
-            if answer.status == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s} s")
+    eventually_sync(lambda: answers(url), f"200 from {url}", timeout_s=timeout_s)
 
 
 def rss_bytes(pid: int) -> int:

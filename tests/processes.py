@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -10,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from control.commands import worker_argv
 
@@ -73,16 +70,3 @@ class WorkerProcess:
         if self.alive():
             self.kill()
         self.log.close()
-
-
-async def wait_until_answering(session: aiohttp.ClientSession, url: str, what: str) -> None:
-    """Poll ``url`` until it answers 200: a process started in the background is ready."""
-    for _ in range(400):
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} did not become ready at {url}")

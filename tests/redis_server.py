@@ -9,8 +9,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests.polling import eventually_sync
 
 
 def free_port() -> int:
@@ -55,7 +56,9 @@ class RedisServer:
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        self._wait_until(accepting=True)
+        eventually_sync(
+            self._answers_ping, f"redis-server to answer on port {self.port}", ignoring=(OSError,)
+        )
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM): Redis flushes the AOF and exits."""
@@ -79,15 +82,10 @@ class RedisServer:
         self.stop()
         self.start()
 
-    def _wait_until(self, accepting: bool, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+    def _answers_ping(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:  # a bad option: fail now, not at the limit
+            raise RuntimeError(f"redis-server exited with code {self.process.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")

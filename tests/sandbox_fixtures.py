@@ -6,7 +6,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -48,9 +47,3 @@ class SandboxServer:
 async def sandbox() -> AsyncIterator[SandboxServer]:
     async with SandboxServer() as server:
         yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        yield session

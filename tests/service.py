@@ -10,8 +10,7 @@ import hashlib
 import hmac
 import json
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,6 +23,7 @@ from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 from receiver.enqueue import EventQueue
 from receiver.protocol import HttpProtocol
+from tests.polling import eventually
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -114,13 +114,14 @@ async def run_leftovers(redis: Redis) -> list[str]:
     return sorted([k.decode() for p in patterns async for k in redis.scan_iter(match=p)])
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
-    """Liveness, not speed: fail only if the condition never holds within a generous limit."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.05)
+async def answers(http: aiohttp.ClientSession, url: str) -> bool:
+    """``url`` answers 200. A check for :func:`tests.polling.eventually`: a server started in
+    the background refuses connections, or fails them, until it is ready."""
+    try:
+        async with http.get(url) as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 class ReceiverServer:
@@ -141,11 +142,17 @@ class ReceiverServer:
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ReceiverServer:
-        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
-        while not self.server.started:
-            if self.task.done():
-                self.task.result()
-            await asyncio.sleep(0.01)
+        task = self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
+
+        async def started() -> bool:
+            if self.server.started:
+                return True
+            if task.done():  # a start-up error surfaces here, not as a wait to the limit
+                task.result()
+                raise AssertionError("uvicorn stopped before it started")
+            return False
+
+        await eventually(started, "uvicorn to start")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

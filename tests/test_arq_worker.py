@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +12,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
+from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import make_settings
 from workers.arq_worker import Worker
@@ -110,12 +112,13 @@ async def test_a_second_worker_takes_jobs_while_the_first_is_full(
         await queue.enqueue_events(events)
     workers = [create_worker(settings, registry, handle_signals=False, burst=True) for _ in "ab"]
 
+    async def both_full() -> bool:
+        return most_running == 2 * max_jobs
+
     async def release_when_both_are_full() -> None:
-        for _ in range(250):  # liveness only: up to 5 s for both workers to fill up
-            if most_running == 2 * max_jobs:
-                break
-            await asyncio.sleep(0.02)
-        release.set()
+        with contextlib.suppress(AssertionError):  # the assert below tells
+            await eventually(both_full)
+        release.set()  # either way, or the burst workers would wait forever
 
     watcher = asyncio.create_task(release_when_both_are_full())
     await asyncio.gather(*(worker.main() for worker in workers))  # burst: until drained

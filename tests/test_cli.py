@@ -24,6 +24,7 @@ from hrflow_webhooks.events import Event, event_id_of
 from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
 from receiver.enqueue import EventQueue
 from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port
 from tests.service import (
     WEBHOOK_SECRET,
@@ -364,20 +365,22 @@ def test_glob_escape_matches_keys_literally() -> None:
 # --- sandbox ----------------------------------------------------------------------------------
 
 
-async def sandbox_answers(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+async def sandbox_answer(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+) -> tuple[int, Any]:
     """(status, JSON) once the sandbox listens; it takes a moment to start."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(600):  # a hang guard, not a timing assertion
-            try:
-                async with session.get(url, headers=headers) as answer:
-                    return answer.status, await answer.json()
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    raise AssertionError(f"the sandbox never answered {url}")
+
+    async def answer() -> tuple[int, Any]:
+        async with http.get(url, headers=headers) as response:
+            return response.status, await response.json()
+
+    return await eventually(answer, url, ignoring=(aiohttp.ClientConnectionError,))
 
 
 @pytest.mark.parametrize(("seed", "profiles"), [("--seed", 1), ("--no-seed", 0)])
-async def test_sandbox_command_passes_its_fault_and_seed_options(seed: str, profiles: int) -> None:
+async def test_sandbox_command_passes_its_fault_and_seed_options(
+    seed: str, profiles: int, http: aiohttp.ClientSession
+) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "control.cli", "sandbox", "--port", str(port), seed,
@@ -386,8 +389,9 @@ async def test_sandbox_command_passes_its_fault_and_seed_options(seed: str, prof
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        _, listed = await sandbox_answers(f"{base}/_sandbox/profiles")
-        status, _ = await sandbox_answers(
+        _, listed = await sandbox_answer(http, f"{base}/_sandbox/profiles")
+        status, _ = await sandbox_answer(
+            http,
             f"{base}/v1/profile/indexing?source_key={SAMPLE_SOURCE_KEY}&key={JOHN_DOE_KEY}",
             {"X-API-KEY": "sandbox-api-key", "X-USER-EMAIL": "sandbox@hrflow.local"},
         )

@@ -23,12 +23,12 @@ from redis.exceptions import OutOfMemoryError
 from control.health import check
 from hrflow_webhooks.durability import DurabilityWatch, configuration_risks
 from hrflow_webhooks.settings import Settings
+from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import (
     ReceiverServer,
     drain,
     enqueue,
-    eventually,
     make_settings,
     parsing_event,
     queued_event_ids,
@@ -57,10 +57,8 @@ async def serving(settings: Settings) -> AsyncIterator[ReceiverServer]:
         yield server
 
 
-async def strict_readiness(
-    session: aiohttp.ClientSession, server: ReceiverServer
-) -> tuple[int, str]:
-    async with session.get(f"{server.url}/readyz?strict") as response:
+async def strict_readiness(http: aiohttp.ClientSession, server: ReceiverServer) -> tuple[int, str]:
+    async with http.get(f"{server.url}/readyz?strict") as response:
         body = await response.json()
         return response.status, body.get("reason", "")
 
@@ -91,23 +89,23 @@ def test_each_configuration_risk_is_named() -> None:
 
 
 async def test_aof_switched_off_at_run_time_is_reported_by_log_metric_readyz_and_check(
-    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
     settings = watched(own_redis.url)
-    async with serving(settings) as server, aiohttp.ClientSession() as session:
-        assert await strict_readiness(session, server) == (200, "")
+    async with serving(settings) as server:
+        assert await strict_readiness(http, server) == (200, "")
         assert not [p for p in await check(settings, 300) if "AOF" in p]
         async with Redis.from_url(own_redis.url) as redis:
             await redis.config_set("appendonly", "no")
         with caplog.at_level(logging.INFO, logger="hrflow_webhooks.durability"):
 
             async def reported() -> bool:
-                return (await strict_readiness(session, server))[0] == 503
+                return (await strict_readiness(http, server))[0] == 503
 
             await eventually(reported, timeout_s=30)
-            _, reason = await strict_readiness(session, server)
+            _, reason = await strict_readiness(http, server)
             assert "AOF is off" in reason
-            async with session.get(f"{server.url}/readyz") as plain:
+            async with http.get(f"{server.url}/readyz") as plain:
                 assert plain.status == 200  # still taking deliveries: only the strict probe fails
             assert durability_ok() == 0
             assert any("AOF is off" in p for p in await check(settings, 300))
@@ -115,7 +113,7 @@ async def test_aof_switched_off_at_run_time_is_reported_by_log_metric_readyz_and
                 await redis.config_set("appendonly", "yes")
 
             async def cleared() -> bool:
-                return (await strict_readiness(session, server))[0] == 200
+                return (await strict_readiness(http, server))[0] == 200
 
             await eventually(cleared, timeout_s=30)
     risks = [(r.levelname, r.message, r.risk) for r in risk_lines(caplog)]  # type: ignore[attr-defined]
@@ -125,13 +123,13 @@ async def test_aof_switched_off_at_run_time_is_reported_by_log_metric_readyz_and
 
 
 async def test_a_redis_restarted_without_its_data_is_reported_with_the_events_at_risk(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
     """Redis comes back empty (no persistence): the queue is gone, and the service says so."""
     first = RedisServer(tmp_path / "before")
     first.start()
     settings = watched(first.url)
-    async with serving(settings) as server, aiohttp.ClientSession() as session:
+    async with serving(settings) as server:
         async with Redis.from_url(first.url) as redis:
             await enqueue(settings, redis, *(parsing_event(f"lost-{n}") for n in range(7)))
             assert len(await queued_event_ids(redis)) == 7
@@ -153,7 +151,7 @@ async def test_a_redis_restarted_without_its_data_is_reported_with_the_events_at
                 await eventually(reported, timeout_s=30)
             (lost,) = [r for r in caplog.records if r.message.startswith("redis lost its data")]
             assert lost.events_at_risk >= 7  # type: ignore[attr-defined]
-            status, reason = await strict_readiness(session, server)
+            status, reason = await strict_readiness(http, server)
             assert status == 503
             assert "AOF is off" in reason or "lost its data" in reason
             problems = await check(settings, 300)
@@ -172,12 +170,12 @@ def _watch_of(server: ReceiverServer) -> DurabilityWatch:
 
 
 async def deliver_until_refused(
-    session: aiohttp.ClientSession, server: ReceiverServer, start: int, most: int
+    http: aiohttp.ClientSession, server: ReceiverServer, start: int, most: int
 ) -> tuple[list[str], int]:
     """Deliveries until the receiver answers 503; the keys it acknowledged, and the next n."""
     acknowledged: list[str] = []
     for n in range(start, start + most):
-        status, _ = await server.post(session, parsing_event(f"fill-{n}", message="x" * 200))
+        status, _ = await server.post(http, parsing_event(f"fill-{n}", message="x" * 200))
         if status == 503:
             return acknowledged, n + 1
         assert status == 202, status
@@ -186,7 +184,7 @@ async def deliver_until_refused(
 
 
 async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliveries_resume(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
     """Fill Redis to the high-water mark under load → 503s → a worker drains the queue to
     empty → the receiver accepts again; every acknowledged event was handled."""
@@ -199,16 +197,16 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
     registry = Registry()
     handled = recorder(registry, "profile.parsing.success")
     try:
-        async with serving(settings) as server, aiohttp.ClientSession() as session:
+        async with serving(settings) as server:
             with caplog.at_level(logging.ERROR, logger="hrflow_webhooks.durability"):
-                acknowledged, n = await deliver_until_refused(session, server, 0, 20_000)
+                acknowledged, n = await deliver_until_refused(http, server, 0, 20_000)
 
                 async def watched_over_the_mark() -> bool:
                     # The first 503 may be Redis's own refusal, just before the watch looks.
                     return _watch_of(server).refusing_writes
 
                 await eventually(watched_over_the_mark, timeout_s=30)
-            async with session.get(f"{server.url}/readyz") as ready:
+            async with http.get(f"{server.url}/readyz") as ready:
                 assert ready.status == 503
                 assert "high-water mark" in (await ready.json())["reason"]
             assert durability_ok() == 0
@@ -220,7 +218,7 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
                 assert await queued_event_ids(redis) == []
 
             async def accepting() -> bool:
-                status, _ = await server.post(session, parsing_event(f"after-{n}"))
+                status, _ = await server.post(http, parsing_event(f"after-{n}"))
                 return status == 202
 
             await eventually(accepting, timeout_s=30)

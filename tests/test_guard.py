@@ -28,10 +28,10 @@ from uvicorn.server import ServerState
 from hrflow_webhooks.logs import OncePerInterval
 from receiver.protocol import CLOSED, ConnectionLimits, HttpProtocol, default_max_head_bytes
 from receiver.rejections import RejectionLog
+from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port
 from tests.service import (
     METRICS_HEADERS,
-    eventually,
     make_settings,
     parsing_event,
     queued_event_ids,

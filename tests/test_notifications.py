@@ -21,14 +21,14 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from sandbox import HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY
 from tests.plugins import subjects
+from tests.polling import eventually
 from tests.processes import WorkerProcess
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import (
+    answers,
     drain,
     enqueue,
-    eventually,
-    key_exists,
     make_settings,
     parsing_event,
     receiver,
@@ -190,15 +190,24 @@ async def test_two_workers_never_overlap_runs_of_one_profile_and_every_change_la
     redis: Redis, redis_server: RedisServer, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     settings = make_settings(redis_server.url)
+    ports = [free_port(), free_port()]
     workers = [
-        WorkerProcess(redis_server.url, tmp_path / f"w{i}.log", handlers="tests.plugins.subjects")
-        for i in range(2)
+        WorkerProcess(
+            redis_server.url,
+            tmp_path / f"w{i}.log",
+            handlers="tests.plugins.subjects",
+            worker_metrics_port=port,
+        )
+        for i, port in enumerate(ports)
     ]
     hot, others = "hot-profile", [f"other-{n}" for n in range(50)]
-    health = QueueKeys(settings.queue_name).health_check
+
+    async def both_workers_started() -> bool:
+        # A worker serves its metrics at the end of its start-up, just before it polls.
+        return all([await answers(http, f"http://127.0.0.1:{port}/metrics") for port in ports])
+
     try:
-        await eventually(lambda: key_exists(redis, health))  # the workers poll
-        await asyncio.sleep(1.0)  # both of them
+        await eventually(both_workers_started)
         async with receiver(settings) as server:
             for n, other in enumerate(others, start=1):
                 await redis.set(subjects.state_key(hot), n)

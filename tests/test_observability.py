@@ -38,13 +38,14 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from receiver.metrics import ENQUEUE_BUCKETS_S, ReceiverCollector, ReceiverCounts
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY, samples
+from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import (
     METRICS_HEADERS,
     WEBHOOK_SECRET,
     ReceiverServer,
-    eventually,
+    answers,
     make_settings,
     parsing_event,
     receiver,
@@ -63,15 +64,6 @@ from workers.settings import create_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-POLL_S = 0.01
-MAX_POLLS = 3_000  # a hung pipeline fails the test instead of hanging it
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -95,18 +87,10 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
 
 
-async def get_text(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(url, headers=METRICS_HEADERS) as response:
+async def get_text(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url, headers=METRICS_HEADERS) as response:
         assert response.status == 200
         return await response.text()
-
-
-async def poll_until(condition: Any) -> None:
-    for _ in range(MAX_POLLS):
-        if await condition():
-            return
-        await asyncio.sleep(POLL_S)
-    raise AssertionError(f"condition never held: {condition.__name__}")
 
 
 async def wait_until_drained(redis: Redis, settings: Settings) -> None:
@@ -115,7 +99,7 @@ async def wait_until_drained(redis: Redis, settings: Settings) -> None:
     async def queue_is_empty() -> bool:
         return int(await redis.zcard(queue)) == 0
 
-    await poll_until(queue_is_empty)
+    await eventually(queue_is_empty)
 
 
 @contextlib.asynccontextmanager
@@ -130,7 +114,7 @@ async def running_worker(settings: Settings, registry: Registry) -> AsyncIterato
         return "metrics_server" in worker.ctx
 
     try:
-        await poll_until(started)
+        await eventually(started, "the worker's metrics server")
         yield worker
     finally:
         task.cancel()
@@ -148,21 +132,21 @@ def worker_metrics_url(worker: Worker) -> str:
 
 
 async def test_receiver_and_worker_metrics_count_the_events_sent(
-    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     sent = 5
     settings = make_settings(redis_server.url, worker_metrics_port=0)
     registry = Registry()
     seen = recorder(registry, "profile.parsing.success")
     async with receiver(settings) as server:
-        before = parse_metrics(await get_text(session, f"{server.url}/metrics"))
+        before = parse_metrics(await get_text(http, f"{server.url}/metrics"))
         for i in range(sent):
-            assert (await server.post(session, parsing_event(f"pk-{i}")))[0] == 202
-        assert (await server.post(session, parsing_event("pk-0")))[1]["duplicates"] == 1
-        assert (await server.post(session, {"type": "profile.teleporting.success"}))[0] == 202
+            assert (await server.post(http, parsing_event(f"pk-{i}")))[0] == 202
+        assert (await server.post(http, parsing_event("pk-0")))[1]["duplicates"] == 1
+        assert (await server.post(http, {"type": "profile.teleporting.success"}))[0] == 202
         wrong = signed_headers(parsing_event(), "not-the-secret")
-        assert (await server.post(session, parsing_event(), headers=wrong))[0] == 401
-        after = parse_metrics(await get_text(session, f"{server.url}/metrics"))
+        assert (await server.post(http, parsing_event(), headers=wrong))[0] == 401
+        after = parse_metrics(await get_text(http, f"{server.url}/metrics"))
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -179,7 +163,7 @@ async def test_receiver_and_worker_metrics_count_the_events_sent(
 
     async with running_worker(settings, registry) as worker:
         await wait_until_drained(redis, settings)
-        after = parse_metrics(await get_text(session, worker_metrics_url(worker)))
+        after = parse_metrics(await get_text(http, worker_metrics_url(worker)))
 
     assert len(seen) == sent
     runs = {"canonical_type": parsing, "handler": "recorder"}
@@ -197,12 +181,12 @@ async def test_receiver_and_worker_metrics_count_the_events_sent(
 
 
 async def test_queue_gauges_read_depth_age_and_dead_letters_from_redis(
-    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     settings = make_settings(redis_server.url)
     keys = QueueKeys(settings.queue_name)
     async with receiver(settings) as server:
-        _, _body = await server.post(session, [parsing_event(f"pk-{i}") for i in range(4)])
+        _, _body = await server.post(http, [parsing_event(f"pk-{i}") for i in range(4)])
     first, _, _, last = [run.decode() for run in await redis.zrange(keys.queue, 0, -1)]
     now_ms = time.time() * 1000
     await redis.zadd(keys.queue, {first: now_ms - 120_000}, xx=True)  # due two minutes ago
@@ -211,10 +195,10 @@ async def test_queue_gauges_read_depth_age_and_dead_letters_from_redis(
     metrics = WorkerMetricsServer(settings, 0)
     try:
         url = f"http://127.0.0.1:{metrics.port}/metrics"
-        samples = parse_metrics(await get_text(session, url))
+        samples = parse_metrics(await get_text(http, url))
         redis_server.stop()
         try:
-            while_down = parse_metrics(await get_text(session, url))
+            while_down = parse_metrics(await get_text(http, url))
         finally:
             redis_server.start()
     finally:
@@ -229,7 +213,7 @@ async def test_queue_gauges_read_depth_age_and_dead_letters_from_redis(
 
 
 async def test_a_worker_started_again_without_shutdown_reuses_its_metrics_port(
-    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     """arq's close() runs on_shutdown only after a Redis call succeeds; when it fails the
     server keeps its port, and the next worker of the process must not fail to bind it."""
@@ -240,7 +224,7 @@ async def test_a_worker_started_again_without_shutdown_reuses_its_metrics_port(
         assert first is not None
         assert second is first
         url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
-        assert value(parse_metrics(await get_text(session, url)), "hrflow_queue_redis_up") == 1
+        assert value(parse_metrics(await get_text(http, url)), "hrflow_queue_redis_up") == 1
     finally:
         stop_worker_metrics(second)
     third = start_worker_metrics(settings)  # the port was released and forgotten
@@ -368,21 +352,21 @@ def production_logging() -> Iterator[None]:
             logger.setLevel(levels[name])
 
 
-async def send_profile_deliveries(server: ReceiverServer, session: aiohttp.ClientSession) -> str:
+async def send_profile_deliveries(server: ReceiverServer, http: aiohttp.ClientSession) -> str:
     """Accepted, duplicate, badly signed and malformed deliveries, all carrying the profile."""
     event = parsing_event(profile=HARRY_POTTER, message="Profile parsed: Harry Potter")
-    status, body = await server.post(session, event)
+    status, body = await server.post(http, event)
     assert (status, body["queued"]) == (202, 1)
-    assert (await server.post(session, event))[1]["duplicates"] == 1
-    assert (await server.post(session, event, signed_headers(event, "wrong-secret")))[0] == 401
-    assert (await server.post(session, [event, {"profile": HARRY_POTTER}]))[0] == 400
+    assert (await server.post(http, event))[1]["duplicates"] == 1
+    assert (await server.post(http, event, signed_headers(event, "wrong-secret")))[0] == 401
+    assert (await server.post(http, [event, {"profile": HARRY_POTTER}]))[0] == 400
     return str(body["event_ids"][0])
 
 
 async def test_no_personal_data_or_secret_in_any_log_line_or_metric(
     redis: Redis,
     redis_server: RedisServer,
-    session: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     settings = make_settings(redis_server.url, worker_metrics_port=0, max_tries=2, api_key=API_KEY)
@@ -391,11 +375,11 @@ async def test_no_personal_data_or_secret_in_any_log_line_or_metric(
     server = ReceiverServer(settings)  # uvicorn configures its logging here: ours goes after
     with production_logging():
         async with server:
-            event_id = await send_profile_deliveries(server, session)
-            receiver_metrics = await get_text(session, f"{server.url}/metrics")
+            event_id = await send_profile_deliveries(server, http)
+            receiver_metrics = await get_text(http, f"{server.url}/metrics")
         async with running_worker(settings, registry) as worker:
             await wait_until_drained(redis, settings)
-            worker_metrics = await get_text(session, worker_metrics_url(worker))
+            worker_metrics = await get_text(http, worker_metrics_url(worker))
     logged = capfd.readouterr().err
     lines = [json.loads(line) for line in logged.splitlines() if line.strip()]
 
@@ -496,23 +480,16 @@ def service_process(command: list[str], env: dict[str, str], log: Path) -> Itera
             terminate(process, timeout_s=30)
 
 
-async def scrape_when_up(session: aiohttp.ClientSession, url: str) -> Samples:
-    for _ in range(MAX_POLLS):
-        with contextlib.suppress(aiohttp.ClientConnectionError):
-            return parse_metrics(await get_text(session, url))
-        await asyncio.sleep(POLL_S)
-    raise AssertionError(f"nothing answered at {url}")
-
-
-async def answers(session: aiohttp.ClientSession, url: str) -> bool:
-    with contextlib.suppress(aiohttp.ClientConnectionError):
-        async with session.get(url) as response:
-            return response.status == 200
-    return False
+async def scrape_when_up(http: aiohttp.ClientSession, url: str) -> Samples:
+    """The samples at ``url``, once its process listens."""
+    text = await eventually(
+        lambda: get_text(http, url), url, ignoring=(aiohttp.ClientConnectionError,)
+    )
+    return parse_metrics(text)
 
 
 async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
-    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession, tmp_path: Path
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """The Procfile's web and worker lines (control.commands), as separate processes."""
     receiver_port, metrics_port, receiver_metrics_port = free_port(), free_port(), free_port()
@@ -531,18 +508,19 @@ async def test_deployed_processes_write_only_json_lines_and_serve_their_metrics(
         service_process(worker, env, tmp_path / "worker.log"),
     ):
         receiver_metrics = f"http://127.0.0.1:{receiver_metrics_port}/metrics"
-        await scrape_when_up(session, receiver_metrics)  # up during the lifespan, before
-        await eventually(lambda: answers(session, f"{base}/healthz"), timeout_s=30)  # uvicorn's
-        async with session.get(f"{base}/metrics") as public:
+        # The metrics port is up during the lifespan, before uvicorn's own port.
+        await scrape_when_up(http, receiver_metrics)
+        await eventually(lambda: answers(http, f"{base}/healthz"), "uvicorn's /healthz")
+        async with http.get(f"{base}/metrics") as public:
             assert public.status == 404  # no token set: not on the public port
         for event in events:
-            async with session.post(
+            async with http.post(
                 f"{base}/webhook", data=json.dumps(event), headers=signed_headers(event)
             ) as answer:
                 assert answer.status == 202
-        receiver_samples = await scrape_when_up(session, receiver_metrics)
+        receiver_samples = await scrape_when_up(http, receiver_metrics)
         await wait_until_drained(redis, make_settings(redis_server.url))
-        worker_samples = await scrape_when_up(session, f"http://127.0.0.1:{metrics_port}/metrics")
+        worker_samples = await scrape_when_up(http, f"http://127.0.0.1:{metrics_port}/metrics")
 
     deliveries = value(
         receiver_samples, "hrflow_webhook_deliveries_total", outcome="queued", reason=""
@@ -580,7 +558,7 @@ def harry_potter_with_contacts() -> dict[str, Any]:
 async def test_built_in_handlers_and_the_client_log_no_profile_read_from_hrflow(
     redis: Redis,
     redis_server: RedisServer,
-    session: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     """The real path: the event names a profile, the index and edit handlers GET it from the
@@ -592,7 +570,7 @@ async def test_built_in_handlers_and_the_client_log_no_profile_read_from_hrflow(
             ("POST /v1/profile/indexing", 400),
             ("PUT /v1/profile/indexing", 503),
         ):
-            await session.post(
+            await http.post(
                 f"{api.url}/_sandbox/faults", json={"endpoint": endpoint, "status": status}
             )
         settings = api.settings(
@@ -606,10 +584,10 @@ async def test_built_in_handlers_and_the_client_log_no_profile_read_from_hrflow(
         server = ReceiverServer(settings)
         with production_logging():
             async with server:
-                assert (await server.post(session, event))[0] == 202
+                assert (await server.post(http, event))[0] == 202
             async with running_worker(settings, build_registry(settings)) as worker:
                 await wait_until_drained(redis, settings)
-                worker_metrics = await get_text(session, worker_metrics_url(worker))
+                worker_metrics = await get_text(http, worker_metrics_url(worker))
         calls = [f"{call['method']} {call['path']}" for call in api.state.calls]
     # The sandbox stands in for HrFlow's servers: its own access log is not the service's.
     logged = "\n".join(
@@ -654,19 +632,19 @@ async def test_check_is_clean_while_a_worker_heartbeats_and_not_after(
         return bool(await redis.exists(health_key))
 
     async with running_worker(settings, Registry()):
-        await poll_until(heartbeat_written)
+        await eventually(heartbeat_written)
         assert await check(settings, max_queue_age_s=300) == []
     # arq deletes its key on a clean shutdown, so a stopped worker shows at once
     assert [p[:26] for p in await check(settings, 300)] == ["no worker has reported in "]
 
 
 async def test_check_reports_an_event_waiting_too_long(
-    redis: Redis, redis_server: RedisServer, session: aiohttp.ClientSession
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     settings = make_settings(redis_server.url)
     keys = QueueKeys(settings.queue_name)
     async with receiver(settings) as server:
-        _, _body = await server.post(session, parsing_event())
+        _, _body = await server.post(http, parsing_event())
     await redis.set(keys.health_check, b"a worker", px=60_000)  # as arq's heartbeat does
     assert await check(settings, max_queue_age_s=300) == []
     [run_id] = await redis.zrange(keys.queue, 0, -1)

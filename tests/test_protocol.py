@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from receiver.protocol import MAX_HELD_BYTES, CoalescingTransport, HttpProtocol
+from tests.polling import eventually
 
 REQUEST = b"POST /webhook HTTP/1.1\r\nhost: test\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -177,6 +178,10 @@ async def streamed(scope: Scope, receive: Receive, send: Send) -> None:
 STREAM_GO = asyncio.Event()
 
 
+async def started(server: uvicorn.Server) -> bool:
+    return server.started
+
+
 @pytest.fixture
 async def server_port() -> Any:
     sock = socket.socket()
@@ -184,8 +189,7 @@ async def server_port() -> Any:
     config = uvicorn.Config(streamed, http=HttpProtocol, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: started(server), "uvicorn to start")
     yield sock.getsockname()[1]
     STREAM_GO.set()  # a failed test must not leave the app waiting, nor the shutdown
     server.should_exit = True
@@ -250,8 +254,7 @@ async def reset_mid_response(times: int) -> list[str]:
     config = uvicorn.Config(answer_when_told, http=HttpProtocol, log_level="critical")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: started(server), "uvicorn to start")
     wake, tell = socket.socketpair()
     wake.setblocking(False)
     loop.add_reader(wake, lambda: (wake.recv(16), RESET_GO.set()))

@@ -26,6 +26,7 @@ from hrflow_webhooks.queue import (
     deserialize_job,
 )
 from receiver.enqueue import EventQueue, PackedArguments, packed_script_call, resp_bulk
+from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import parsing_event, queued_event_ids, runs_of, update_event
 
@@ -179,11 +180,14 @@ async def test_closing_the_queue_lets_a_batch_in_flight_finish_and_leaves_no_con
         return len(await redis.client_list())
 
     before = await clients()
+
+    async def queue_connected() -> bool:  # the queue's connection is open and its call sent
+        return await clients() > before
+
     queue = EventQueue(redis, "hrflow:queue", dedup_window_s=60)
     await redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # hold the script call
     caller = asyncio.ensure_future(queue.enqueue_events(_events("in-flight")))
-    while await clients() == before:  # the queue's connection is open and its call sent
-        await asyncio.sleep(0.01)
+    await eventually(queue_connected, interval_s=0.01)
     await queue.aclose()
     assert caller.done()  # answered before the close
     assert caller.result() == [True]

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
@@ -42,10 +43,10 @@ def test_legacy_and_current_names_are_one_event() -> None:
 def test_decorator_registers_and_returns_the_function() -> None:
     registry = Registry()
 
-    @registry.on("profile.storing.update")
     async def on_update(event: Event, ctx: HandlerContext) -> None: ...
 
-    assert on_update.__name__ == "on_update"
+    # The function itself, not a wrapper (a functools.wraps wrapper keeps its __name__ too).
+    assert registry.on("profile.storing.update")(on_update) is on_update
     assert [h.callback for h in registry.handlers_for("profile.storing.update")] == [on_update]
 
 
@@ -174,10 +175,8 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 async def test_env_and_entry_point_plugins_fill_the_registry_and_run(
-    redis: Redis, redis_server: RedisServer, plugin_dir: Path
+    redis: Redis, redis_server: RedisServer, plugin_dir: Path, http: aiohttp.ClientSession
 ) -> None:
-    import aiohttp
-
     _write_module(plugin_dir, "hrflow_test_plugin_env")
     _write_module(plugin_dir, "hrflow_test_plugin_published")
     _write_distribution(plugin_dir, "hrflow_test_plugin_published")
@@ -186,8 +185,8 @@ async def test_env_and_entry_point_plugins_fill_the_registry_and_run(
     names = {h.name for h in registry.handlers_for("profile.parsing.success")}
     assert {"hrflow_test_plugin_env", "hrflow_test_plugin_published"} <= names
 
-    async with receiver(settings) as server, aiohttp.ClientSession() as session:
-        status, body = await server.post(session, parsing_event())
+    async with receiver(settings) as server:
+        status, body = await server.post(http, parsing_event())
     assert status == 202
     await drain(settings, registry)
     calls = sorted(c.decode() for c in await redis.lrange("plugin-calls", 0, -1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,9 +20,8 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from control.runner import load_or_create_secret, running_service_env
 from hrflow_webhooks.events import Event
 from receiver.enqueue import EventQueue
+from tests.polling import eventually, eventually_sync
 from tests.redis_server import RedisServer, free_port
 from tests.service import make_settings, parsing_event, recorder
 from workers.process import WorkerLoop
@@ -40,14 +41,8 @@ from workers.settings import create_worker
 HANG_GUARD_S = 90.0  # only stops a broken run from hanging the suite; nothing is timed
 
 
-def wait_for(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"gave up waiting for {what}")
+# For run's output and its process tree: every check reads /proc, so not too often.
+wait_for = functools.partial(eventually_sync, timeout_s=HANG_GUARD_S, interval_s=0.1)
 
 
 def parent_of(pid: int) -> int | None:
@@ -224,12 +219,11 @@ def test_the_secret_is_generated_once_and_kept_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-async def settle(task: asyncio.Task[None]) -> None:
-    """Let the loop run a little; surface its error at once if it died."""
+def still_running(task: asyncio.Task[None]) -> None:
+    """Surface the worker loop's error at once if it died, rather than waiting to the limit."""
     if task.done():
         task.result()
         raise AssertionError("the worker loop returned before it was stopped")
-    await asyncio.sleep(0.02)
 
 
 async def test_a_worker_started_before_redis_says_so_and_works_once_redis_is_up(
@@ -254,16 +248,22 @@ async def test_a_worker_started_before_redis_says_so_and_works_once_redis_is_up(
     def unreachable() -> list[logging.LogRecord]:
         return [r for r in caplog.records if "unreachable at start-up" in r.getMessage()]
 
-    while len(unreachable()) < 2:
-        await settle(running)
+    async def said_so_twice() -> bool:
+        still_running(running)
+        return len(unreachable()) >= 2
+
+    async def handled() -> bool:
+        still_running(running)
+        return bool(seen)
+
+    await eventually(said_so_twice)
     server.start()
     try:
         redis = Redis.from_url(server.url)
         event = Event.from_payload(parsing_event("pk-outage"))
         async with EventQueue(redis, settings.queue_name, 60) as queue:
             await queue.enqueue_events([event])
-        while not seen:
-            await settle(running)
+        await eventually(handled)
         loop.stop()
         await running
         assert [e.id for e in seen] == [event.id]

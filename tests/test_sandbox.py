@@ -7,17 +7,16 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from typing import Any
 
 import aiohttp
-import pytest
 import requests
 from hrflow import Hrflow
 from redis.asyncio import Redis
 
 from hrflow_webhooks.queue import QueueKeys
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY
+from tests.polling import eventually, eventually_sync
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import WEBHOOK_SECRET, make_settings, receiver
@@ -173,9 +172,12 @@ async def test_a_post_sends_a_signed_webhook_the_receiver_accepts(
         added = await asyncio.to_thread(
             _sdk(sandbox).profile.storing.add_json, "fresh", {"info": {"summary": "s"}}
         )
-        async with asyncio.timeout(10):  # a hang guard, not a speed bound
-            while not sandbox.state.webhooks or sandbox.state.webhooks[-1]["status"] is None:
-                await asyncio.sleep(0.01)
+
+        async def webhook_answered() -> bool:
+            webhooks = sandbox.state.webhooks
+            return bool(webhooks) and webhooks[-1]["status"] is not None
+
+        await eventually(webhook_answered)
     assert sandbox.state.webhooks[0]["status"] == 202
     [job_id] = await redis.zrange(QueueKeys(settings.queue_name).queue, 0, -1)
     job = json.loads(await redis.get(QueueKeys.job(job_id.decode())))
@@ -205,17 +207,11 @@ def test_python_m_sandbox_serves_until_stopped() -> None:
         assert process.stdout is not None
         banner = process.stdout.readline().decode()
         assert f"http://127.0.0.1:{port}/v1" in banner
-        answer = _get_with_retries(f"http://127.0.0.1:{port}/_sandbox/profiles")
+        url = f"http://127.0.0.1:{port}/_sandbox/profiles"
+        answer = eventually_sync(
+            lambda: requests.get(url, timeout=1).json(), url, ignoring=(requests.ConnectionError,)
+        )
         assert answer == {"profiles": []}
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def _get_with_retries(url: str) -> Any:
-    for _ in range(200):
-        try:
-            return requests.get(url, timeout=1).json()
-        except requests.ConnectionError:
-            time.sleep(0.05)  # the child process is still starting
-    pytest.fail(f"{url} never answered")
