@@ -144,9 +144,27 @@ def sandbox_command(
     ] = 0.0,
     status: Annotated[int, typer.Option(help="Status of injected failures.")] = 500,
     webhook_url: Annotated[
-        str | None, typer.Option(help="POST a signed profile.parsing.success here on each add.")
+        str | None,
+        typer.Option(
+            help="POST a signed profile.parsing.success here on each add, "
+            "profile.storing.update on each edit."
+        ),
     ] = None,
-    webhook_secret: Annotated[str | None, typer.Option(help="Secret that signs it.")] = None,
+    webhook_secret: Annotated[str | None, typer.Option(help="Secret that signs them.")] = None,
+    drop_webhooks: Annotated[
+        bool,
+        typer.Option(
+            "--drop-webhooks",
+            help="Drop every webhook, counted at /_sandbox/webhooks (missed deliveries).",
+        ),
+    ] = False,
+    update_webhooks: Annotated[
+        bool,
+        typer.Option(
+            "--update-webhooks/--no-update-webhooks",
+            help="Send profile.storing.update after each edit.",
+        ),
+    ] = True,
 ) -> None:
     """Run the sandbox HrFlow API (api key sandbox-api-key, user sandbox@hrflow.local)."""
     sandbox = _sandbox_package()
@@ -159,6 +177,8 @@ def sandbox_command(
         seed=seed,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        drop_webhooks=drop_webhooks,
+        update_webhooks=update_webhooks,
     )
 
 

@@ -16,8 +16,22 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--fail-rate", type=float, default=0.0, help="share of API calls failing")
     parser.add_argument("--status", type=int, default=500, help="status of the failing calls")
     parser.add_argument("--seed", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--webhook-url", help="send profile.parsing.success here after a POST")
+    parser.add_argument(
+        "--webhook-url",
+        help="send profile.parsing.success here after a POST, profile.storing.update after a PUT",
+    )
     parser.add_argument("--webhook-secret", help="sign those webhooks with this secret")
+    parser.add_argument(
+        "--drop-webhooks",
+        action="store_true",
+        help="drop every webhook, counted (missed deliveries); POST /_sandbox/webhooks switches",
+    )
+    parser.add_argument(
+        "--update-webhooks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send profile.storing.update after a PUT",
+    )
     return parser.parse_args()
 
 
@@ -33,6 +47,8 @@ def main() -> None:
         args.seed,
         args.webhook_url,
         args.webhook_secret,
+        drop_webhooks=args.drop_webhooks,
+        update_webhooks=args.update_webhooks,
     )
 
 

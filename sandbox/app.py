@@ -7,14 +7,32 @@ API (HrFlow's paths, envelopes and errors):
 - ``GET /v1/profile/indexing?source_key=&key=|reference=``  a profile, read shape
 - ``POST /v1/profile/indexing``  index a profile (write shape; 201)
 - ``PUT /v1/profile/indexing``   edit one, by ``key`` or ``reference`` (fields sent replace)
+- ``GET /v1/storing/profiles?source_keys=["k"]&page=&limit=&...``  list profiles, paged
+- ``PATCH /v1/profile/indexing/archive``  ``{"source_key", "key"|"reference"|"email",
+  "is_archive": 1|0}``: archive or unarchive one
+
+Archived profiles (HrFlow documents no more than the endpoint, so the least surprising
+reading): the listing leaves them out, being the way to enumerate live profiles; GET
+still answers them, with ``archive`` set to when they were archived. A 404 would make
+an archived profile look deleted, although it can be unarchived and its reference stays
+taken, and the read shape's ``archive`` field (``null`` in every example) only makes
+sense if archived profiles can be read.
+
+Webhooks (with a URL and a secret): ``profile.parsing.success`` after each POST, as
+HrFlow's asynchronous parsing does, and ``profile.storing.update`` after each PUT, as
+HrFlow announces edits; the latter can be switched off. Archiving sends none (HrFlow
+names no event for it). The ``drop`` switch discards them all, counted, to simulate
+missed deliveries.
 
 Control (for tests, demos and benchmarks; no authentication):
 
 - ``GET|DELETE /_sandbox/calls``     every API call: method, path, query, body, status
 - ``GET|POST /_sandbox/profiles``    list, or store ``{"source_key", "profile"}`` directly
 - ``GET|POST|DELETE /_sandbox/faults``  list, add (one fault or ``{"faults": [...]}``), clear
-- ``GET /_sandbox/webhooks``         webhook deliveries sent after POSTs
-- ``POST /_sandbox/reset``           back to start: seeds, no calls, start-up faults only
+- ``GET /_sandbox/webhooks``         webhooks sent and dropped, their counts, the switches
+- ``POST /_sandbox/webhooks``        set the switches: ``{"drop": bool, "updates": bool}``
+- ``POST /_sandbox/reset``           back to start: seeds, no calls, start-up faults and
+  webhook switches only
 """
 
 from __future__ import annotations
@@ -23,9 +41,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -35,7 +54,7 @@ from pydantic import ValidationError
 from hrflow_client.profiles import ProfileWrite
 from hrflow_webhooks.signatures import sign
 from sandbox.faults import Fault, Faults, Outcome
-from sandbox.store import DuplicateReferenceError, ProfileStore
+from sandbox.store import DuplicateReferenceError, ListQuery, ProfileStore
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +63,20 @@ DEFAULT_API_USER = "sandbox@hrflow.local"
 API_PREFIX = "/v1/"
 PARSING = "/v1/profile/parsing"
 INDEXING = "/v1/profile/indexing"
+ARCHIVE = "/v1/profile/indexing/archive"
+LISTING = "/v1/storing/profiles"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class WebhookSwitches:
+    """What happens to the webhooks: ``drop`` discards every one (counted), as when
+    HrFlow's deliveries go missing; ``updates`` sends ``profile.storing.update`` after
+    each PUT (off: only adds are announced, as before the switch existed)."""
+
+    drop: bool = False
+    updates: bool = True
 
 
 @dataclass
@@ -56,9 +87,12 @@ class SandboxState:
     startup_faults: list[Fault]
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    startup_switches: WebhookSwitches = field(default_factory=WebhookSwitches)
+    switches: WebhookSwitches = field(default_factory=WebhookSwitches)
     profiles: ProfileStore = field(default_factory=ProfileStore)
     calls: list[dict[str, Any]] = field(default_factory=list)
     webhooks: list[dict[str, Any]] = field(default_factory=list)
+    dropped_webhooks: list[dict[str, Any]] = field(default_factory=list)
     faults: Faults = field(default_factory=lambda: Faults(random.Random()))
     session: aiohttp.ClientSession | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -66,6 +100,8 @@ class SandboxState:
     def reset(self) -> None:
         self.calls.clear()
         self.webhooks.clear()
+        self.dropped_webhooks.clear()
+        self.switches = replace(self.startup_switches)
         self.faults.clear()
         for fault in self.startup_faults:
             self.faults.add(Fault.from_json(fault.to_json()))
@@ -80,9 +116,13 @@ class SandboxState:
 STATE = web.AppKey("sandbox_state", SandboxState)
 
 
-def envelope(status: int, message: str, data: Any = None) -> web.Response:
+def envelope(
+    status: int, message: str, data: Any = None, meta: dict[str, Any] | None = None
+) -> web.Response:
     """HrFlow's answer. Content-Type exactly ``application/json``: the SDK compares it verbatim."""
     body: dict[str, Any] = {"code": status, "message": message}
+    if meta is not None:
+        body["meta"] = meta
     if data is not None or status < 400:
         body["data"] = data
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
@@ -214,43 +254,248 @@ async def put_indexing(request: web.Request) -> web.Response:
     profile = state.profiles.get(body["source_key"], body.get("key"), body.get("reference"))
     if profile is None:
         return envelope(404, "Unable to find object: profile")
-    return envelope(200, "Profile edited", state.profiles.edit(profile, body))
+    edited = state.profiles.edit(profile, body)
+    if state.switches.updates:
+        _notify(state, edited, "profile.storing.update")
+    return envelope(200, "Profile edited", edited)
+
+
+# --- the listing -----------------------------------------------------------------------------
+
+
+class InvalidParametersError(ValueError):
+    """A parameter (of the listing, of an archiving) the sandbox refuses: 400, this message."""
+
+
+# Filters HrFlow has and the sandbox does not: refused rather than ignored, so a test cannot
+# pass on a listing that silently left a filter out.
+_UNSUPPORTED_FILTERS = ("name", "location_lat", "location_lon", "location_dist")
+_SORTS: tuple[Literal["created_at", "updated_at"], ...] = ("created_at", "updated_at")
+
+
+def _given(query: Mapping[str, str], name: str) -> str | None:
+    value = query.get(name)
+    return value if value else None
+
+
+def _source_keys(raw: str | None) -> tuple[str, ...]:
+    try:
+        keys = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        keys = None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise InvalidParametersError(
+            'Invalid parameters: source_keys must be a JSON list of source keys, e.g. ["k1"]'
+        )
+    return tuple(keys)
+
+
+def _whole(query: Mapping[str, str], name: str, default: int) -> int:
+    raw = _given(query, name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise InvalidParametersError(f"Invalid parameters: {name} must be a whole number from 1")
+    return int(raw)
+
+
+def _boolean(query: Mapping[str, str], name: str) -> bool:
+    """``true``/``1`` or ``false``/``0``, any case: the SDK sends Python's ``True``/``False``."""
+    raw = (_given(query, name) or "false").lower()
+    if raw not in ("true", "1", "false", "0"):
+        raise InvalidParametersError(f"Invalid parameters: {name} must be true or false")
+    return raw in ("true", "1")
+
+
+def _day(query: Mapping[str, str], name: str) -> date | None:
+    """A ``YYYY-MM-DD`` day, the only form documented: a time of day is refused rather than
+    read one way here and maybe another by HrFlow."""
+    raw = _given(query, name)
+    if raw is None:
+        return None
+    try:
+        if len(raw) == len("YYYY-MM-DD"):
+            return datetime.strptime(raw, "%Y-%m-%d").date()
+    except ValueError:
+        pass
+    raise InvalidParametersError(f"Invalid parameters: {name} must be YYYY-MM-DD")
+
+
+def _sort_by(query: Mapping[str, str]) -> Literal["created_at", "updated_at"]:
+    raw = _given(query, "sort_by") or "created_at"
+    for sort in _SORTS:
+        if raw == sort:
+            return sort
+    raise InvalidParametersError("Invalid parameters: sort_by must be created_at or updated_at")
+
+
+def list_query(query: Mapping[str, str]) -> ListQuery:
+    """The listing's query parameters, checked; defaults as the SDK's (page 1, 30 a page,
+    newest ``created_at`` first)."""
+    unsupported = [name for name in _UNSUPPORTED_FILTERS if _given(query, name)]
+    if unsupported:
+        raise InvalidParametersError(
+            f"Invalid parameters: the sandbox does not support {', '.join(unsupported)}"
+        )
+    order = _given(query, "order_by") or "desc"
+    if order not in ("asc", "desc"):
+        raise InvalidParametersError("Invalid parameters: order_by must be asc or desc")
+    return ListQuery(
+        source_keys=_source_keys(query.get("source_keys")),
+        key=_given(query, "key"),
+        reference=_given(query, "reference"),
+        page=_whole(query, "page", 1),
+        limit=_whole(query, "limit", 30),
+        sort_by=_sort_by(query),
+        descending=order == "desc",
+        created_min=_day(query, "created_at_min"),
+        created_max=_day(query, "created_at_max"),
+    )
+
+
+def _summary(profile: dict[str, Any]) -> dict[str, Any]:
+    """A listed profile without ``return_profile``: "only the keys, the reference and the
+    dates". The source travels as ``source.key``, the read shape's and the webhooks' path,
+    so a consumer reads both listing shapes (and webhook payloads) the same way."""
+    return {
+        "key": profile["key"],
+        "reference": profile["reference"],
+        "source": {"key": profile["source"]["key"]},
+        "created_at": profile["created_at"],
+        "updated_at": profile["updated_at"],
+    }
+
+
+async def list_storing_profiles(request: web.Request) -> web.Response:
+    """HrFlow's listing: non-archived profiles of the sources, sorted, one page of them."""
+    profiles = request.app[STATE].profiles
+    try:
+        query = list_query(request.query)
+        whole = _boolean(request.query, "return_profile")
+    except InvalidParametersError as error:
+        return envelope(400, str(error))
+    if not all(profiles.has_source(source_key) for source_key in query.source_keys):
+        return envelope(400, "Invalid parameters. Unable to find object: source")
+    page = profiles.page(query)
+    data = page.profiles if whole else [_summary(p) for p in page.profiles]
+    meta = {"page": page.page, "maxPage": page.max_page, "count": len(data), "total": page.total}
+    return envelope(200, "List of profiles", data, meta)
+
+
+# --- archiving -------------------------------------------------------------------------------
+
+
+def _text(body: dict[str, Any], *names: str) -> str | None:
+    """The first of ``names`` set in the body; a value not a string is refused."""
+    for name in names:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidParametersError(f"Invalid parameters: {name} must be a string")
+        if value:
+            return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRequest:
+    source_key: str
+    key: str | None
+    reference: str | None
+    email: str | None
+    archived: bool
+
+    @classmethod
+    def from_body(cls, body: Any) -> ArchiveRequest:
+        """The PATCH body, checked. ``is_archive`` is required (1 or 0): the SDK always sends
+        it, and a client leaving it out is better told than guessed for."""
+        if not isinstance(body, dict):
+            raise InvalidParametersError("Invalid parameters: a JSON object is required")
+        source_key = _text(body, "source_key")
+        key, reference = _text(body, "key"), _text(body, "reference")
+        email = _text(body, "email", "profile_email")  # the SDK sends profile_email
+        if not source_key or not (key or reference or email):
+            raise InvalidParametersError(
+                "Invalid parameters: source_key and key, reference or email are required"
+            )
+        is_archive = body.get("is_archive")
+        if isinstance(is_archive, bool) or is_archive not in (0, 1):
+            raise InvalidParametersError("Invalid parameters: is_archive must be 1 or 0")
+        return cls(source_key, key, reference, email, archived=is_archive == 1)
+
+    def find(self, store: ProfileStore) -> dict[str, Any] | None:
+        """By key or reference as GET finds it, else by ``info.email``."""
+        if self.key or self.reference:
+            return store.get(self.source_key, self.key, self.reference)
+        return store.get_by_email(self.source_key, self.email or "")
+
+
+async def archive_profile(request: web.Request) -> web.Response:
+    """Archive (``is_archive: 1``) or unarchive (0). The answer's ``data`` holds only the
+    profile's key: HrFlow's answer is not documented, and a client needing no more than
+    the key works whatever HrFlow adds."""
+    store = request.app[STATE].profiles
+    try:
+        wanted = ArchiveRequest.from_body(await _json_body(request))
+    except InvalidParametersError as error:
+        return envelope(400, str(error))
+    profile = wanted.find(store)
+    if profile is None:
+        return envelope(404, "Unable to find object: profile")
+    store.archive(profile, wanted.archived)
+    message = "Profile archived" if wanted.archived else "Profile unarchived"
+    return envelope(200, message, {"key": profile["key"]})
 
 
 # --- HrFlow's asynchronous notification ------------------------------------------------------
 
+_EVENT_MESSAGES = {
+    "profile.parsing.success": "Profile parsed",
+    "profile.storing.update": "Profile updated",
+}
 
-def _notify(state: SandboxState, profile: dict[str, Any]) -> None:
+
+def _notify(
+    state: SandboxState, profile: dict[str, Any], event_type: str = "profile.parsing.success"
+) -> None:
+    """Send (or, switched to drop, count and forget) the event about this profile. The
+    payload names the profile without its contents, so each update of one profile is the
+    same bytes, as HrFlow's are."""
     url, secret, session = state.webhook_url, state.webhook_secret, state.session
     if not url or not secret or session is None:
         return
     event = {
-        "type": "profile.parsing.success",
+        "type": event_type,
         "origin": "api",
-        "message": "Profile parsed",
+        "message": _EVENT_MESSAGES[event_type],
         "profile": {
             "key": profile["key"],
             "reference": profile["reference"],
             "source": {"key": profile["source"]["key"]},
         },
     }
-    delivery = _deliver(state, session, url, sign(orjson.dumps(event), secret.encode()), event)
-    task = asyncio.create_task(delivery)
+    record: dict[str, Any] = {"type": event_type, "profile": event["profile"], "at": time.time()}
+    if state.switches.drop:
+        state.dropped_webhooks.append(record)
+        return
+    # Recorded now, not when the delivery starts: once the API call is answered, the
+    # control endpoint already counts its webhook.
+    record |= {"url": url, "status": None}
+    state.webhooks.append(record)
+    signature = sign(orjson.dumps(event), secret.encode())
+    task = asyncio.create_task(_deliver(session, url, signature, event, record))
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
 
 
 async def _deliver(
-    state: SandboxState,
     session: aiohttp.ClientSession,
     url: str,
     signature: str,
     event: dict[str, Any],
+    record: dict[str, Any],
 ) -> None:
     headers = {"HTTP-HRFLOW-SIGNATURE": signature, "Content-Type": "application/json"}
     body = orjson.dumps(event)
-    record: dict[str, Any] = {"url": url, "at": time.time(), "status": None}
-    state.webhooks.append(record)
     try:
         async with session.post(url, data=body, headers=headers) as response:
             record["status"] = response.status
@@ -315,7 +560,35 @@ async def clear_faults(request: web.Request) -> web.Response:
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    return web.json_response({"webhooks": request.app[STATE].webhooks})
+    """Deliveries sent (each with its answer's status, or ``error``) and events dropped."""
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "drop": state.switches.drop,
+            "updates": state.switches.updates,
+            "sent": len(state.webhooks),
+            "dropped": len(state.dropped_webhooks),
+            "webhooks": state.webhooks,
+            "dropped_webhooks": state.dropped_webhooks,
+        }
+    )
+
+
+async def set_webhook_switches(request: web.Request) -> web.Response:
+    """``{"drop": bool, "updates": bool}``, either or both; the counts carry on."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    known = {"drop", "updates"}
+    if (
+        not isinstance(body, dict)
+        or not set(body) <= known
+        or not all(isinstance(v, bool) for v in body.values())
+    ):
+        return web.json_response(
+            {"error": 'expected {"drop": true|false, "updates": true|false}'}, status=400
+        )
+    state.switches = replace(state.switches, **body)
+    return await list_webhooks(request)
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -361,6 +634,8 @@ def create_app(
     seed: bool = True,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    drop_webhooks: bool = False,
+    update_webhooks: bool = True,
     random_seed: int | None = None,
 ) -> web.Application:
     """The sandbox app; ``app[STATE]`` gives in-process access to its state."""
@@ -371,6 +646,7 @@ def create_app(
         startup_faults=_startup_faults(latency_ms, fail_rate, status),
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        startup_switches=WebhookSwitches(drop=drop_webhooks, updates=update_webhooks),
         faults=Faults(random.Random(random_seed)),
     )
     state.reset()
@@ -383,6 +659,8 @@ def create_app(
             web.get(INDEXING, get_indexing),
             web.post(INDEXING, post_indexing),
             web.put(INDEXING, put_indexing),
+            web.get(LISTING, list_storing_profiles),
+            web.patch(ARCHIVE, archive_profile),
             web.get("/_sandbox/calls", list_calls),
             web.delete("/_sandbox/calls", clear_calls),
             web.get("/_sandbox/profiles", list_profiles),
@@ -391,6 +669,7 @@ def create_app(
             web.post("/_sandbox/faults", add_faults),
             web.delete("/_sandbox/faults", clear_faults),
             web.get("/_sandbox/webhooks", list_webhooks),
+            web.post("/_sandbox/webhooks", set_webhook_switches),
             web.post("/_sandbox/reset", reset),
         ]
     )
@@ -406,6 +685,8 @@ def run_sandbox(
     seed: bool,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    drop_webhooks: bool = False,
+    update_webhooks: bool = True,
 ) -> None:
     """Serve the sandbox until interrupted (blocking): the CLI's entry point."""
     app = create_app(
@@ -415,6 +696,8 @@ def run_sandbox(
         seed=seed,
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        drop_webhooks=drop_webhooks,
+        update_webhooks=update_webhooks,
     )
     print(f"sandbox HrFlow API on http://{host}:{port}/v1", flush=True)
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5.0)

@@ -4,18 +4,28 @@ recording, control endpoints, webhook and command line do what they say."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import requests
+from aiohttp import web
 from hrflow import Hrflow
 from redis.asyncio import Redis
 
 from hrflow_webhooks.queue import QueueKeys
-from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY
+from sandbox import (
+    DEFAULT_API_KEY,
+    DEFAULT_API_USER,
+    HARRY_POTTER_KEY,
+    JOHN_DOE_KEY,
+    SAMPLE_SOURCE_KEY,
+)
 from tests.polling import eventually, eventually_sync
 from tests.redis_server import RedisServer, free_port
 from tests.sandbox_fixtures import SandboxServer
@@ -201,6 +211,8 @@ def test_python_m_sandbox_serves_until_stopped() -> None:
         "--no-seed",
         "--latency-ms",
         "5",
+        "--drop-webhooks",
+        "--no-update-webhooks",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -212,6 +224,376 @@ def test_python_m_sandbox_serves_until_stopped() -> None:
             lambda: requests.get(url, timeout=1).json(), url, ignoring=(requests.ConnectionError,)
         )
         assert answer == {"profiles": []}
+        switches = requests.get(f"http://127.0.0.1:{port}/_sandbox/webhooks", timeout=5).json()
+        assert (switches["drop"], switches["updates"]) == (True, False)
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+async def test_the_cli_sandbox_command_passes_the_webhook_switches(
+    http: aiohttp.ClientSession,
+) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "control.cli", "sandbox", "--port", str(port), "--no-seed",
+        "--drop-webhooks", "--no-update-webhooks",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/_sandbox/webhooks"
+
+    async def switches() -> Any:
+        async with http.get(url) as response:
+            return await response.json()
+
+    try:
+        answer = await eventually(switches, url, ignoring=(aiohttp.ClientConnectionError,))
+    finally:
+        process.terminate()
+        await process.wait()
+    assert (answer["drop"], answer["updates"], answer["sent"], answer["dropped"]) == (
+        True,
+        False,
+        0,
+        0,
+    )
+
+
+# --- the listing, archiving and timestamps ---------------------------------------------------
+
+AUTH = {"X-API-KEY": DEFAULT_API_KEY, "X-USER-EMAIL": DEFAULT_API_USER}
+GET_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+0000$")  # as GET answers it
+
+
+async def _api(
+    http: aiohttp.ClientSession,
+    sandbox: SandboxServer,
+    method: str,
+    path: str,
+    params: dict[str, str] | None = None,
+    body: Any = None,
+) -> tuple[int, Any]:
+    url = f"{sandbox.api_url}/{path}"
+    async with http.request(method, url, params=params, json=body, headers=AUTH) as response:
+        return response.status, await response.json()
+
+
+async def _add(
+    http: aiohttp.ClientSession, sandbox: SandboxServer, source_key: str, **fields: Any
+) -> dict[str, Any]:
+    status, answer = await _api(
+        http, sandbox, "POST", "profile/indexing", body={"source_key": source_key, **fields}
+    )
+    assert status == 201, answer
+    profile: dict[str, Any] = answer["data"]
+    return profile
+
+
+async def _list(
+    http: aiohttp.ClientSession, sandbox: SandboxServer, *source_keys: str, **params: str
+) -> tuple[int, Any]:
+    query = {"source_keys": json.dumps(list(source_keys)), **params}
+    return await _api(http, sandbox, "GET", "storing/profiles", params=query)
+
+
+def _keys(answer: Any) -> list[str]:
+    return [profile["key"] for profile in answer["data"]]
+
+
+async def test_the_listing_pages_65_profiles_30_at_a_time(http: aiohttp.ClientSession) -> None:
+    async with SandboxServer(seed=False) as sandbox:
+        added = [(await _add(http, sandbox, "many", reference=f"r{i}"))["key"] for i in range(65)]
+        pages = [await _list(http, sandbox, "many", page=str(page)) for page in (1, 2, 3, 4)]
+        ascending = await _list(http, sandbox, "many", order_by="asc", limit="10")
+    assert [status for status, _ in pages] == [200] * 4
+    assert [answer["meta"] for _, answer in pages] == [
+        {"page": 1, "maxPage": 3, "count": 30, "total": 65},
+        {"page": 2, "maxPage": 3, "count": 30, "total": 65},
+        {"page": 3, "maxPage": 3, "count": 5, "total": 65},
+        {"page": 4, "maxPage": 3, "count": 0, "total": 65},
+    ]
+    assert pages[0][1]["message"] == "List of profiles"
+    # The default order is newest created first, so the three pages are the adds reversed.
+    assert [key for _, answer in pages for key in _keys(answer)] == added[::-1]
+    assert _keys(ascending[1]) == added[:10]
+    assert ascending[1]["meta"] == {"page": 1, "maxPage": 7, "count": 10, "total": 65}
+
+
+async def test_sort_by_updated_at_puts_the_profile_just_edited_first(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SandboxServer(seed=False) as sandbox:
+        keys = [(await _add(http, sandbox, "s", reference=f"r{i}"))["key"] for i in range(5)]
+        status, edited = await _api(
+            http, sandbox, "PUT", "profile/indexing", body={"source_key": "s", "key": keys[1]}
+        )
+        _, newest = await _list(http, sandbox, "s", sort_by="updated_at", order_by="desc")
+        _, oldest = await _list(http, sandbox, "s", sort_by="updated_at", order_by="asc")
+        _, by_creation = await _list(http, sandbox, "s", sort_by="created_at", order_by="desc")
+    # Five adds and a PUT usually share a second: then only the precise times order them.
+    assert status == 200
+    assert _keys(newest) == [keys[1], keys[4], keys[3], keys[2], keys[0]]
+    assert _keys(oldest) == _keys(newest)[::-1]
+    assert _keys(by_creation) == keys[::-1]
+    assert GET_TIME.match(edited["data"]["updated_at"])
+    assert edited["data"]["updated_at"] >= edited["data"]["created_at"]
+    assert all(GET_TIME.match(p["updated_at"]) for p in newest["data"])
+
+
+async def test_the_listing_filters_by_source_key_and_reference_and_refuses_unknown_sources(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SandboxServer(seed=False) as sandbox:
+        a1 = await _add(http, sandbox, "a", reference="ref-a1")
+        a2 = await _add(http, sandbox, "a", reference="ref-a2")
+        b1 = await _add(http, sandbox, "b", reference="ref-b1")
+        _, only_a = await _list(http, sandbox, "a")
+        _, both = await _list(http, sandbox, "a", "b", order_by="asc")
+        _, by_key = await _list(http, sandbox, "a", "b", key=b1["key"])
+        _, by_reference = await _list(http, sandbox, "a", reference="ref-a2")
+        _, elsewhere = await _list(http, sandbox, "b", reference="ref-a2")
+        unknown = await _list(http, sandbox, "a", "nope")
+        malformed = await _api(
+            http, sandbox, "GET", "storing/profiles", params={"source_keys": "a"}
+        )
+        bad_sort = await _list(http, sandbox, "a", sort_by="scoring")
+    assert _keys(only_a) == [a2["key"], a1["key"]]
+    assert _keys(both) == [a1["key"], a2["key"], b1["key"]]
+    assert [p["source"]["key"] for p in both["data"]] == ["a", "a", "b"]
+    assert _keys(by_key) == [b1["key"]]
+    assert _keys(by_reference) == [a2["key"]]
+    assert elsewhere["data"] == []
+    assert elsewhere["meta"] == {"page": 1, "maxPage": 0, "count": 0, "total": 0}
+    assert unknown == (
+        400,
+        {"code": 400, "message": "Invalid parameters. Unable to find object: source"},
+    )
+    assert malformed[0] == bad_sort[0] == 400
+    assert "source_keys" in malformed[1]["message"]
+
+
+async def test_return_profile_chooses_whole_profiles_or_keys_and_dates(
+    sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    _, whole = await _list(http, sandbox, SAMPLE_SOURCE_KEY, return_profile="true")
+    _, light = await _list(http, sandbox, SAMPLE_SOURCE_KEY, return_profile="false")
+    _, default = await _list(http, sandbox, SAMPLE_SOURCE_KEY)
+    _, got = await _api(
+        http,
+        sandbox,
+        "GET",
+        "profile/indexing",
+        params={"source_key": SAMPLE_SOURCE_KEY, "key": HARRY_POTTER_KEY},
+    )
+    harry = next(p for p in whole["data"] if p["key"] == HARRY_POTTER_KEY)
+    assert harry == got["data"]  # the GET shape: string dates, server fields
+    assert harry["experiences"][0]["date_start"] == "2016-01-01T00:00:00"
+    assert default == light
+    assert [set(p) for p in light["data"]] == [
+        {"key", "reference", "source", "created_at", "updated_at"}
+    ] * 2
+    summary = next(p for p in light["data"] if p["key"] == HARRY_POTTER_KEY)
+    assert summary == {
+        "key": HARRY_POTTER_KEY,
+        "reference": "harry-potter",
+        "source": {"key": SAMPLE_SOURCE_KEY},
+        "created_at": got["data"]["created_at"],
+        "updated_at": got["data"]["updated_at"],
+    }
+
+
+async def test_created_at_is_written_in_any_iso_form_answered_in_gets_and_filters_by_day(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SandboxServer(seed=False) as sandbox:
+        old = await _add(http, sandbox, "s", reference="old", created_at="2020-07-29T11:45:37Z")
+        older = await _add(http, sandbox, "s", reference="older", created_at="2019-01-02")
+        fresh = await _add(http, sandbox, "s", reference="fresh")
+        _, ascending = await _list(http, sandbox, "s", order_by="asc")
+        _, in_2020 = await _list(
+            http, sandbox, "s", created_at_min="2020-07-29", created_at_max="2020-07-29"
+        )
+        _, until_2020 = await _list(http, sandbox, "s", created_at_max="2020-07-28")
+        bad_day = await _list(http, sandbox, "s", created_at_min="2020-07-29T00:00:00")
+    assert old["created_at"] == "2020-07-29T11:45:37+0000"
+    assert older["created_at"] == "2019-01-02T00:00:00+0000"
+    assert GET_TIME.match(fresh["created_at"])
+    assert fresh["created_at"] == fresh["updated_at"]
+    assert _keys(ascending) == [older["key"], old["key"], fresh["key"]]
+    assert _keys(in_2020) == [old["key"]]
+    assert _keys(until_2020) == [older["key"]]
+    assert bad_day[0] == 400
+
+
+async def _archive(
+    http: aiohttp.ClientSession, sandbox: SandboxServer, **body: Any
+) -> tuple[int, Any]:
+    return await _api(http, sandbox, "PATCH", "profile/indexing/archive", body=body)
+
+
+async def test_an_archived_profile_leaves_the_listing_and_stays_readable(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SandboxServer(seed=False) as sandbox:
+        ada = await _add(http, sandbox, "s", reference="ada", info={"email": "ada@example.com"})
+        bob = await _add(http, sandbox, "s", reference="bob")
+        archived = await _archive(http, sandbox, source_key="s", key=ada["key"], is_archive=1)
+        _, listed = await _list(http, sandbox, "s")
+        _, filtered = await _list(http, sandbox, "s", key=ada["key"])
+        _, read = await _api(
+            http, sandbox, "GET", "profile/indexing", params={"source_key": "s", "key": ada["key"]}
+        )
+        again = await _archive(http, sandbox, source_key="s", reference="ada", is_archive=1)
+        duplicate = await _api(
+            http, sandbox, "POST", "profile/indexing", body={"source_key": "s", "reference": "ada"}
+        )
+        unarchived = await _archive(
+            http, sandbox, source_key="s", email="ada@example.com", is_archive=0
+        )
+        _, back = await _list(http, sandbox, "s", sort_by="updated_at")
+        _, reread = await _api(
+            http, sandbox, "GET", "profile/indexing", params={"source_key": "s", "key": ada["key"]}
+        )
+        missing = await _archive(http, sandbox, source_key="s", key="nope", is_archive=1)
+        no_flag = await _archive(http, sandbox, source_key="s", key=bob["key"])
+        no_profile = await _archive(http, sandbox, source_key="s", is_archive=1)
+    assert archived == (
+        200,
+        {"code": 200, "message": "Profile archived", "data": {"key": ada["key"]}},
+    )
+    assert _keys(listed) == [bob["key"]]
+    assert listed["meta"]["total"] == 1
+    assert filtered["data"] == []
+    assert read["data"]["archive"] == read["data"]["updated_at"]
+    assert GET_TIME.match(read["data"]["archive"])
+    assert again[0] == 200
+    assert duplicate[0] == 400  # archived, not deleted: the reference is still taken
+    assert unarchived[1]["message"] == "Profile unarchived"
+    assert _keys(back) == [ada["key"], bob["key"]]  # unarchiving is a write: newest updated_at
+    assert reread["data"]["archive"] is None
+    assert missing[0] == 404
+    assert no_flag[0] == no_profile[0] == 400
+
+
+async def test_the_official_sdk_lists_and_archives(sandbox: SandboxServer) -> None:
+    sdk = _sdk(sandbox)
+    added = await asyncio.to_thread(
+        sdk.profile.storing.add_json,
+        SAMPLE_SOURCE_KEY,
+        {"reference": "sdk-ada", "info": {"full_name": "Ada", "email": "ada@example.com"}},
+    )
+    first = await asyncio.to_thread(
+        sdk.profile.storing.list, [SAMPLE_SOURCE_KEY], limit=2, sort_by="updated_at"
+    )
+    whole = await asyncio.to_thread(
+        sdk.profile.storing.list, [SAMPLE_SOURCE_KEY], return_profile=True, order_by="asc"
+    )
+    by_key = await asyncio.to_thread(
+        sdk.profile.storing.archive, SAMPLE_SOURCE_KEY, key=HARRY_POTTER_KEY
+    )
+    by_email = await asyncio.to_thread(
+        sdk.profile.storing.archive, SAMPLE_SOURCE_KEY, email="ada@example.com"
+    )
+    left = await asyncio.to_thread(sdk.profile.storing.list, [SAMPLE_SOURCE_KEY])
+    unknown = await asyncio.to_thread(sdk.profile.storing.list, ["nope"])
+    assert (first["code"], first["message"]) == (200, "List of profiles")
+    assert first["meta"] == {"page": 1, "maxPage": 2, "count": 2, "total": 3}
+    assert first["data"][0]["key"] == added["data"]["key"]
+    assert [p["info"]["full_name"] for p in whole["data"]] == ["Harry Potter", "John Doe", "Ada"]
+    assert (by_key["code"], by_key["message"], by_key["data"]) == (
+        200,
+        "Profile archived",
+        {"key": HARRY_POTTER_KEY},
+    )
+    assert by_email["data"] == {"key": added["data"]["key"]}
+    assert [p["key"] for p in left["data"]] == [JOHN_DOE_KEY]
+    assert (unknown["code"], unknown["message"]) == (
+        400,
+        "Invalid parameters. Unable to find object: source",
+    )
+    listing = sandbox.state.calls_to("GET", "/v1/storing/profiles")[0]["query"]
+    assert listing["source_keys"] == json.dumps([SAMPLE_SOURCE_KEY])
+    assert listing["return_profile"] == "False"  # requests writes Python's bool as it prints
+    patches = sandbox.state.calls_to("PATCH", "/v1/profile/indexing/archive")
+    assert patches[1]["body"] == {
+        "source_key": SAMPLE_SOURCE_KEY,
+        "profile_email": "ada@example.com",
+        "is_archive": 1,
+    }
+
+
+# --- webhooks: updates and the drop switch ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _webhook_target() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A loopback URL that accepts webhooks (202), and the events it received."""
+    received: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/webhook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/webhook", received
+    finally:
+        await runner.cleanup()
+
+
+async def test_edits_send_updates_and_the_drop_switch_counts_what_it_drops(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with (
+        _webhook_target() as (url, received),
+        SandboxServer(seed=False, webhook_url=url, webhook_secret=WEBHOOK_SECRET) as sandbox,
+    ):
+        switches = f"{sandbox.url}/_sandbox/webhooks"
+
+        async def add_and_edit(reference: str) -> None:
+            await _add(http, sandbox, "s", reference=reference)
+            body = {"source_key": "s", "reference": reference, "text": "edited"}
+            assert (await _api(http, sandbox, "PUT", "profile/indexing", body=body))[0] == 200
+
+        async def answered() -> bool:
+            return all(w["status"] is not None for w in sandbox.state.webhooks)
+
+        await add_and_edit("sent")
+        assert len(sandbox.state.webhooks) == 2  # counted as soon as the call is answered
+        await eventually(answered)
+        dropping = await _control(http, "POST", switches, {"drop": True})
+        await add_and_edit("dropped")
+        await _control(http, "POST", switches, {"drop": False, "updates": False})
+        await add_and_edit("adds-only")
+        await eventually(answered)
+        _, report = await _control(http, "GET", switches)
+        refused = await _control(http, "POST", switches, {"drop": "yes"})
+        await _control(http, "POST", f"{sandbox.url}/_sandbox/reset")
+        _, after_reset = await _control(http, "GET", switches)
+    assert dropping[1]["drop"] is True
+    assert (report["drop"], report["updates"], report["sent"], report["dropped"]) == (
+        False,
+        False,
+        3,
+        2,
+    )
+    sent = sorted((w["type"], w["profile"]["reference"], w["status"]) for w in report["webhooks"])
+    assert sent == [
+        ("profile.parsing.success", "adds-only", 202),
+        ("profile.parsing.success", "sent", 202),
+        ("profile.storing.update", "sent", 202),
+    ]
+    dropped = sorted((w["type"], w["profile"]["reference"]) for w in report["dropped_webhooks"])
+    assert dropped == [
+        ("profile.parsing.success", "dropped"),
+        ("profile.storing.update", "dropped"),
+    ]
+    assert sorted((e["type"], e["profile"]["reference"]) for e in received) == [
+        (kind, reference) for kind, reference, _ in sent
+    ]
+    assert refused[0] == 400
+    assert (after_reset["drop"], after_reset["updates"], after_reset["sent"]) == (False, True, 0)
