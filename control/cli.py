@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import os
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -73,19 +73,31 @@ def _options(
     """Receive HrFlow.ai webhooks safely and act on them reliably."""
 
 
+def without_password(url: str) -> str:
+    """A Redis URL fit to print: its password, if any, masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 def service_settings(state_dir: Path) -> Settings:
     """Settings from the environment; without REDIS_URL, the Redis of a `run` running from
     ``state_dir`` (its embedded one is not on Redis's default port)."""
-    if "REDIS_URL" not in os.environ:
-        running = runner.running_service_env(state_dir)
-        if "REDIS_URL" in running:
-            typer.echo(
-                f"using the Redis of `hrflow-webhooks run` (pid {running['RUN_PID']}): "
-                f"{running['REDIS_URL']}",
-                err=True,
-            )
-            return Settings(redis_url=running["REDIS_URL"])
-    return Settings()
+    settings = Settings()
+    if "redis_url" in settings.model_fields_set:  # REDIS_URL, HRFLOW_REDIS_URL or .env
+        return settings
+    running = runner.running_service_env(state_dir)
+    if "REDIS_URL" not in running:
+        return settings
+    typer.echo(
+        f"using the Redis of `hrflow-webhooks run` (pid {running.get('RUN_PID', '?')}): "
+        f"{without_password(running['REDIS_URL'])}",
+        err=True,
+    )
+    return Settings(redis_url=running["REDIS_URL"])
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

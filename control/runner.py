@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import secrets
 import shlex
@@ -470,6 +471,15 @@ def send_command(options: RunOptions) -> str:
     return shlex.join(parts)
 
 
+def _service_env_lines(plan: Plan, options: RunOptions) -> list[str]:
+    where = options.state_dir / SERVICE_ENV_FILE_NAME
+    lines = [f"dead-letters, check and erase run from this folder find this Redis ({where})"]
+    if plan.embedded_redis:  # a REDIS_URL of the user's may hold a password: not echoed
+        lines[0] += "; from elsewhere:"
+        lines.append(f"  export REDIS_URL={plan.redis_url}")
+    return [*lines, ""]
+
+
 def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
     url = f"http://{_connect_host(options.host)}:{options.port}/webhook"
     if settings.webhook_secrets:
@@ -499,41 +509,68 @@ def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
             "Send a signed test event:",
             f"  {send_command(options)}",
             "",
-            f"dead-letters, check and erase run from this folder find this Redis "
-            f"({options.state_dir / SERVICE_ENV_FILE_NAME}); from elsewhere:",
-            f"  export REDIS_URL={plan.redis_url}",
-            "",
+            *_service_env_lines(plan, options),
             "Press Ctrl-C to stop.",
             "",
         ]
     )
 
 
-def write_service_env(path: Path, plan: Plan) -> None:
-    """What `dead-letters`, `check` and `erase` read to find this run's Redis."""
+def claim_service_env(path: Path) -> int:
+    """Open ``path`` and hold an exclusive lock on it for as long as this `run` runs.
+
+    Readers trust the file only while that lock is held, so a file left by a killed run,
+    or one whose pid was reused since, is never taken for a running service. A second `run`
+    in the same state directory is refused here."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunError(
+            f"another `hrflow-webhooks run` uses {path.parent}: stop it, or pass --state-dir"
+        ) from None
+    os.fchmod(fd, 0o600)  # it may name a Redis URL with a password
+    return fd
+
+
+def write_service_env(fd: int, plan: Plan) -> None:
+    """What `dead-letters`, `check` and `erase` read to find this run's Redis."""
     lines = [f"# written by hrflow-webhooks run (pid {os.getpid()}); removed when it stops"]
     lines += [f"RUN_PID={os.getpid()}", f"REDIS_URL={plan.redis_url}"]
-    path.write_text("\n".join(lines) + "\n")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ("\n".join(lines) + "\n").encode(), 0)
+
+
+def release_service_env(path: Path, fd: int) -> None:
+    path.unlink(missing_ok=True)  # while still locked: no reader trusts a stale file
+    os.close(fd)
 
 
 def running_service_env(state_dir: Path) -> dict[str, str]:
-    """The environment a running `run` left in ``state_dir``, or {} if none runs there."""
-    path = state_dir / SERVICE_ENV_FILE_NAME
+    """The environment a running `run` left in ``state_dir``, or {} if none runs there:
+    the file must be this user's, writable by nobody else, and locked by its `run`."""
     try:
-        text = path.read_text()
+        fd = os.open(state_dir / SERVICE_ENV_FILE_NAME, os.O_RDONLY)
     except OSError:
         return {}
-    values = dict(
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # a running `run` holds it
+        else:
+            return {}  # nobody holds it: left by a run that was killed
+        text = os.pread(fd, 65_536, 0).decode(errors="replace")
+    finally:
+        os.close(fd)
+    return dict(
         line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
     )
-    try:
-        os.kill(int(values.get("RUN_PID", "")), 0)  # signal 0: is it alive?
-    except (ValueError, ProcessLookupError):
-        return {}  # left by a run that was killed: not to be trusted
-    except PermissionError:
-        pass  # alive, another user's
-    return values
 
 
 def run(settings: Settings, options: RunOptions, stream: IO[str] = sys.stdout) -> int:
@@ -548,16 +585,21 @@ def run(settings: Settings, options: RunOptions, stream: IO[str] = sys.stdout) -
     }
     service_env = options.state_dir / SERVICE_ENV_FILE_NAME
     try:
+        service_env_fd = claim_service_env(service_env)
+    except RunError as error:
+        output.say(f"error: {error}")
+        return 1
+    try:
         for spec in plan.specs:
             supervisor.start(spec)
-        write_service_env(service_env, plan)
+        write_service_env(service_env_fd, plan)
         output.say(banner(plan, options, settings))
         return supervisor.watch()
     except RunError as error:
         output.say(f"error: {error}")
         return 1
     finally:
-        service_env.unlink(missing_ok=True)
+        release_service_env(service_env, service_env_fd)
         supervisor.stop_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -9,9 +9,11 @@ written: a caller cannot leak a profile by passing it in ``extra``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
+import weakref
 from typing import IO, Any
 
 import orjson
@@ -138,7 +140,13 @@ class BatchedLineHandler(logging.StreamHandler[IO[str]]):
 
     Where system calls are dear (containers, sandboxed kernels) the write per line was the
     largest cost of the receiver's one INFO line per delivery (docs/benchmarks.md). What is
-    lost on SIGKILL is at most ``interval_s`` of INFO lines; a normal exit flushes.
+    lost on SIGKILL is at most ``interval_s`` of INFO lines.
+
+    Once :meth:`write_at_once` is called (the receiver's lifespan does at shutdown: uvicorn
+    then ends the process by re-raising SIGTERM, so no exit hook runs) or the handler is
+    closed (``logging.config.dictConfig`` closes it, as arq's command line does), each line
+    is written as it comes. A forked child drops the parent's pending lines (the parent
+    writes them) and starts its own flusher.
     """
 
     def __init__(
@@ -150,8 +158,23 @@ class BatchedLineHandler(logging.StreamHandler[IO[str]]):
         self._lines: list[str] = []
         self._chars = 0
         self._stopping = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_now_and_then, daemon=True)
-        self._flusher.start()
+        self._flusher = self._start_flusher()
+        _BATCHED.add(self)
+
+    def _start_flusher(self) -> threading.Thread:
+        flusher = threading.Thread(target=self._flush_now_and_then, daemon=True)
+        flusher.start()
+        return flusher
+
+    def write_at_once(self) -> None:
+        """Write what is pending, then each line as it comes: the process may end any time."""
+        self._stopping.set()
+        self.flush()
+
+    def _after_fork_in_child(self) -> None:
+        self._lines, self._chars = [], 0
+        if not self._stopping.is_set():
+            self._flusher = self._start_flusher()
 
     def emit(self, record: logging.LogRecord) -> None:  # called under self.lock
         try:
@@ -169,7 +192,7 @@ class BatchedLineHandler(logging.StreamHandler[IO[str]]):
     def _add(self, line: str, level: int) -> None:
         self._lines.append(line)
         self._chars += len(line)
-        if level >= logging.WARNING or self._chars >= self.max_chars:
+        if level >= logging.WARNING or self._chars >= self.max_chars or self._stopping.is_set():
             self._write()
 
     def flush(self) -> None:
@@ -177,8 +200,8 @@ class BatchedLineHandler(logging.StreamHandler[IO[str]]):
             self._write()
 
     def close(self) -> None:
-        self._stopping.set()
-        self.flush()
+        # Still on the root logger after dictConfig closed it: lines keep going out, at once.
+        self.write_at_once()
         super().close()
 
     def _write(self) -> None:
@@ -197,6 +220,23 @@ class BatchedLineHandler(logging.StreamHandler[IO[str]]):
             self.flush()
 
 
+_BATCHED: weakref.WeakSet[BatchedLineHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_BATCHED):
+        handler._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def write_logs_at_once() -> None:
+    """The process is about to end: write pending lines, and each later one at once."""
+    for handler in list(_BATCHED):
+        handler.write_at_once()
+
+
 # The handler configure_logging installed for JSON lines, for log_line's direct path.
 _json_handler: BatchedLineHandler | None = None
 
@@ -209,13 +249,7 @@ def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str,
     if not logger.isEnabledFor(level):
         return
     handler = _json_handler
-    if (
-        handler is None
-        or logger.handlers
-        or logger.filters
-        or logging.root.handlers != [handler]
-        or logging.root.filters
-    ):
+    if handler is None or not _only_to(handler, logger):
         logger.log(level, message, extra=fields)
         return
     line: dict[str, Any] = {
@@ -230,10 +264,24 @@ def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str,
     handler.add_line(orjson.dumps(line, default=str).decode(), level)
 
 
+def _only_to(handler: BatchedLineHandler, logger: logging.Logger) -> bool:
+    """Whether a record of ``logger`` would reach ``handler`` alone, unfiltered: the loggers
+    up to the root add no handler or filter and propagate, and the root has only it."""
+    current: logging.Logger | None = logger
+    while current is not None and current is not logging.root:
+        if current.handlers or current.filters or not current.propagate:
+            return False
+        current = current.parent
+    root = logging.root
+    return root.handlers == [handler] and not root.filters and not handler.filters
+
+
 def configure_logging(
     level: str = "INFO", fmt: str = "json", stream: IO[str] | None = None
 ) -> None:
-    """Route every logger of the process (ours, arq's, uvicorn's) to stderr in one format."""
+    """Route every logger of the process (ours, arq's, uvicorn's) to stderr in one format.
+
+    For the service's own processes: it sets process-wide logging flags too (see below)."""
     global _json_handler
     # What no formatter here writes, a record need not gather: the caller's file and line
     # (a walk up the stack), and the thread and process (os.getpid() is a system call).

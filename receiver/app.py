@@ -26,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
 from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.logs import configure_logging, log_line
+from hrflow_webhooks.logs import configure_logging, log_line, write_logs_at_once
 from hrflow_webhooks.queue import COALESCED, QUEUED
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import MissingSecretError, Settings
@@ -396,7 +397,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         # Before uvicorn starts: in the lifespan this was a traceback ending in "Application
         # startup failed", JSON-escaped. One line says what to do instead.
         logger.error(str(MissingSecretError.for_receiver()))
-        raise SystemExit(1)
+        # uvicorn's start-up failure code: with --workers N its supervisor stops on it,
+        # where any other code makes it respawn the child for ever.
+        raise SystemExit(STARTUP_FAILURE)
     limits = connection_limits(settings)
     HttpProtocol.limits = limits
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
@@ -420,6 +423,8 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         try:
             yield
         finally:
+            if own_logging:  # uvicorn ends by re-raising SIGTERM: no exit hook will flush
+                write_logs_at_once()
             if metrics_server is not None:
                 metrics_server.close()
             await durability.stop()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ def restored_logging() -> Iterator[None]:
     """configure_logging changes the process's root logger: put it back afterwards."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    flags = {name: getattr(logging, name) for name in PROCESS_FLAGS}
     try:
         yield
     finally:
@@ -27,6 +30,11 @@ def restored_logging() -> Iterator[None]:
                 handler.close()
         root.handlers[:], level = saved
         root.setLevel(level)
+        for name, value in flags.items():
+            setattr(logging, name, value)
+
+
+PROCESS_FLAGS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
 
 
 def written(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -65,6 +73,11 @@ def test_the_direct_line_respects_the_level_and_other_set_ups() -> None:
     stream = io.StringIO()
     configure_logging("WARNING", "json", stream)
     log_line(logging.getLogger("receiver.app"), logging.INFO, "delivery queued", FIELDS)
+    assert written(stream) == []
+    quiet = logging.getLogger("receiver.quiet")
+    quiet.propagate = False  # a record would reach no handler: neither may the direct line
+    configure_logging("INFO", "json", stream)
+    log_line(quiet, logging.INFO, "delivery queued", FIELDS)
     assert written(stream) == []
     configure_logging("INFO", "text", stream)  # text lines: the record's path
     log_line(logging.getLogger("receiver.app"), logging.INFO, "delivery queued", FIELDS)
@@ -113,3 +126,37 @@ def test_reconfiguring_closes_the_previous_handler_after_writing_its_lines() -> 
     assert [line["message"] for line in written(first)] == ["before"]
     old._flusher.join(timeout=30)
     assert not old._flusher.is_alive()
+
+
+def test_a_closed_handler_writes_each_line_at_once() -> None:
+    """logging.config.dictConfig (arq's command line) closes the handlers it finds, and ours
+    stays on the root logger: its lines must still go out, now one by one."""
+    stream = io.StringIO()
+    handler = BatchedLineHandler(stream, interval_s=3_600)
+    logger = logging.Logger("batched")
+    logger.addHandler(handler)
+    handler.close()
+    logger.info("after close")
+    assert stream.getvalue() == "after close\n"
+
+
+def test_a_forked_child_starts_its_own_flusher_and_leaves_the_parents_lines_to_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lines"
+    with path.open("w") as stream:
+        handler = BatchedLineHandler(stream, interval_s=3_600)
+        logger = logging.Logger("batched")
+        logger.addHandler(handler)
+        logger.info("parent, before the fork")  # pending in both after the fork
+        child = os.fork()
+        if child == 0:  # the child: report whether it has a flusher, then leave at once
+            logger.info(f"child, flusher alive: {handler._flusher.is_alive()}")
+            handler.flush()
+            os._exit(0)
+        os.waitpid(child, 0)
+        handler.close()
+    assert path.read_text().splitlines() == [
+        "child, flusher alive: True",
+        "parent, before the fork",  # once: the child dropped its copy
+    ]

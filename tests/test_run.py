@@ -28,7 +28,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from control.runner import load_or_create_secret, running_service_env
+from control.runner import (
+    RunError,
+    claim_service_env,
+    load_or_create_secret,
+    release_service_env,
+    running_service_env,
+)
 from hrflow_webhooks.events import Event
 from receiver.enqueue import EventQueue
 from tests.polling import eventually, eventually_sync
@@ -201,14 +207,44 @@ def test_the_children_die_with_run_when_it_is_killed(
     wait_for(lambda: not [pid for pid in started if alive(pid)], "the children to die with run")
 
 
-def test_a_service_env_left_by_a_killed_run_is_ignored(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+def test_the_service_env_is_trusted_only_while_its_run_holds_it(tmp_path: Path) -> None:
+    """A file left by a killed run (or naming a reused pid) is unlocked: ignored. One that
+    others may write is ignored too. A second run in the same state directory is refused."""
     env_file = tmp_path / "service.env"
-    env_file.write_text(f"RUN_PID={dead.pid}\nREDIS_URL=redis://127.0.0.1:1/0\n")
-    assert running_service_env(tmp_path) == {}
     env_file.write_text(f"RUN_PID={os.getpid()}\nREDIS_URL=redis://127.0.0.1:1/0\n")
-    assert running_service_env(tmp_path)["REDIS_URL"] == "redis://127.0.0.1:1/0"
+    assert running_service_env(tmp_path) == {}  # nobody holds it
+    fd = claim_service_env(env_file)
+    try:
+        os.pwrite(fd, b"RUN_PID=1\nREDIS_URL=redis://127.0.0.1:1/0\n", 0)
+        assert running_service_env(tmp_path)["REDIS_URL"] == "redis://127.0.0.1:1/0"
+        with pytest.raises(RunError, match="another `hrflow-webhooks run` uses"):
+            claim_service_env(env_file)
+        env_file.chmod(0o666)
+        assert running_service_env(tmp_path) == {}
+    finally:
+        release_service_env(env_file, fd)
+    assert not env_file.exists()
+
+
+def test_redis_url_from_the_environment_wins_over_a_running_run(tmp_path: Path) -> None:
+    fd = claim_service_env(tmp_path / "service.env")
+    try:
+        os.pwrite(fd, b"RUN_PID=1\nREDIS_URL=redis://127.0.0.1:1/0\n", 0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HRFLOW_", "REDIS_"))}
+        probe = "from pathlib import Path; from control.cli import service_settings as s; "
+        probe += "print(s(Path(__import__('sys').argv[1])).redis_url)"
+        for extra, expected in (
+            ({}, "redis://127.0.0.1:1/0"),
+            ({"HRFLOW_REDIS_URL": "redis://elsewhere:2/0"}, "redis://elsewhere:2/0"),
+            ({"REDIS_URL": "redis://elsewhere:3/0"}, "redis://elsewhere:3/0"),
+        ):
+            done = subprocess.run(
+                [sys.executable, "-c", probe, str(tmp_path)],
+                env=env | extra, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert done.stdout.strip() == expected
+    finally:
+        release_service_env(tmp_path / "service.env", fd)
 
 
 def test_the_secret_is_generated_once_and_kept_private(tmp_path: Path) -> None:
