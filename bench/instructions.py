@@ -57,4 +57,6 @@ def _dumped_total(out_dir: Path, pid: int) -> int:
         return None
 
     what = f"a callgrind dump with totals for pid {pid} in {out_dir}"
-    return eventually_sync(total, what, timeout_s=30, interval_s=0.2)
+    found = eventually_sync(total, what, timeout_s=30, interval_s=0.2)
+    assert found is not None  # eventually_sync returns only a truthy value
+    return found

@@ -93,7 +93,7 @@ async def queued_event_ids(redis: Redis, queue: str = "hrflow:queue") -> list[st
 async def runs_of(redis: Redis, event: Event, queue: str = "hrflow:queue") -> list[str]:
     """The live runs of the event's subject, oldest first (its order list)."""
     order = QueueKeys(queue).order(tag_of(event.subject))
-    return [run_id.decode() for run_id in await redis.lrange(order, 0, -1)]
+    return [run_id.decode() for run_id in await redis.lrange(order, 0, -1)]  # type: ignore[misc]
 
 
 async def enqueue(settings: Settings, redis: Redis, *payloads: Mapping[str, Any]) -> list[Event]:

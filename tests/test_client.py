@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from hrflow_client import (
+    ApiError,
     BadRequest,
     HrflowClient,
     NotFound,
@@ -126,7 +127,7 @@ async def test_429_carries_retry_after_and_is_transient(
     ("status", "error_type"), [(500, UpstreamError), (503, UpstreamError), (403, RejectedRequest)]
 )
 async def test_other_statuses_are_classified(
-    sandbox: SandboxServer, http: aiohttp.ClientSession, status: int, error_type: type
+    sandbox: SandboxServer, http: aiohttp.ClientSession, status: int, error_type: type[ApiError]
 ) -> None:
     sandbox.state.faults.add(Fault(endpoint="PUT /v1/profile/indexing", status=status))
     with pytest.raises(error_type) as caught:

@@ -347,15 +347,16 @@ class Effects:
     """
 
     runs: dict[str, list[float]]  # when each handler run began: its GET of the origin profile
-    posts: Counter[str]  # copies created or attempted (a refused second POST included)
-    puts: Counter[str]  # a copy re-written in place: a re-run that found it
-    copies: Counter[str]  # copies in the target naming it as their origin
+    # Keyed by the origin profile named; None pools the copies and writes that name none.
+    posts: Counter[str | None]  # copies created or attempted (a refused second POST included)
+    puts: Counter[str | None]  # a copy re-written in place: a re-run that found it
+    copies: Counter[str | None]  # copies in the target naming it as their origin
 
     @classmethod
     def of(cls, calls: list[dict[str, Any]], profiles: list[dict[str, Any]]) -> Effects:
         indexing = [c for c in calls if c["path"] == "/v1/profile/indexing"]
         runs: dict[str, list[float]] = {}
-        writes: dict[str, Counter[str]] = {"POST": Counter(), "PUT": Counter()}
+        writes: dict[str, Counter[str | None]] = {"POST": Counter(), "PUT": Counter()}
         for call in indexing:
             query = call["query"]
             body = call["body"] if isinstance(call["body"], dict) else {}
@@ -366,7 +367,7 @@ class Effects:
         copies = Counter(_origin_key(p) for p in profiles if _source_of(p) == TARGET)
         return cls(runs, writes["POST"], writes["PUT"], copies)
 
-    def effects(self, key: str) -> int:
+    def effects(self, key: str | None) -> int:
         """Copies of one origin profile made or attempted, whichever count is larger."""
         return max(self.posts[key], self.copies[key])
 
@@ -614,7 +615,7 @@ async def test_no_event_is_lost_to_a_redis_stall_or_a_loop_blocking_plugin(
             # Pause Redis while the workers hold runs: the stall must hit runs in flight.
             held = await eventually(four_runs_held, interval_s=0.01)
             sending_at_pause = not sending.done()
-            await redis.execute_command("CLIENT", "PAUSE", STALL_PAUSE_MS, "ALL")
+            await redis.client_pause(STALL_PAUSE_MS, all=True)
             await sending
             with contextlib.suppress(AssertionError):  # liveness; what is left is asserted
                 await eventually(lambda: queue_empty(redis), timeout_s=180, interval_s=0.1)

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from hrflow_webhooks.events import Event
@@ -24,7 +25,8 @@ from workers.handlers.common import NotConfiguredError, profile_ref_of, skips_ke
 from workers.plugins import build_registry
 from workers.registry import Registry
 
-TAGS = "reviewed=yes,pipeline=webhooks"
+TAGS = "reviewed=yes,pipeline=webhooks"  # as HRFLOW_EDIT_TAGS gives them
+TAG_MAP = {"reviewed": "yes", "pipeline": "webhooks"}  # TAGS as the settings hold them
 TARGET = "target-source"
 HARRY_TEXT = (
     "Harry Potter Brief summary Lead Mathematic Departement Developping. Mathematicien "
@@ -394,8 +396,8 @@ def test_the_installed_plugins_register_when_enabled(redis_server: RedisServer) 
     settings = Settings(
         redis_url=redis_server.url,
         index_source_key=TARGET,
-        edit_tags=TAGS,
-        api_key="k",
+        edit_tags=TAG_MAP,
+        api_key=SecretStr("k"),
         api_user="u",
     )
     registry = build_registry(settings)
@@ -408,7 +410,7 @@ def test_the_installed_plugins_register_when_enabled(redis_server: RedisServer) 
 
 def test_an_enabled_handler_without_credentials_stops_the_start() -> None:
     with pytest.raises(NotConfiguredError, match="HRFLOW_API_KEY"):
-        edit.register(Registry(), Settings(edit_tags=TAGS))
+        edit.register(Registry(), Settings(edit_tags=TAG_MAP))
 
 
 async def test_a_sandbox_400_is_dead_lettered_then_replayed_once_from_the_cli(
@@ -433,5 +435,7 @@ async def test_a_sandbox_400_is_dead_lettered_then_replayed_once_from_the_cli(
     await drain(settings, _registry(settings))
     assert _calls(sandbox, "PUT") == [("PUT", 400), ("PUT", 200)]
     assert await _dead_letters(redis, settings) == []
-    tags = sandbox.state.profiles.get(SAMPLE_SOURCE_KEY, HARRY_POTTER_KEY, None)["tags"]
+    profile = sandbox.state.profiles.get(SAMPLE_SOURCE_KEY, HARRY_POTTER_KEY, None)
+    assert profile is not None
+    tags = profile["tags"]
     assert {"name": "reviewed", "value": "yes"} in tags

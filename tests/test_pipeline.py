@@ -105,7 +105,7 @@ async def test_unknown_types_are_queued_and_recorded_as_unrouted(
     assert (status, body["queued"]) == (202, 1)
     await drain(settings, Registry())
     keys = QueueKeys(settings.queue_name)
-    assert await redis.hget(keys.unrouted, "profile.teleporting.success") == b"1"
+    assert await redis.hget(keys.unrouted, "profile.teleporting.success") == b"1"  # type: ignore[misc]
     assert await redis.zcard(keys.dead_letters) == 0
     assert await redis.zcard(keys.queue) == 0
 
@@ -241,12 +241,12 @@ async def test_the_in_flight_gauge_counts_deliveries_waiting_on_redis(
             return await in_flight() == 1.0
 
         # Paused below the receiver's Redis timeout (2 s), and lifted as soon as it is seen.
-        await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        await redis.client_pause(1500, all=False)  # WRITE
         try:
             held = asyncio.create_task(server.post(http, parsing_event("held")))
             await eventually(held_delivery_counted, "the held delivery in the gauge")
         finally:
-            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.client_unpause()
         status, body = await held
         done = await in_flight()
     assert done == 0.0

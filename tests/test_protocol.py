@@ -257,7 +257,12 @@ async def reset_mid_response(times: int) -> list[str]:
     await eventually(lambda: started(server), "uvicorn to start")
     wake, tell = socket.socketpair()
     wake.setblocking(False)
-    loop.add_reader(wake, lambda: (wake.recv(16), RESET_GO.set()))
+
+    def woken() -> None:
+        wake.recv(16)
+        RESET_GO.set()
+
+    loop.add_reader(wake, woken)
     for _ in range(times):
         RESET_GO.clear()
         client = socket.create_connection(sock.getsockname())

@@ -136,15 +136,15 @@ async def test_a_script_call_past_the_redis_timeout_fails_and_a_retry_queues_onc
     event = _events("paused")
     try:
         async with EventQueue(impatient, "hrflow:queue", dedup_window_s=60) as queue:
-            await redis.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+            await redis.client_pause(1500, all=False)  # WRITE
             with pytest.raises(RedisTimeoutError):
                 await queue.enqueue_events(event)
-            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.client_unpause()
             await queue.enqueue_events(event)  # HrFlow's retry: queued now, or found queued
             assert await queued_event_ids(redis) == _ids(event)
             assert await queue.enqueue_events(_events("next")) == [True]
     finally:
-        await redis.execute_command("CLIENT", "UNPAUSE")
+        await redis.client_unpause()
         await impatient.aclose()
 
 
@@ -185,7 +185,7 @@ async def test_closing_the_queue_lets_a_batch_in_flight_finish_and_leaves_no_con
         return await clients() > before
 
     queue = EventQueue(redis, "hrflow:queue", dedup_window_s=60)
-    await redis.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # hold the script call
+    await redis.client_pause(300, all=False)  # WRITE: hold the script call
     caller = asyncio.ensure_future(queue.enqueue_events(_events("in-flight")))
     await eventually(queue_connected, interval_s=0.01)
     await queue.aclose()

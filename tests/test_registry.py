@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ def _write_distribution(directory: Path, module: str) -> None:
 
 
 @pytest.fixture
-def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     for name in [m for m in sys.modules if m.startswith("hrflow_test_plugin")]:
@@ -189,7 +190,7 @@ async def test_env_and_entry_point_plugins_fill_the_registry_and_run(
         status, body = await server.post(http, parsing_event())
     assert status == 202
     await drain(settings, registry)
-    calls = sorted(c.decode() for c in await redis.lrange("plugin-calls", 0, -1))
+    calls = sorted(c.decode() for c in await redis.lrange("plugin-calls", 0, -1))  # type: ignore[misc]
     event_id = body["event_ids"][0]
     assert calls == [
         f"hrflow_test_plugin_env:{event_id}",
@@ -199,7 +200,7 @@ async def test_env_and_entry_point_plugins_fill_the_registry_and_run(
 
 def test_a_missing_plugin_stops_the_worker_with_the_reason(plugin_dir: Path) -> None:
     with pytest.raises(PluginError, match="cannot import 'no_such_plugin_module'"):
-        build_registry(Settings(handlers="no_such_plugin_module"))
+        build_registry(Settings(handlers=["no_such_plugin_module"]))
     (plugin_dir / "hrflow_test_plugin_empty.py").write_text("x = 1\n")
     with pytest.raises(PluginError, match="no callable 'register'"):
-        build_registry(Settings(handlers="hrflow_test_plugin_empty"))
+        build_registry(Settings(handlers=["hrflow_test_plugin_empty"]))

@@ -56,11 +56,11 @@ def behaviour_and_steady_registry() -> tuple[Registry, list[str]]:
 
 
 async def effects(redis: Redis) -> list[str]:
-    return [e.decode() for e in await redis.lrange(behaviour.EFFECTS_KEY, 0, -1)]
+    return [e.decode() for e in await redis.lrange(behaviour.EFFECTS_KEY, 0, -1)]  # type: ignore[misc]
 
 
 async def tries(redis: Redis, event: Event) -> int:
-    return int(await redis.hget(behaviour.TRIES_KEY, event.id) or 0)
+    return int(await redis.hget(behaviour.TRIES_KEY, event.id) or 0)  # type: ignore[misc]
 
 
 def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:
@@ -374,7 +374,7 @@ async def test_a_redis_stall_longer_than_the_job_timeout_ends_in_a_retry_not_a_l
     async def stalls_redis(event: Event, ctx: HandlerContext) -> None:
         effects.append(ctx.job_try)
         if ctx.job_try == 1:  # the job's bookkeeping now meets a Redis that does not answer
-            await ctx.redis.execute_command("CLIENT", "PAUSE", 3500, "ALL")
+            await ctx.redis.client_pause(3500, all=True)
 
     await enqueue(settings, redis, parsing_event())
     worker = await drain(settings, registry)

@@ -154,6 +154,7 @@ def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
 ) -> None:
     run, ports = run_process
     command_line = wait_for(lambda: run.line_with(" send profile.parsing.success "), "banner")
+    assert command_line is not None  # wait_for returns only a truthy value
     secret_line = run.line_with("webhook secret")
     assert secret_line is not None
     assert (tmp_path / ".run" / "webhook-secret").read_text().strip() in secret_line
