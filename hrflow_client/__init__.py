@@ -4,7 +4,7 @@ A library of its own: it takes an aiohttp session, credentials and a budget, and
 knows nothing of the service's settings or Redis (``workers.client`` wires it).
 """
 
-from hrflow_client.api import HrflowClient
+from hrflow_client.api import HrflowClient, ProfilePage
 from hrflow_client.errors import (
     ApiError,
     BadRequest,
@@ -23,6 +23,7 @@ __all__ = [
     "HrflowClient",
     "NotFound",
     "Profile",
+    "ProfilePage",
     "ProfileWrite",
     "RateBudget",
     "RateLimited",

@@ -12,7 +12,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,19 @@ logger = logging.getLogger(__name__)
 
 PROFILE_INDEXING = "profile/indexing"
 PROFILE_PARSING = "profile/parsing"
+PROFILE_ARCHIVE = "profile/indexing/archive"
+STORING_PROFILES = "storing/profiles"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePage:
+    """One page of ``GET /storing/profiles`` and its ``meta``: items in the listing's shape
+    (keys, reference, source and dates; whole profiles with ``return_profile``)."""
+
+    profiles: list[Mapping[str, Any]]
+    page: int
+    max_page: int
+    total: int
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -122,6 +136,53 @@ class HrflowClient:
             raise ValueError(f"{PROFILE_INDEXING}: pass a profile key or a reference to edit")
         return await self._request("PUT", PROFILE_INDEXING, json=body)
 
+    async def storing_profiles_list(
+        self,
+        source_keys: Sequence[str],
+        *,
+        page: int = 1,
+        limit: int = 30,
+        sort_by: str = "updated_at",
+        order_by: str = "desc",
+        return_profile: bool = False,
+    ) -> ProfilePage:
+        """One page of the sources' profiles (``GET /storing/profiles``); by default the most
+        recently changed first, which is what reconciliation pages through."""
+        params = {
+            "source_keys": orjson.dumps(list(source_keys)).decode(),
+            "page": str(page),
+            "limit": str(limit),
+            "sort_by": sort_by,
+            "order_by": order_by,
+            "return_profile": "true" if return_profile else "false",
+        }
+        envelope = await self._envelope_of("GET", STORING_PROFILES, params=params)
+        raw_meta, data = envelope.get("meta"), envelope.get("data")
+        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+        profiles: list[Mapping[str, Any]] = (
+            [p for p in data if isinstance(p, dict)] if isinstance(data, list) else []
+        )
+        return ProfilePage(
+            profiles=profiles,
+            page=int(meta.get("page") or page),
+            max_page=int(meta.get("maxPage") or 0),
+            total=int(meta.get("total") or 0),
+        )
+
+    async def profile_storing_archive(
+        self,
+        source_key: str,
+        key: str | None = None,
+        reference: str | None = None,
+        *,
+        archive: bool = True,
+    ) -> Any:
+        """Archive (or, with ``archive=False``, unarchive) a profile
+        (``PATCH /profile/indexing/archive``)."""
+        body: dict[str, Any] = dict(_identifiers(source_key, key, reference, PROFILE_ARCHIVE))
+        body["is_archive"] = 1 if archive else 0
+        return await self._request("PATCH", PROFILE_ARCHIVE, json=body)
+
     # --- transport ----------------------------------------------------------------------------
 
     async def _request(
@@ -132,6 +193,18 @@ class HrflowClient:
         params: Mapping[str, str] | None = None,
         json: Mapping[str, Any] | None = None,
     ) -> Any:
+        """The answer's ``data``."""
+        return (await self._envelope_of(method, path, params=params, json=json)).get("data")
+
+    async def _envelope_of(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Mapping[str, Any] | None = None,
+    ) -> Mapping[str, Any]:
+        """The whole envelope of a 2xx answer (``code``, ``message``, ``data``, ``meta``)."""
         endpoint = f"{method} {path}"
         await self._wait_for_budget()
         started = time.perf_counter()
@@ -188,7 +261,9 @@ def _body(profile: ProfileWrite | Mapping[str, Any]) -> dict[str, Any]:
     return profile.to_json() if isinstance(profile, ProfileWrite) else dict(profile)
 
 
-def _answer(status: int, headers: Mapping[str, str], body: bytes, endpoint: str) -> Any:
+def _answer(
+    status: int, headers: Mapping[str, str], body: bytes, endpoint: str
+) -> Mapping[str, Any]:
     envelope = _envelope(body)
     message = None
     if envelope is not None and isinstance(envelope.get("message"), str):
@@ -201,7 +276,7 @@ def _answer(status: int, headers: Mapping[str, str], body: bytes, endpoint: str)
         raise _error(status, message, endpoint, headers)
     if envelope is None:
         raise UpstreamError(status, "answer is not a JSON envelope", endpoint)
-    return envelope.get("data")
+    return envelope
 
 
 def _error(status: int, message: str | None, endpoint: str, headers: Mapping[str, str]) -> ApiError:

@@ -77,6 +77,30 @@ async def test_add_json_then_edit_round_trip(
     assert put["body"] == {"text": "new", "source_key": "copies", "key": created["key"]}
 
 
+async def test_listing_pages_by_last_change_and_archiving_removes_from_it(
+    sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """The reconciliation primitive: pages of the source's profiles, most recently changed
+    first, with HrFlow's meta; an archived profile leaves the listing."""
+    client = _client(http, sandbox)
+    created = [
+        await client.profile_indexing_add_json("listed", {"reference": f"r-{n}", "text": "t"})
+        for n in range(5)
+    ]
+    await client.profile_indexing_edit("listed", {"text": "changed"}, key=created[1]["key"])
+    first = await client.storing_profiles_list(["listed"], limit=2)
+    assert (first.page, first.max_page, first.total) == (1, 3, 5)
+    assert [p["key"] for p in first.profiles] == [created[1]["key"], created[4]["key"]]
+    last = await client.storing_profiles_list(["listed"], limit=2, page=3)
+    assert [p["key"] for p in last.profiles] == [created[0]["key"]]
+    await client.profile_storing_archive("listed", key=created[0]["key"])
+    after = await client.storing_profiles_list(["listed"], limit=30)
+    assert after.total == 4
+    assert created[0]["key"] not in {p["key"] for p in after.profiles}
+    with pytest.raises(BadRequest):  # HrFlow's answer to an unknown source
+        await client.storing_profiles_list(["no-such-source"])
+
+
 async def test_a_bad_key_is_unauthorized_and_permanent(
     sandbox: SandboxServer, http: aiohttp.ClientSession
 ) -> None:
