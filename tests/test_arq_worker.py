@@ -14,7 +14,14 @@ from redis.asyncio import Redis
 
 from tests.polling import eventually
 from tests.redis_server import RedisServer
-from tests.service import make_settings
+from tests.service import (
+    enqueue,
+    make_settings,
+    parsing_event,
+    recorder,
+    runs_of,
+    update_event,
+)
 from workers.arq_worker import Worker
 from workers.registry import Registry
 from workers.settings import create_worker
@@ -127,3 +134,36 @@ async def test_a_second_worker_takes_jobs_while_the_first_is_full(
         await worker.close()
     assert most_running == 2 * max_jobs
     assert sum(worker.jobs_complete for worker in workers) == len(events)
+
+
+async def test_arq_claims_through_our_start_jobs_a_run_behind_a_busy_one_waits(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """The hook the per-subject order relies on still fires: arq starts jobs through
+    ``Worker.start_jobs``, which claims with our script. Two runs of one profile, the first
+    held by another worker: arq's own start_jobs would start the second (it is queued, due
+    and not in progress); ours parks it until the first is done."""
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    handled = recorder(registry, "profile.parsing.update")
+    first, second = await enqueue(
+        settings, redis, parsing_event("pk-order"), update_event("pk-order")
+    )
+    [first_run, second_run] = await runs_of(redis, first)
+    assert second_run in await runs_of(redis, second)
+    await redis.set(in_progress_key_prefix + first_run, b"1", px=60_000)  # another worker's
+    worker = create_worker(settings, registry, handle_signals=False)
+    polling = asyncio.create_task(worker.main())
+
+    async def parked() -> bool:
+        due_ms = await redis.zscore(settings.queue_name, second_run)
+        return due_ms is not None and due_ms > timestamp_ms()  # queued, due again later
+
+    try:
+        await eventually(parked, "the second run parked behind the busy one")
+        assert handled == []  # not started: it waits behind the busy run
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        await worker.close()
