@@ -193,8 +193,8 @@ class Output:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when `run` dies, even by SIGKILL, which no
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when its parent (`run`) dies, even by SIGKILL, which no
     handler of ours can see (Linux only; elsewhere the children outlive a killed `run`)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -218,7 +218,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: Ctrl-C and our kills stay apart
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.started_at = time.monotonic()
         self._pump = threading.Thread(

@@ -21,12 +21,9 @@ Needs root (apt-get, dockerd, debootstrap, chroot). Logs go to .run/test-docker/
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import ctypes
 import functools
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -46,7 +43,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from control.runner import die_with_parent, redis_answers
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from tests.service import signed_body_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = ROOT / ".run" / "test-docker"  # logs; .run is kept out of git and the build
@@ -132,15 +131,6 @@ def run(
     return out
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when this script dies, even by SIGKILL (no cleanup runs then)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
         return subprocess.Popen(
@@ -150,7 +140,7 @@ def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches this script only; it stops the rest
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # dies with this script, even by SIGKILL
         )
 
 
@@ -195,15 +185,6 @@ def http(
 def answers(url: str) -> bool:
     try:
         return http(url)[0] == 200
-    except OSError:
-        return False
-
-
-def redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
 
@@ -641,12 +622,6 @@ def check_processes(checks: Checks, web: str, worker: str) -> None:
     checks.ok("the image holds the product's packages and not the sandbox")
 
 
-def signature(body: bytes, secret: str) -> str:
-    """HrFlow's python-sdk scheme: b64url(hex HMAC-SHA256(payload)) "." b64url(payload)."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
-    return (base64.urlsafe_b64encode(digest) + b"." + base64.urlsafe_b64encode(body)).decode()
-
-
 def send_event(stack: Stack, secret: str, message: str) -> int:
     event = {
         "type": "profile.parsing.success",
@@ -655,7 +630,7 @@ def send_event(stack: Stack, secret: str, message: str) -> int:
         "profile": {"key": JOHN_DOE_KEY, "reference": None, "source": {"key": SAMPLE_SOURCE_KEY}},
     }
     body = json.dumps(event).encode()
-    headers = {"HTTP-HRFLOW-SIGNATURE": signature(body, secret), "Content-Type": "application/json"}
+    headers = signed_body_headers(body, secret)  # HrFlow's python-sdk scheme
     return http(f"http://127.0.0.1:{stack.web_port}/webhook", body, headers)[0]
 
 
