@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint lock test-faults test-docker bench bench-smoke clean redis-server wrk
+.PHONY: run test lint lock test-faults test-docker bench bench-smoke clean redis-server chromium wrk
 
 # Dependencies come from the lock file (exact versions, hashes checked); pyproject.toml keeps
 # the ranges the code supports. `make lock` re-resolves both lock files from those ranges.
@@ -27,10 +27,18 @@ redis-server:
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
 	  { echo "could not install redis-server: install it and retry" >&2; exit 1; }; }
 
+# The console's browser tests drive Debian's chromium through its chromium-driver (selenium is
+# given /usr/bin/chromedriver, so it never downloads a browser or a driver of its own).
+chromium:
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || { \
+	  echo "chromium or chromedriver missing: installing Debian's chromium and chromium-driver packages"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null || \
+	  { echo "could not install chromium: install chromium and chromium-driver and retry" >&2; exit 1; }; }
+
 run: $(STAMP) redis-server
 	$(BIN)/hrflow-webhooks run
 
-test: $(STAMP) redis-server lint
+test: $(STAMP) redis-server chromium lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -28,11 +28,11 @@ import orjson
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
-from receiver.enqueue import EventQueue
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
 from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port

@@ -16,8 +16,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from bench.deliveries import bench_event
 from bench.handlers import HANDLED_KEY, PICKUP_KEY
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
-from receiver.enqueue import EventQueue
 from tests.polling import eventually_sync
 
 WRK_SCRIPT = Path(__file__).with_name("replay.lua")

@@ -5,6 +5,7 @@
     hrflow-webhooks run            everything on one machine (what `make run` does)
     hrflow-webhooks worker         one arq worker that survives Redis outages
     hrflow-webhooks sandbox        the HrFlow-compatible sandbox API on its own
+    hrflow-webhooks console        the operator console, on a port of its own
     hrflow-webhooks send TYPE      sign and post an event the way HrFlow does
     hrflow-webhooks dead-letters   list | show ID | replay ID | replay --all | purge ID
     hrflow-webhooks erase          remove every trace of a profile from Redis
@@ -29,6 +30,7 @@ from typing import Annotated, Any, TypeVar
 import aiohttp
 import orjson
 import typer
+from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from control import runner
@@ -97,7 +99,14 @@ def service_settings(state_dir: Path) -> Settings:
         f"{without_password(running['REDIS_URL'])}",
         err=True,
     )
-    return Settings(redis_url=running["REDIS_URL"])
+    sandbox = {}
+    if settings.api_key is None and "HRFLOW_API_URL" in running:  # `run`'s sandbox API
+        sandbox = {
+            "api_url": running["HRFLOW_API_URL"],
+            "api_key": SecretStr(running.get("HRFLOW_API_KEY", "")),
+            "api_user": running.get("HRFLOW_API_USER"),
+        }
+    return settings.model_copy(update={"redis_url": running["REDIS_URL"], **sandbox})
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -123,9 +132,15 @@ def run(
     sandbox_port: Annotated[int, typer.Option(help="Sandbox API port.")] = 8001,
     redis_port: Annotated[int, typer.Option(help="Embedded Redis port (REDIS_URL unset).")] = 6390,
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+    console_port: Annotated[
+        int | None, typer.Option(help="Console port [default: HRFLOW_CONSOLE_PORT, 8100]")
+    ] = None,
 ) -> None:
-    """Run Redis (unless REDIS_URL is set), the sandbox API, the receiver and workers."""
-    options = runner.RunOptions(host, port, workers, sandbox, sandbox_port, redis_port, state_dir)
+    """Run Redis (unless REDIS_URL is set), the sandbox API, the receiver, the console and
+    workers."""
+    options = runner.RunOptions(
+        host, port, workers, sandbox, sandbox_port, redis_port, state_dir, console_port
+    )
     try:
         code = runner.run(Settings(), options)
     except runner.RunError as error:
@@ -203,6 +218,28 @@ def _sandbox_package() -> Any:
             "the sandbox is not installed here (it is left out of the production image)"
         ) from None
     return sandbox
+
+
+# --- console ----------------------------------------------------------------------------------
+
+
+@app.command()
+def console(
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+    public_port: Annotated[
+        str | None,
+        # The platform's public port, read only to refuse serving the console on it.
+        typer.Option(envvar="PORT", hidden=True),
+    ] = None,
+) -> None:
+    """Serve the operator console on HRFLOW_CONSOLE_HOST:HRFLOW_CONSOLE_PORT (127.0.0.1:8100)."""
+    from control.console.serve import ConsoleSetupError, serve
+
+    settings = service_settings(state_dir)
+    try:
+        serve(settings, public_port, typer.echo)
+    except ConsoleSetupError as error:
+        raise fail(str(error)) from None
 
 
 # --- send -------------------------------------------------------------------------------------
@@ -438,7 +475,7 @@ async def dead_letter_store(settings: Settings) -> AsyncIterator[Any]:
 
     redis = connect_redis(settings)
     try:
-        yield DeadLetters(redis, QueueKeys(settings.queue_name))
+        yield DeadLetters(redis, QueueKeys(settings.queue_name), settings.event_log_max_entries)
     finally:
         await redis.aclose()
 
@@ -539,6 +576,51 @@ def purge(ctx: typer.Context, letter_id: str) -> None:
     typer.echo(f"purged {letter_id}")
 
 
+# --- reconcile --------------------------------------------------------------------------------
+
+
+@app.command()
+def reconcile(
+    source: Annotated[
+        list[str], typer.Option("--source", help="A source key to scan (repeat for several).")
+    ],
+    since: Annotated[
+        str | None,
+        typer.Option(help="Scan back to: 2h, 30m, 1d, or ISO 8601 (default: the checkpoint)."),
+    ] = None,
+    state_dir: StateDir = runner.DEFAULT_STATE_DIR,
+) -> None:
+    """Queue the profile changes whose webhook never arrived, found by listing HrFlow."""
+    settings = service_settings(state_dir)
+    report = asyncio.run(_reconcile(settings, source, _since(since)))
+    typer.echo(
+        f"scanned {report.scanned} profile(s) on {report.pages} page(s): "
+        f"enqueued {report.enqueued}, already handled {report.already_handled}, "
+        f"already queued {report.already_queued}"
+    )
+    if report.stopped:
+        raise fail(f"stopped early, the checkpoint is unchanged: {report.stopped}")
+
+
+async def _reconcile(settings: Settings, sources: list[str], since: float | None) -> Any:
+    from workers.client import client_if_configured
+    from workers.reconcile import Reconciler
+
+    redis = connect_redis(settings)
+    try:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=settings.api_timeout_s)
+        ) as session:
+            client = client_if_configured(settings, session, redis)
+            if client is None:
+                raise fail(
+                    "reconcile lists HrFlow's profiles: set HRFLOW_API_KEY and HRFLOW_API_USER"
+                )
+            return await Reconciler(redis, client, settings).run(sources, since, "cli")
+    finally:
+        await redis.aclose()
+
+
 # --- erase ------------------------------------------------------------------------------------
 
 
@@ -547,7 +629,8 @@ def erase(
     profile_key: Annotated[str, typer.Option(help="The profile to forget.")],
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
-    """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints."""
+    """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints,
+    its event-log entries and handled states."""
     settings = service_settings(state_dir)
 
     async def main() -> Any:
@@ -560,7 +643,8 @@ def erase(
     report = asyncio.run(main())
     typer.echo(
         f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
-        f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s)"
+        f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s), "
+        f"{report.log_entries} event-log entries, {report.handled_states} handled state(s)"
     )
 
 

@@ -2,8 +2,8 @@
 
 The Procfile is :data:`PROCFILE` verbatim and the Dockerfile's CMD is its web line
 (tests/test_deploy.py checks both); ``hrflow-webhooks run``, the tests and the bench
-start their processes from :func:`web_argv` and :func:`worker_argv`, so what they
-measure and prove is what a platform runs.
+start their processes from :func:`web_argv`, :func:`worker_argv` and :func:`console_argv`,
+so what they measure and prove is what a platform runs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ WEB = (
     " --workers ${WEB_CONCURRENCY:-1}"
 )
 WORKER = "hrflow-webhooks worker"
-PROCFILE: Mapping[str, str] = {"web": WEB, "worker": WORKER}
+# The operator console listens on HRFLOW_CONSOLE_HOST:HRFLOW_CONSOLE_PORT (loopback:8100 by
+# default), never on $PORT: it refuses to start there (control/console/serve.py).
+CONSOLE = "hrflow-webhooks console"
+PROCFILE: Mapping[str, str] = {"web": WEB, "worker": WORKER, "console": CONSOLE}
 
 
 def procfile_text() -> str:
@@ -49,6 +52,10 @@ def web_argv(port: int, host: str = "0.0.0.0", env: Mapping[str, str] | None = N
 
 def worker_argv() -> list[str]:
     return _this_interpreter(shlex.split(WORKER))
+
+
+def console_argv() -> list[str]:
+    return _this_interpreter(shlex.split(CONSOLE))
 
 
 def _this_interpreter(argv: list[str]) -> list[str]:

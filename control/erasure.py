@@ -11,7 +11,9 @@ What can name a profile key in Redis, and what goes (every key class of
 - the dedup markers of those events (``<q>:seen:<event id>``): no personal
   data, but they tie an event to the profile while its run or letter exists;
 - the write fingerprints the built-in handlers keep to skip the echo of their
-  own writes, and the handlers' locks named after the profile.
+  own writes, and the handlers' locks named after the profile;
+- the profile's entries in the event log (``<q>:log``) and its handled states
+  (``<q>:handled:<subject tag>``) in every source the log names it in.
 
 Order lists (named by a hash of the subject) and waiting pointers (named by the
 event id, expiring with the dedup window) hold only run ids; order lists
@@ -34,7 +36,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from hrflow_webhooks.events import Event
+from hrflow_webhooks.event_log import EventLog
+from hrflow_webhooks.events import Event, profile_subject_parts
 from hrflow_webhooks.queue import (
     FORGET_RUN_SCRIPT,
     JOB_KEY_PREFIX,
@@ -53,10 +56,15 @@ class ErasureReport:
     dead_letters: int
     markers: int
     fingerprints: int
+    log_entries: int = 0
+    handled_states: int = 0
 
     @property
     def total(self) -> int:
-        return self.jobs + self.dead_letters + self.markers + self.fingerprints
+        return (
+            self.jobs + self.dead_letters + self.markers + self.fingerprints
+            + self.log_entries + self.handled_states
+        )  # fmt: skip
 
 
 def names_profile(payload: Mapping[str, Any], profile_key: str) -> bool:
@@ -88,7 +96,16 @@ class ProfileEraser:
         letters, letter_events = await self._erase_dead_letters(profile_key)
         markers = await self._erase_markers(job_events | letter_events)
         fingerprints = await self._erase_fingerprints(profile_key)
-        return ErasureReport(jobs, letters, markers, fingerprints)
+        logged, states = await self._erase_log(profile_key)
+        return ErasureReport(jobs, letters, markers, fingerprints, logged, states)
+
+    async def _erase_log(self, profile_key: str) -> tuple[int, int]:
+        """(log entries, handled states) deleted: the states of every subject the log names."""
+        erased = await EventLog(self.redis, self.keys).erase(profile_key=profile_key)
+        subjects = {s for s in erased.subjects if profile_subject_parts(s) is not None}
+        states = [self.keys.handled(tag_of(subject)) for subject in subjects]
+        deleted = int(await self.redis.delete(*states)) if states else 0
+        return erased.entries, deleted
 
     async def _erase_jobs(self, profile_key: str) -> tuple[int, set[str]]:
         """(runs deleted, their event ids); one event may have several runs."""

@@ -7,7 +7,9 @@ What starts, in order (each waits until the previous one answers):
 2. the sandbox HrFlow API (``python -m sandbox``), only when ``HRFLOW_API_KEY``
    is unset, with the built-in handlers pointed at it;
 3. the receiver (the Procfile's web line, ``control.commands``);
-4. N workers (``hrflow-webhooks worker``).
+4. the operator console (``hrflow-webhooks console``), on loopback, its token kept in
+   ``.run/console-token`` unless ``HRFLOW_CONSOLE_TOKEN`` is set;
+5. N workers (``hrflow-webhooks worker``).
 
 Every child runs in its own session (process group), so Ctrl-C reaches the
 supervisor only and the stop order is ours: workers and receiver first (they
@@ -16,7 +18,7 @@ on SIGTERM. A group that outlives the grace period is killed, and every child
 is waited for, so nothing is left running or as a zombie. Output is prefixed
 per child, honcho/foreman style. A worker that dies is restarted with backoff;
 any other child dying stops everything with a clear reason, since the service
-cannot work without it.
+cannot work without it (the console, which the service does not need, is restarted too).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from control.commands import web_argv, worker_argv
+from control.commands import console_argv, web_argv, worker_argv
 from hrflow_webhooks.settings import Settings
 
 DEFAULT_STATE_DIR = Path(".run")
 SECRET_FILE_NAME = "webhook-secret"  # noqa: S105 (a file name, not a secret)
+CONSOLE_TOKEN_FILE_NAME = "console-token"  # noqa: S105 (a file name, not a secret)
 # While `run` runs: the environment other commands need to reach its service (its Redis),
 # as lines a shell can source. Gone when `run` stops.
 SERVICE_ENV_FILE_NAME = "service.env"
@@ -340,6 +343,7 @@ class RunOptions:
     sandbox_port: int = 8001
     redis_port: int = 6390
     state_dir: Path = DEFAULT_STATE_DIR
+    console_port: int | None = None  # None: HRFLOW_CONSOLE_PORT (8100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +356,7 @@ class Plan:
     redis_url: str
     embedded_redis: bool
     sandbox_url: str | None
+    console_url: str
 
 
 def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
@@ -367,7 +372,20 @@ def _overrides(settings: Settings, options: RunOptions, secret: str) -> dict[str
         env["HRFLOW_WEBHOOK_SECRET"] = secret
     if "redis_url" not in settings.model_fields_set:
         env["REDIS_URL"] = f"redis://127.0.0.1:{options.redis_port}/0"
+    if settings.console_token is None:
+        # Kept like the webhook secret, so a browser's session survives a restart of `run`.
+        token_file = options.state_dir / CONSOLE_TOKEN_FILE_NAME
+        env["HRFLOW_CONSOLE_TOKEN"] = load_or_create_secret(token_file)
+    env["HRFLOW_CONSOLE_PORT"] = str(console_port(settings, options))
     return env
+
+
+def console_port(settings: Settings, options: RunOptions) -> int:
+    return settings.console_port if options.console_port is None else options.console_port
+
+
+def console_url(settings: Settings, options: RunOptions) -> str:
+    return f"http://{_connect_host(settings.console_host)}:{console_port(settings, options)}/"
 
 
 def _sandbox_overrides(settings: Settings, sandbox_url: str) -> dict[str, str]:
@@ -411,12 +429,22 @@ def plan_run(settings: Settings, options: RunOptions) -> Plan:
             ready=lambda: http_answers(f"{receiver_url}/healthz"),
         )
     )
+    console = console_url(settings, options)
+    specs.append(
+        ChildSpec(
+            "console",
+            console_argv(),
+            env,
+            ready=lambda: http_answers(f"{console}healthz"),
+            restart=True,  # the service runs without it: a crash is not a reason to stop
+        )
+    )
     specs += [
         ChildSpec(f"worker.{n}", worker_argv(), env, restart=True)
         for n in range(1, options.workers + 1)
     ]
     redis_url = overrides.get("REDIS_URL", settings.redis_url)
-    return Plan(specs, env, secret, redis_url, embedded_redis, sandbox_url)
+    return Plan(specs, env, secret, redis_url, embedded_redis, sandbox_url, console)
 
 
 def _redis_spec(options: RunOptions, env: Mapping[str, str]) -> ChildSpec:
@@ -440,8 +468,10 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _check_ports(plan: Plan, options: RunOptions) -> None:
+def _check_ports(plan: Plan, options: RunOptions, settings: Settings) -> None:
     wanted = [("--port", options.host, options.port)]
+    console = ("--console-port", settings.console_host, console_port(settings, options))
+    wanted.append(console)
     if plan.embedded_redis:
         wanted.append(("--redis-port", "127.0.0.1", options.redis_port))
     if plan.sandbox_url is not None:
@@ -505,6 +535,7 @@ def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
             f"  redis           {redis_line}",
             f"  HrFlow API      {api_line}",
             f"  workers         {options.workers}",
+            f"  console         {plan.console_url}  ({_console_token_line(settings, options)})",
             "",
             "Send a signed test event:",
             f"  {send_command(options)}",
@@ -514,6 +545,13 @@ def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
             "",
         ]
     )
+
+
+def _console_token_line(settings: Settings, options: RunOptions) -> str:
+    if settings.console_token is not None:
+        return "token from HRFLOW_CONSOLE_TOKEN"
+    token_file = options.state_dir / CONSOLE_TOKEN_FILE_NAME
+    return f"token {load_or_create_secret(token_file)}, saved in {token_file}"
 
 
 def claim_service_env(path: Path) -> int:
@@ -536,9 +574,16 @@ def claim_service_env(path: Path) -> int:
 
 
 def write_service_env(fd: int, plan: Plan) -> None:
-    """What `dead-letters`, `check` and `erase` read to find this run's Redis."""
+    """What `dead-letters`, `check`, `erase` and `reconcile` read to find this run's Redis
+    (and its sandbox API)."""
     lines = [f"# written by hrflow-webhooks run (pid {os.getpid()}); removed when it stops"]
     lines += [f"RUN_PID={os.getpid()}", f"REDIS_URL={plan.redis_url}"]
+    if plan.sandbox_url is not None:  # `reconcile` lists the sandbox's profiles (dev keys)
+        lines += [
+            f"HRFLOW_API_URL={plan.sandbox_url}/v1",
+            f"HRFLOW_API_KEY={SANDBOX_API_KEY}",
+            f"HRFLOW_API_USER={SANDBOX_API_USER}",
+        ]
     os.ftruncate(fd, 0)
     os.pwrite(fd, ("\n".join(lines) + "\n").encode(), 0)
 
@@ -576,7 +621,7 @@ def running_service_env(state_dir: Path) -> dict[str, str]:
 def run(settings: Settings, options: RunOptions, stream: IO[str] = sys.stdout) -> int:
     """Start everything, print how to use it, supervise until Ctrl-C; 0 on a clean stop."""
     plan = plan_run(settings, options)
-    _check_ports(plan, options)
+    _check_ports(plan, options, settings)
     output = Output(stream)
     supervisor = Supervisor(output)
     previous = {

@@ -20,6 +20,7 @@ and the label dates stay strings on write, as every write example shows.
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -398,3 +399,15 @@ def payload_fingerprint(payload: ProfileWrite) -> str:
     """A digest of what a profile holds, independent of key order and of ``source_key``/``key``."""
     content = payload.model_dump(mode="json", exclude={"source_key", "key"})
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def timestamp_of(value: str | None) -> float | None:
+    """HrFlow's ``created_at``/``updated_at`` (``2026-11-30T18:00:00+0000``, a zone or not:
+    then UTC) as epoch seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()

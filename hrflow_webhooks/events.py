@@ -150,6 +150,20 @@ def source_key_of(payload: Mapping[str, Any]) -> str | None:
     return _text(_mapping(payload.get("source")).get("key"))
 
 
+def profile_subject(source_key: str, profile_key: str) -> str:
+    """The subject of a profile event that names its key (the reconciler builds it too)."""
+    return f"profile/{source_key}/key:{profile_key}"
+
+
+def profile_subject_parts(subject: str) -> tuple[str, str] | None:
+    """(source key, profile key) of a profile subject by key; None for any other subject."""
+    kind, _, rest = subject.partition("/")
+    source_key, found, profile_key = rest.partition("/key:")
+    if kind != "profile" or not found or not source_key or not profile_key:
+        return None
+    return source_key, profile_key
+
+
 def subject_of(payload: Mapping[str, Any], event_id: str) -> str:
     """What the event is about: by key, else by reference, else the event itself."""
     profile = payload.get("profile")
@@ -157,7 +171,7 @@ def subject_of(payload: Mapping[str, Any], event_id: str) -> str:
         key, source = profile.get("key"), profile.get("source")
         source_key = source.get("key") if type(source) is dict else None
         if type(key) is str and key and type(source_key) is str and source_key:
-            return f"profile/{source_key}/key:{key}"
+            return profile_subject(source_key, key)
     return _subject_of_any_shape(payload, event_id)
 
 

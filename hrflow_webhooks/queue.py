@@ -2,7 +2,7 @@
 
 Every key the service writes and every Lua script it runs are defined here;
 the receiver, the workers, dead letters, erasure, health and stats import them
-instead of building key strings. The receiver runs :data:`ENQUEUE_SCRIPT` (``receiver.enqueue``);
+instead of building key strings. The receiver runs :data:`ENQUEUE_SCRIPT` (``hrflow_webhooks.enqueue``);
 the workers are arq workers whose job function is :data:`JOB_FUNCTION`. Jobs
 use arq's own layout (a job key plus a member of the queue's sorted set),
 serialised as JSON, so arq's format stays behind this module.
@@ -45,7 +45,22 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:data-loss``                the notice of a detected loss (an hour)
 ``<q>:readyz``                   the receiver's readiness probe write
 ``<q>:health-check``             arq's worker health key
+``<q>:workers``                  hash worker id → its last heartbeat (JSON)
+``<q>:log``                      the event log (a stream, capped; see below)
+``<q>:handled:<subject tag>``    the newest state of a profile the service handled
+``<q>:reconcile:checkpoint:<s>`` the reconciler's checkpoint for a source tag
+``<q>:reconcile:runs``           the reconciler's reports, newest first (100)
+``<q>:reconcile:lock``           the reconciler's lock across workers
 ================================ ===============================================
+
+**The event log** is one stream, written in the scripts that already run: the
+enqueue script adds a ``delivery`` entry per event, the finish script a
+``run`` entry and the run's ``handler`` entries, the replay script a ``replay``
+entry; a retry writes its entries in one call (:data:`APPEND_LOG_SCRIPT`). Each
+entry starts with the same six fields (:data:`LOG_FIELDS`), so the search script
+filters by position, and holds keys, types, outcomes, timings and error classes,
+never a profile's content. ``XADD ... MAXLEN ~`` caps it; the workers' upkeep
+trims what is older than the retention (``XTRIM MINID``).
 
 Tags are sha256 prefixes, and event ids sha256 digests: key names stay short and
 hold no profile key.
@@ -197,6 +212,29 @@ class QueueKeys:
     def health_check(self) -> str:
         return f"{self.queue}:health-check"  # arq's default for a queue name
 
+    @property
+    def workers(self) -> str:
+        return f"{self.queue}:workers"
+
+    # --- the event log and reconciliation -------------------------------------------------
+    @property
+    def log(self) -> str:
+        return f"{self.queue}:log"
+
+    def handled(self, subject_tag: str) -> str:
+        return f"{self.queue}:handled:{subject_tag}"
+
+    def reconcile_checkpoint(self, source_key: str) -> str:
+        return f"{self.queue}:reconcile:checkpoint:{tag_of(source_key)}"
+
+    @property
+    def reconcile_runs(self) -> str:
+        return f"{self.queue}:reconcile:runs"
+
+    @property
+    def reconcile_lock(self) -> str:
+        return f"{self.queue}:reconcile:lock"
+
     # --- arq's keys of a run --------------------------------------------------------------
     @staticmethod
     def job(job_id: str) -> str:
@@ -226,30 +264,52 @@ local function new_run(run_id, order, job, score)
 end
 """
 
-# KEYS: queue, then (marker, order list) per event: the marker is the seen key of a once
-# event, the waiting key of a latest one. ARGV: window s, score ms, then (class 'o' or 'l'
-# followed by a new run id, job) per event. Returns per event 1 queued, 0 duplicate, 2
+# The event log's entries: kind, event id, run id, subject, type, outcome, then the kind's own
+# fields (hrflow_webhooks.event_log). The scripts append entries packed as a field count then
+# the fields, so one call carries any number of entries of any shape.
+LOG_FIELDS = ("k", "e", "r", "s", "t", "o")
+# The event log's size cap (HRFLOW_EVENT_LOG_MAX_ENTRIES's default): about 10 MB of Redis.
+EVENT_LOG_MAX_ENTRIES = 100_000
+_APPEND_LOG_LUA = """
+local function append_log(log, cap, args, from)
+  local i = from
+  while i <= #args do
+    local n = tonumber(args[i])
+    redis.call('XADD', log, 'MAXLEN', '~', cap, '*', unpack(args, i + 1, i + n))
+    i = i + 1 + n
+  end
+end
+"""
+
+# KEYS: queue, event log, then (marker, order list) per event: the marker is the seen key of a
+# once event, the waiting key of a latest one. ARGV: window s, score ms, log cap, how the
+# events came (http, reconciler...), then per event: class 'o' or 'l' followed by a new run id,
+# job, event id, subject, type, request id. Returns per event 1 queued, 0 duplicate, 2
 # coalesced.
 # A latest event merges only into a run that is still waiting: its job exists, no worker holds
 # it (arq's in-progress key) and none of its handlers is done (a retry would not run those
 # again), so a notification that arrives once a run has read anything always gets a run
-# after it. The seen marker is written last. Redis does not roll a script back; it refuses a
-# script for lack of memory only at its first write (tests/test_queue.py), but should any
-# write fail half-way, an event may then be queued without its marker (a retried delivery
-# queues it again: harmless), never marked without its job (a retried delivery would be
-# acknowledged as a duplicate and the event lost).
+# after it. The seen marker is written after the run, and the log entry last. Redis does not
+# roll a script back; it refuses a script for lack of memory only at its first write
+# (tests/test_queue.py), but should any write fail half-way, an event may then be queued
+# without its marker (a retried delivery queues it again: harmless), never marked without its
+# job (a retried delivery would be acknowledged as a duplicate and the event lost).
+ENQUEUE_STRIDE = 6
 ENQUEUE_SCRIPT = (
     _NEW_RUN_LUA
     + """
-local window, score = ARGV[1], ARGV[2]
+local window, score, cap, via = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local names = {[0] = 'duplicate', [1] = 'queued', [2] = 'coalesced'}
 local outcomes = {}
-for n = 1, (#KEYS - 1) / 2 do
-  local marker, order = KEYS[2 * n], KEYS[2 * n + 1]
-  local class_and_run, job = ARGV[2 * n + 1], ARGV[2 * n + 2]
+for n = 1, (#KEYS - 2) / 2 do
+  local marker, order = KEYS[2 * n + 1], KEYS[2 * n + 2]
+  local at = 4 + 6 * (n - 1)
+  local class_and_run, job = ARGV[at + 1], ARGV[at + 2]
   local run_id = string.sub(class_and_run, 2)
+  local logged_run = run_id
   if string.sub(class_and_run, 1, 1) == 'o' then
     if redis.call('EXISTS', marker) == 1 then
-      outcomes[n] = 0
+      outcomes[n], logged_run = 0, ''
     else
       new_run(run_id, order, job, score)
       redis.call('SET', marker, '1', 'EX', window)
@@ -260,14 +320,19 @@ for n = 1, (#KEYS - 1) / 2 do
     if waiting and redis.call('EXISTS', 'arq:job:' .. waiting) == 1
         and redis.call('EXISTS', 'arq:in-progress:' .. waiting) == 0
         and redis.call('EXISTS', KEYS[1] .. ':done:' .. waiting) == 0 then
-      outcomes[n] = 2
+      outcomes[n], logged_run = 2, waiting
     else
       new_run(run_id, order, job, score)
       redis.call('SET', marker, run_id, 'EX', window)
       outcomes[n] = 1
     end
   end
+  redis.call('XADD', KEYS[2], '*', 'k', 'delivery', 'e', ARGV[at + 3], 'r', logged_run,
+    's', ARGV[at + 4], 't', ARGV[at + 5], 'o', names[outcomes[n]],
+    'request_id', ARGV[at + 6], 'via', via)
 end
+-- One trim per call, not per entry (a third of an entry's cost): the cap is approximate.
+redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', cap)
 return outcomes
 """
 )
@@ -353,9 +418,14 @@ return 0
 
 # The run is over (handled, dead-lettered, skipped or unrouted): it leaves its subject's
 # order, wakes the run behind it, and its job and markers go, atomically, so nothing can run
-# it again even if arq's own bookkeeping after it fails. KEYS: queue, order list (or the
-# queue again for an older job), job, done hash. ARGV: run id, now ms.
-FINISH_RUN_SCRIPT = """
+# it again even if arq's own bookkeeping after it fails. The same call keeps the profile's
+# handled state (the newest wins) and appends the run's log entries. KEYS: queue, order list
+# (or the queue again for an older job), job, done hash, event log, handled-state key (or the
+# queue again: not a profile). ARGV: run id, now ms, log cap, handled state ('' for none),
+# its lifetime s, then the log entries, packed (append_log).
+FINISH_RUN_SCRIPT = (
+    _APPEND_LOG_LUA
+    + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 if order ~= queue then
   redis.call('LREM', order, 1, run_id) -- the head, unless the run was erased meanwhile
@@ -367,7 +437,18 @@ if order ~= queue then
 end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', queue, run_id)
+local state = tonumber(ARGV[4])
+if state and KEYS[6] ~= queue then
+  local kept = tonumber(redis.call('GET', KEYS[6]))
+  if not kept or state > kept then kept = state end
+  redis.call('SET', KEYS[6], string.format('%d', kept), 'EX', ARGV[5])
+end
+append_log(KEYS[5], ARGV[3], ARGV, 6)
 """
+)
+
+# A retry's log entries, in one call. KEYS: the event log. ARGV: cap, then the entries, packed.
+APPEND_LOG_SCRIPT = _APPEND_LOG_LUA + "append_log(KEYS[1], ARGV[1], ARGV, 2)"
 
 # Erasure: a run leaves the queue, its subject's order and the (type, subject)'s waiting
 # pointer. KEYS: queue, order list, the event's marker, then the run's own keys to delete.
@@ -401,18 +482,71 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: queue, dead-letter index, the letter, the order list. ARGV: letter id, new run id, job,
-# score ms. Claims the letter and queues a new run for it, or returns 0.
+# KEYS: queue, dead-letter index, the letter, the order list, the event log. ARGV: letter id,
+# new run id, job, score ms, log cap, then the replay's log entry, packed (append_log). Claims
+# the letter and queues a new run for it, or returns 0.
 REPLAY_SCRIPT = (
     _NEW_RUN_LUA
+    + _APPEND_LOG_LUA
     + """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 new_run(ARGV[2], KEYS[4], ARGV[3], ARGV[4])
 redis.call('DEL', KEYS[3])
+append_log(KEYS[5], ARGV[5], ARGV, 6)
 return 1
 """
 )
 
+# The event log, read (or erased) a slice at a time so no call holds Redis long: entries of
+# KEYS[1] from ARGV[1] towards ARGV[2] (XRANGE order when ARGV[4] is '+', XREVRANGE when '-'),
+# at most ARGV[3] of them looked at. ARGV[5]: 'match' returns the matching entries, 'delete'
+# deletes them and returns how many, 'tally' counts delivery and run entries per minute and
+# outcome (returned as 'minute|outcome', count pairs). Filters, '' for any, on the six leading fields: ARGV[6]
+# kind, [7] event id, [8] subject suffix, [9] type, [10] outcome. Returns the id of the last
+# entry looked at ('' at the end of the range), then the matches (id, fields) or the count.
+SCAN_LOG_SCRIPT = """
+local from, to, count, direction, action = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kind, event, suffix, type, outcome = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local entries
+if direction == '+' then
+  entries = redis.call('XRANGE', KEYS[1], from, to, 'COUNT', count)
+else
+  entries = redis.call('XREVRANGE', KEYS[1], from, to, 'COUNT', count)
+end
+local found, deleted, tally, subjects = {}, 0, {}, {}
+for _, entry in ipairs(entries) do
+  local f = entry[2]
+  if (kind == '' or f[2] == kind) and (event == '' or f[4] == event)
+      and (suffix == '' or string.sub(f[8], -#suffix) == suffix)
+      and (type == '' or f[10] == type) and (outcome == '' or f[12] == outcome) then
+    if action == 'delete' then
+      deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
+      subjects[f[8]] = true
+    elseif action == 'tally' then
+      if f[2] == 'delivery' or f[2] == 'run' then
+        local minute = math.floor(tonumber(string.match(entry[1], '^(%d+)')) / 60000)
+        local name = minute .. '|' .. f[12]
+        tally[name] = (tally[name] or 0) + 1
+      end
+    else
+      found[#found + 1] = entry
+    end
+  end
+end
+local last = ''
+if #entries == tonumber(count) then last = entries[#entries][1] end
+if action == 'delete' then
+  found[1] = deleted
+  for subject in pairs(subjects) do found[#found + 1] = subject end
+end
+if action == 'tally' then
+  for name, n in pairs(tally) do
+    found[#found + 1] = name
+    found[#found + 1] = n
+  end
+end
+return {last, found}
+"""
 
 # The HrFlow API rate budget (workers.rate_budget), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
 RATE_BUDGET_SCRIPT = """

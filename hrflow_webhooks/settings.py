@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hrflow_webhooks.queue import EVENT_LOG_MAX_ENTRIES
+
 SignatureScheme = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
 
 
@@ -107,6 +109,12 @@ class Settings(BaseSettings):
     require_consent: bool = False
     write_echo_ttl_s: int = Field(default=3_600, ge=1)
 
+    # --- the event log and reconciliation --------------------------------------------------
+    event_log_retention_s: int = Field(default=604_800, ge=60)
+    event_log_max_entries: int = Field(default=EVENT_LOG_MAX_ENTRIES, ge=1_000)
+    reconcile_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    reconcile_interval_s: float = Field(default=900.0, ge=10)
+
     # --- operations ---------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -118,8 +126,20 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     check_max_queue_age_s: float = Field(default=300.0, gt=0)  # `check` fails past this
 
+    # --- the operator console (control/console) ----------------------------------------------
+    # Its own interface and port, never the public webhook port. Loopback by default: the
+    # console refuses any other interface without a token.
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8100, ge=0, le=65535)
+    console_token: SecretStr | None = None
+
     @field_validator(
-        "webhook_secrets", "handlers", "index_from_sources", "edit_sources", mode="before"
+        "webhook_secrets",
+        "handlers",
+        "index_from_sources",
+        "edit_sources",
+        "reconcile_sources",
+        mode="before",
     )
     @classmethod
     def _csv(cls, value: object) -> object:

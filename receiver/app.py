@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
 
 from hrflow_webhooks.durability import DurabilityWatch
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging, log_line, write_logs_at_once
 from hrflow_webhooks.queue import COALESCED, QUEUED
@@ -37,7 +38,6 @@ from hrflow_webhooks.settings import MissingSecretError, Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
 from receiver import metrics
 from receiver.decoding import TOO_DEEP, BadPayloadError, decode_events
-from receiver.enqueue import EventQueue
 from receiver.protocol import (
     HEAD_ALLOWANCE_BYTES,
     ConnectionLimits,
@@ -244,7 +244,7 @@ async def _handle_delivery(
     if isinstance(events, Answer):
         return events
     try:
-        outcomes = await receiver.queue.enqueue_events(events)
+        outcomes = await receiver.queue.enqueue_events(events, request_id)
     except (RedisError, OSError) as error:
         return _unavailable(request_id, error)
     except orjson.JSONEncodeError:
@@ -412,7 +412,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         await durability.look()  # logs what is wrong before the first delivery
         durability.start()
         metrics_server = await _serve_metrics(settings)
-        queue = EventQueue(redis, settings.queue_name, settings.dedup_window_s)
+        queue = EventQueue(
+            redis, settings.queue_name, settings.dedup_window_s, settings.event_log_max_entries
+        )
         app.state.receiver = Receiver(
             queue, secrets, settings.signature_scheme, settings.max_body_bytes, durability
         )

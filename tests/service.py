@@ -17,11 +17,11 @@ import aiohttp
 import uvicorn
 from redis.asyncio import Redis
 
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QUEUED, QueueKeys, deserialize_job, tag_of
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
-from receiver.enqueue import EventQueue
 from receiver.protocol import HttpProtocol
 from tests.polling import eventually
 from workers.registry import Registry

@@ -95,8 +95,8 @@ async def test_a_second_worker_takes_jobs_while_the_first_is_full(
 ) -> None:
     """The first worker's running jobs stay at the head of the queue until they finish; a
     second worker must see past them (arq reads five ids per job slot) or it adds nothing."""
+    from hrflow_webhooks.enqueue import EventQueue
     from hrflow_webhooks.events import Event
-    from receiver.enqueue import EventQueue
     from tests.service import parsing_event
 
     max_jobs = 3

@@ -32,7 +32,15 @@ from uvicorn.importer import import_from_string
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from control.cli import app as cli_app
-from control.commands import PROCFILE, WEB, expand, procfile_text, web_argv, worker_argv
+from control.commands import (
+    PROCFILE,
+    WEB,
+    console_argv,
+    expand,
+    procfile_text,
+    web_argv,
+    worker_argv,
+)
 from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 
@@ -129,8 +137,14 @@ def test_procfile_web_defaults_work_without_platform_variables() -> None:
 
 
 def test_procfile_worker_is_a_command_of_the_console_script() -> None:
-    assert procfile().keys() == {"web", "worker"}
+    assert procfile().keys() == {"web", "worker", "console"}
     assert script_command(shlex.split(procfile()["worker"])) == "worker"
+
+
+def test_procfile_console_is_a_command_and_never_on_the_webhook_port() -> None:
+    assert script_command(shlex.split(procfile()["console"])) == "console"
+    assert "PORT" not in procfile()["console"]  # its own HRFLOW_CONSOLE_PORT, never $PORT
+    assert console_argv() == [sys.executable, "-m", "control.cli", "console"]
 
 
 def test_a_wrong_flag_would_be_caught() -> None:

@@ -14,6 +14,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from hrflow_webhooks.enqueue import EventQueue, PackedArguments, packed_script_call, resp_bulk
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     COALESCED,
@@ -25,7 +26,6 @@ from hrflow_webhooks.queue import (
     QueueKeys,
     deserialize_job,
 )
-from receiver.enqueue import EventQueue, PackedArguments, packed_script_call, resp_bulk
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import parsing_event, queued_event_ids, runs_of, update_event

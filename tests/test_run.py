@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import stat
@@ -35,8 +36,8 @@ from control.runner import (
     release_service_env,
     running_service_env,
 )
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
-from receiver.enqueue import EventQueue
 from tests.polling import eventually, eventually_sync
 from tests.redis_server import RedisServer, free_port
 from tests.service import make_settings, parsing_event, recorder
@@ -120,7 +121,12 @@ class RunProcess:
 
 @pytest.fixture
 def run_process(tmp_path: Path) -> Iterator[tuple[RunProcess, dict[str, int]]]:
-    ports = {"port": free_port(), "sandbox-port": free_port(), "redis-port": free_port()}
+    ports = {
+        "port": free_port(),
+        "sandbox-port": free_port(),
+        "redis-port": free_port(),
+        "console-port": free_port(),
+    }
     args = [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
     run = RunProcess(tmp_path, args)
     yield run, ports
@@ -181,6 +187,19 @@ def test_run_prints_a_send_command_that_works_and_ctrl_c_stops_everything(
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"redis://127.0.0.1:{ports['redis-port']}/0" in done.stderr
     assert (tmp_path / ".run" / "service.env").exists()
+    # ... and `reconcile` lists the sandbox's profiles: the edited one is already handled.
+    source_key = argv[argv.index("--source-key") + 1]
+    reconcile = [argv[0], "reconcile", "--source", source_key, "--since", "1h"]
+    done = subprocess.run(reconcile, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = re.match(
+        r"scanned (\d+) profile\(s\) on \d+ page\(s\): enqueued (\d+), already handled (\d+)",
+        done.stdout,
+    )
+    assert figures is not None, done.stdout
+    scanned, enqueued, handled = (int(n) for n in figures.groups())
+    assert handled >= 1
+    assert scanned >= enqueued + handled
 
     [worker] = child_pids(run.process.pid, "worker")
     os.kill(worker, signal.SIGKILL)

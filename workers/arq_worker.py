@@ -20,15 +20,18 @@ job so).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from typing import Any
 
 from arq import Worker as ArqWorker
 from arq.utils import timestamp_ms
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from hrflow_webhooks.queue import CLAIM_SCRIPT, PARK_MS, QueueKeys
+from workers.heartbeats import WorkerBeat, forget_worker, record_heartbeat, worker_name
 
 logger = logging.getLogger(__name__)
 # In the jobs' context: this worker claimed the run in its subject's order already.
@@ -41,6 +44,7 @@ class Worker(ArqWorker):
         self._claim_script: Any = None
         self._order_prefix = QueueKeys(self.queue_name).order_prefix
         self.ctx[RUNS_CLAIMED_IN_ORDER] = True
+        self.worker_id = worker_name()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
@@ -93,13 +97,22 @@ class Worker(ArqWorker):
         and the run's own writes either succeed or fail alone, so the worker keeps
         finishing (and so freeing) what it can; the durability watch reports the memory.
         """
+        last = self._last_health_check
         try:
             await super().record_health()
+            if self._last_health_check != last:  # arq wrote its key: one interval is over
+                await record_heartbeat(self.pool, QueueKeys(self.queue_name), self._beat())
         except OutOfMemoryError:
             logger.warning(
                 "heartbeat refused: redis is out of memory",
                 extra={"error_type": "OutOfMemoryError"},
             )
+
+    def _beat(self) -> WorkerBeat:
+        return WorkerBeat(
+            self.worker_id, time.time(), sum(not t.done() for t in self.tasks.values()),
+            self.jobs_complete, self.jobs_retried, self.jobs_failed,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """arq's close(), which does not stop at a job task that ended in an error.
@@ -113,4 +126,6 @@ class Worker(ArqWorker):
             self.handle_sig(signal.SIGUSR1)  # as arq does first: cancel what still runs
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
+        with contextlib.suppress(RedisError):  # stopping: a Redis away must not stop that
+            await forget_worker(self.pool, QueueKeys(self.queue_name), self.worker_id)
         await super().close()

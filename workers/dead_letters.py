@@ -21,9 +21,11 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from hrflow_webhooks.event_log import packed_entry
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     DEAD,
+    EVENT_LOG_MAX_ENTRIES,
     MARK_HANDLER_SCRIPT,
     REPLAY_SCRIPT,
     RUN_MARKERS_LIFETIME_S,
@@ -53,6 +55,7 @@ def describe_error(error: BaseException) -> dict[str, Any]:
 class DeadLetters:
     redis: Redis
     keys: QueueKeys
+    log_max_entries: int = EVENT_LOG_MAX_ENTRIES
 
     async def add(
         self,
@@ -126,9 +129,15 @@ class DeadLetters:
             self.keys.dead_letters,
             self.keys.dead_letter(letter_id),
             self.keys.order(subject_tag),
+            self.keys.log,
         ]
         job = serialize_job(event, now_ms, handlers=[letter["handler"]])
-        args = [letter_id, new_run_id(subject_tag), job, str(now_ms)]
+        run_id = new_run_id(subject_tag)
+        detail = {"dead_letter_id": letter_id, "handler": letter["handler"]}
+        entry = packed_entry(
+            "replay", event.id, run_id, event.subject, event.canonical_type, "queued", detail
+        )
+        args = [letter_id, run_id, job, str(now_ms), self.log_max_entries, *entry]
         replayed = self.redis.eval(REPLAY_SCRIPT, len(keys), *keys, *args)  # type: ignore[arg-type]
         return bool(await replayed)  # type: ignore[misc]
 

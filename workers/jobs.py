@@ -38,8 +38,10 @@ from typing import Any
 
 from arq import Retry
 
+from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.errors import SubjectGoneError, SubjectNotReadableError, retry_after_of
-from hrflow_webhooks.events import Event
+from hrflow_webhooks.event_log import packed_entry
+from hrflow_webhooks.events import Event, profile_subject_parts
 from hrflow_webhooks.queue import (
     BEGIN_RUN_SCRIPT,
     DONE,
@@ -48,11 +50,18 @@ from hrflow_webhooks.queue import (
     SKIPPED,
     UNROUTED_TYPES_MAX,
     QueueKeys,
+    tag_of,
 )
 from workers import metrics
 from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
-from workers.context import EventLogger, HandlerContext, WorkerServices
-from workers.dead_letters import DeadLetters
+from workers.context import (
+    EventLogger,
+    HandlerContext,
+    HandlerNotes,
+    StateSeen,
+    WorkerServices,
+)
+from workers.dead_letters import DeadLetters, describe_error
 from workers.failures import is_transient
 from workers.registry import Handler
 
@@ -62,6 +71,9 @@ logger = logging.getLogger(__name__)
 # every other run of the worker, and past the job timeout it makes arq's timer fire.
 LOOP_BLOCK_WARNING_S = 1.0
 NOT_FOUND_SKIP_REASON = "profile not found"
+# A run that read no state of its profile (no handler fetched it) counts as having handled
+# the states HrFlow stamped this long before it started: HrFlow's clock may run behind ours.
+UNSEEN_STATE_MARGIN_S = 5.0
 
 
 def deadline_margin_s(job_timeout_s: float) -> float:
@@ -214,6 +226,9 @@ class EventRun:
         self.dead_letters = DeadLetters(services.redis, services.keys)
         self.handlers: dict[str, Handler | None] = {}  # set by execute()
         self.markers_written = 0  # this try's completion markers (done, dead or skip)
+        self.started_at = time.time()
+        self.state_seen = StateSeen()
+        self.log_entries: list[str] = []  # this try's event-log entries, packed
         self.log_fields = {
             "event_id": event.id,
             "run_id": info.run_id,
@@ -306,16 +321,18 @@ class EventRun:
         if handler is None:
             return LookupError(f"handler {name!r} is no longer registered for this event type")
         fields = {**self.log_fields, "handler": name}
+        notes = HandlerNotes()
         ctx = HandlerContext(
-            self.event, name, self.info.job_try, EventLogger(logger, fields), self.services
-        )
+            self.event, name, self.info.job_try, EventLogger(logger, fields), self.services,
+            self.state_seen, notes,
+        )  # fmt: skip
         steps = TimedSteps(handler.run(self.event, ctx))
         started = time.perf_counter()
         try:
             error = await self._outcome_of(steps)
         finally:  # also when arq's timer cancels the run: that is when it matters most
             self._warn_if_blocked(name, steps.longest_step_s)
-        self._report(name, error, time.perf_counter() - started)
+        self._report(name, error, time.perf_counter() - started, notes.skip_reason)
         return error
 
     async def _outcome_of(self, steps: TimedSteps) -> BaseException | None:
@@ -335,10 +352,18 @@ class EventRun:
                 extra={**self.log_fields, "handler": name, "blocked_s": round(longest_step_s, 2)},
             )
 
-    def _report(self, name: str, error: BaseException | None, duration_s: float) -> None:
+    def _report(
+        self, name: str, error: BaseException | None, duration_s: float, skip_reason: str | None
+    ) -> None:
         fields = {**self.log_fields, "handler": name}
         outcome = "ok" if error is None else ("retry" if is_transient(error) else "failed")
         metrics.handler_outcome(self.event.canonical_type, name, outcome, duration_s)
+        logged = "skip" if error is None and skip_reason is not None else outcome
+        detail: dict[str, object] = {
+            "duration_ms": round(duration_s * 1000, 1),
+            "reason": skip_reason,
+        }
+        self._log_handler(name, logged, error, detail)
         logger.log(
             logging.INFO if error is None else logging.WARNING,
             "handler finished" if error is None else "handler failed",
@@ -372,6 +397,7 @@ class EventRun:
         logger.info(
             "event will be retried", extra={**self.log_fields, "retry_in_s": round(delay, 2)}
         )
+        await self._log_retry(delay, "handler failed")
         raise Retry(defer=delay)
 
     def _only_waiting_for_subject(self, transient: list[Failure]) -> bool:
@@ -397,6 +423,7 @@ class EventRun:
             "subject not readable yet, will retry",
             extra={**self.log_fields, "retry_in_s": round(delay, 2)},
         )
+        await self._log_retry(delay, "subject not readable yet")
         raise Retry(defer=delay)
 
     async def _skip_gone(self, gone: list[Failure], *, finishing: bool) -> None:
@@ -410,6 +437,8 @@ class EventRun:
             "event skipped",
             extra={**self.log_fields, "outcome": "skipped", "reason": NOT_FOUND_SKIP_REASON},
         )
+        for failure in gone:
+            self._log_handler(failure.handler, "skip", None, {"reason": NOT_FOUND_SKIP_REASON})
         if not finishing:  # a retry follows: these handlers must not run again in this run
             for failure in gone:
                 await self._mark(failure.handler, SKIPPED)
@@ -424,11 +453,73 @@ class EventRun:
     async def _finish(self, outcome: str) -> str:
         run_id = self.info.run_id
         order = self.keys.order_of_run(run_id) or self.keys.queue
+        handled_key, state = self._handled_state()
+        self._log_run(outcome)
+        s = self.settings
         await self.services.finish_run_script(
-            keys=[self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id)],
-            args=[run_id, int(time.time() * 1000)],
-        )
+            keys=[
+                self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id),
+                self.keys.log, handled_key,
+            ],
+            args=[
+                run_id, int(time.time() * 1000), s.event_log_max_entries, state,
+                s.event_log_retention_s, *self.log_entries,
+            ],
+        )  # fmt: skip
         return outcome
+
+    # --- the event log and the handled state ---------------------------------------------------
+
+    def _handled_state(self) -> tuple[str, str]:
+        """The profile's handled-state key and the state this run handled ('' for none).
+
+        The newest of: what the handlers read (HrFlow's ``updated_at``), what the reconciler
+        listed when it queued the event (the run started after that listing, so it read that
+        state or a newer one) and, when nothing was read, the start of the run less a margin.
+        """
+        if profile_subject_parts(self.event.subject) is None:
+            return self.keys.queue, ""
+        hint = self.event.get("reconciler")
+        listed = timestamp_of(hint.get("updated_at")) if isinstance(hint, dict) else None
+        unseen = self.started_at - UNSEEN_STATE_MARGIN_S
+        seen = [s for s in (self.state_seen.updated_at, listed) if s is not None]
+        state = max(seen) if seen else unseen
+        return self.keys.handled(tag_of(self.event.subject)), str(int(state))
+
+    def _log_handler(
+        self, handler: str, outcome: str, error: BaseException | None, detail: dict[str, object]
+    ) -> None:
+        if error is not None:
+            described = describe_error(error)
+            detail = {**detail, "error": described["type"], "hrflow_status": described["status"]}
+        self._log("handler", outcome, {"handler": handler, **detail})
+
+    def _log_run(self, outcome: str, detail: dict[str, object] | None = None) -> None:
+        self._log(
+            "run",
+            outcome,
+            {
+                "worker": self.services.worker_id,
+                "try": self.info.job_try,
+                "started_ms": int(self.started_at * 1000),
+                "duration_ms": round((time.time() - self.started_at) * 1000, 1),
+                **(detail or {}),
+            },
+        )
+
+    def _log(self, kind: str, outcome: str, detail: dict[str, object]) -> None:
+        e = self.event
+        self.log_entries += packed_entry(
+            kind, e.id, self.info.run_id, e.subject, e.canonical_type, outcome, detail
+        )
+
+    async def _log_retry(self, delay_s: float, reason: str) -> None:
+        """A try that ends in a retry writes its entries here (a finish writes them itself)."""
+        self._log_run("retry", {"retry_in_s": round(delay_s, 2), "reason": reason})
+        await self.services.append_log_script(
+            keys=[self.keys.log], args=[self.settings.event_log_max_entries, *self.log_entries]
+        )
+        self.log_entries = []
 
     async def _dead_letter(self, failures: list[Failure], reason: str) -> None:
         for failure in failures:
@@ -440,6 +531,10 @@ class EventRun:
             metrics.DEAD_LETTERS.labels(
                 metrics.bounded_type(self.event.canonical_type), failure.handler
             ).inc()
+            self._log_handler(
+                failure.handler, "dead", failure.error,
+                {"dead_letter_id": letter_id, "reason": reason},
+            )  # fmt: skip
             logger.error(
                 "event dead-lettered",
                 extra={

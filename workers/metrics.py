@@ -27,6 +27,16 @@ PICKUP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
 )
 
+RECONCILE_PROFILES = Counter(
+    "hrflow_reconcile_profiles",
+    "Profiles the reconciler listed, by result (scanned, enqueued, already_handled, "
+    "already_queued).",
+    ["result"],
+)
+RECONCILE_RUNS = Counter(
+    "hrflow_reconcile_runs", "Reconciliation scans, by outcome (complete, stopped).", ["outcome"]
+)
+
 
 def bounded_type(canonical_type: str) -> str:
     """Unknown types (unrouted events) are whatever a signed sender wrote: one label for all."""

@@ -28,6 +28,8 @@ arq's defaults are tuned away from, on purpose:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -48,6 +50,7 @@ from workers.context import WorkerServices
 from workers.jobs import handle_event
 from workers.metrics_server import start_worker_metrics, stop_worker_metrics
 from workers.plugins import build_registry
+from workers.reconcile import upkeep
 from workers.registry import Registry
 
 # arq's own try limit, out of reach: the job enforces HRFLOW_MAX_TRIES (see above).
@@ -75,12 +78,19 @@ def _make_startup(settings: Settings, registry: Registry | None) -> Any:
             hrflow=client_if_configured(settings, http, ctx["redis"]),
         )
         ctx["metrics_server"] = start_worker_metrics(settings)
+        services = ctx["services"]
+        ctx["upkeep"] = asyncio.create_task(upkeep(services.redis, services.hrflow, settings))
 
     return on_startup
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     stop_worker_metrics(ctx.get("metrics_server"))
+    keeper: asyncio.Task[None] | None = ctx.get("upkeep")
+    if keeper is not None:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
     services: WorkerServices | None = ctx.get("services")
     if services is not None:
         await services.http.close()

@@ -122,7 +122,9 @@ async def fetch_profile(ctx: HandlerContext, ref: ProfileRef) -> Profile:
         raise subject_not_found(ctx) from None
     if not isinstance(data, Mapping):
         raise PermanentError(f"HrFlow answered profile {ref.profile_key} without a profile object")
-    return Profile.model_validate(data)
+    profile = Profile.model_validate(data)
+    ctx.saw_state(profile.updated_at)
+    return profile
 
 
 def skips_key(settings: Settings) -> str:
@@ -132,6 +134,7 @@ def skips_key(settings: Settings) -> str:
 
 async def record_skip(ctx: HandlerContext, ref: ProfileRef | None, reason: str) -> None:
     await ctx.redis.hincrby(skips_key(ctx.settings), f"{ctx.handler}:{reason}", 1)  # type: ignore[misc]
+    ctx.skipped(reason)
     fields = ref.log_fields if ref is not None else {}
     ctx.logger.info("event skipped", extra={**fields, "outcome": "skipped", "reason": reason})
 

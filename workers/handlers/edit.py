@@ -32,6 +32,7 @@ from hrflow_client.profiles import (
     ProfileWrite,
     payload_fingerprint,
     profile_to_indexing_payload,
+    timestamp_of,
 )
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.settings import Settings
@@ -96,13 +97,8 @@ def profile_text(profile: Profile) -> str:
 
 
 def _moment(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+    stamp = timestamp_of(value)
+    return None if stamp is None else datetime.fromtimestamp(stamp, UTC).replace(tzinfo=None)
 
 
 def years_covered(periods: Iterable[Experience | Education], now: datetime) -> float | None:
@@ -166,7 +162,9 @@ async def edit_profile(event: Event, ctx: HandlerContext) -> None:
         await record_skip(ctx, ref, "nothing to change")
         return
     body = ProfileWrite.model_validate({"source_key": ref.source_key, **changes})
-    await client_of(ctx).profile_indexing_edit(ref.source_key, body, key=ref.profile_key)
+    edited = await client_of(ctx).profile_indexing_edit(ref.source_key, body, key=ref.profile_key)
+    if isinstance(edited, Mapping):  # our own write's state: handled, its echo is skipped
+        ctx.saw_state(edited.get("updated_at"))
     written = ProfileWrite.model_validate({**current.to_json(), **changes})
     await echoes.remember(ref, payload_fingerprint(written))
     ctx.logger.info("profile edited", extra={**ref.log_fields, "outcome": "edited"})

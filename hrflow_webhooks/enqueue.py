@@ -1,8 +1,10 @@
-"""The receiver's enqueue path: group commit over connections of its own.
+"""The enqueue path: group commit over connections of its own.
 
 The script and the layout it writes are :mod:`hrflow_webhooks.queue`'s; this module
-only decides how the receiver's deliveries reach Redis: batched per event-loop turn,
-packed once per caller, over :class:`ScriptConnection` (docs/benchmarks.md).
+only decides how events reach Redis: batched per event-loop turn, packed once per
+caller, over :class:`ScriptConnection` (docs/benchmarks.md). The receiver's deliveries
+and the reconciler's finds both come this way, so deduplication, coalescing, per-subject
+order and the event log apply to both alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.events import ONCE, Event
-from hrflow_webhooks.queue import ENQUEUE_SCRIPT, QueueKeys, new_run_id, serialize_job, tag_of
+from hrflow_webhooks.queue import (
+    ENQUEUE_SCRIPT,
+    ENQUEUE_STRIDE,
+    EVENT_LOG_MAX_ENTRIES,
+    QueueKeys,
+    new_run_id,
+    serialize_job,
+    tag_of,
+)
 
 # Events per script call when callers are batched; a bigger call would hold Redis for longer.
 MAX_BATCH_EVENTS = 1_000
@@ -42,6 +52,14 @@ class PackedArguments:
     packed: list[bytes]  # each item may hold several arguments
     keys: int
     count: int  # keys and arguments
+
+
+def _log_arguments(event_id: bytes, subject: bytes, event_type: bytes) -> bytes:
+    """The event log's arguments of one event, packed in one operation (resp_bulk's format):
+    three calls cost the receiver's hot path a measurable share (docs/benchmarks.md)."""
+    return b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(event_id), event_id, len(subject), subject, len(event_type), event_type,
+    )  # fmt: skip
 
 
 def packed_script_call(command: bytes, arguments: PackedArguments) -> list[bytes]:
@@ -122,7 +140,7 @@ class _Pending:
 
     events: int
     keys: bytes  # (marker, order list) per event, packed
-    runs: bytes  # (class and run id, job) per event, packed
+    runs: bytes  # (class and run id, job, then the log's fields) per event, packed
     done: asyncio.Future[list[int]]
 
 
@@ -147,12 +165,17 @@ class EventQueue:
         redis: Redis,
         queue_name: str,
         dedup_window_s: int,
+        log_max_entries: int = EVENT_LOG_MAX_ENTRIES,
+        via: str = "http",
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_in_flight: int = MAX_CALLS_IN_FLIGHT,
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
-        self._queue_key = resp_bulk(queue_name.encode())
+        self._queue_and_log_keys = resp_bulk(queue_name.encode()) + resp_bulk(
+            self.keys.log.encode()
+        )
+        self._log_arguments = resp_bulk(b"%d" % log_max_entries) + resp_bulk(via.encode())
         self._seen_prefix = self.keys.seen("").encode()  # marker_of(), without a call per event
         self._waiting_prefix = self.keys.waiting("").encode()
         self._order_prefix = self.keys.order_prefix.encode()
@@ -169,21 +192,32 @@ class EventQueue:
         # The loop is looked up once: on Python 3.11 each lookup is a getpid() system call.
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def enqueue_events(self, events: Sequence[Event]) -> list[int]:
-        """Per event: :data:`QUEUED`, :data:`DUPLICATE` (once) or :data:`COALESCED` (latest)."""
+    async def enqueue_events(self, events: Sequence[Event], request_id: str = "") -> list[int]:
+        """Per event: :data:`QUEUED`, :data:`DUPLICATE` (once) or :data:`COALESCED` (latest).
+
+        ``request_id`` goes to the event log with each event (the receiver's delivery id).
+        """
         now_ms = int(time.time() * 1000)
+        request = resp_bulk(request_id.encode())
         # Packed here, per caller: redis-py's pack_command took 3.6 µs per event in the
         # receiver's writer, which every caller of a batch waits for (docs/benchmarks.md).
         keys: list[bytes] = []
         runs: list[bytes] = []
         for event in events:
-            subject_tag = tag_of(event.subject)
+            subject = event.subject
+            subject_tag = tag_of(subject)
+            event_id = event.id.encode()
             once = event.event_class == ONCE
-            marker = (self._seen_prefix if once else self._waiting_prefix) + event.id.encode()
+            marker = (self._seen_prefix if once else self._waiting_prefix) + event_id
             flag = "o" if once else "l"
             keys += (resp_bulk(marker), resp_bulk(self._order_prefix + subject_tag.encode()))
             run = flag + new_run_id(subject_tag)
-            runs += (resp_bulk(run.encode()), resp_bulk(serialize_job(event, now_ms)))
+            runs += (
+                resp_bulk(run.encode()),
+                resp_bulk(serialize_job(event, now_ms)),
+                _log_arguments(event_id, subject.encode(), event.canonical_type.encode()),
+                request,
+            )
         loop = self._loop or self._bind_loop()
         pending = _Pending(len(events), b"".join(keys), b"".join(runs), loop.create_future())
         self._waiting.append(pending)
@@ -239,11 +273,18 @@ class EventQueue:
 
     async def _write(self, connection: ScriptConnection, batch: list[_Pending]) -> None:
         events = sum(pending.events for pending in batch)
-        fixed_arguments = resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000))
+        fixed_arguments = (
+            resp_bulk(self._window) + resp_bulk(b"%d" % (time.time() * 1000)) + self._log_arguments
+        )
         arguments = PackedArguments(
-            [self._queue_key, *[p.keys for p in batch], fixed_arguments, *[p.runs for p in batch]],
-            keys=1 + 2 * events,
-            count=1 + 2 * events + 2 + 2 * events,
+            [
+                self._queue_and_log_keys,
+                *[p.keys for p in batch],
+                fixed_arguments,
+                *[p.runs for p in batch],
+            ],
+            keys=2 + 2 * events,
+            count=2 + 2 * events + 4 + ENQUEUE_STRIDE * events,
         )
         try:
             outcomes = await connection.evaluate(arguments)

@@ -1,0 +1,160 @@
+"""The console's gate: every page needs access, every action also a same-origin, CSRF-checked
+form, and every answer carries headers that keep it out of frames, caches and referrers.
+
+Endpoints are wrapped explicitly in the route list (``page(overview)``,
+``action(replay_one)``), so what a route requires is read where the route is declared.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from control.console.access import (
+    CSRF_FIELD,
+    Access,
+    access_of,
+    csrf_is_valid,
+    origin_is_foreign,
+)
+from control.console.rendering import render
+
+FORM_MAX_BYTES = 16_384  # the largest form here is a filter: a few hundred bytes
+FORM_MAX_FIELDS = 32
+
+PageEndpoint = Callable[[Request, Access], Awaitable[Response]]
+ActionEndpoint = Callable[[Request, Access, Mapping[str, str]], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'none'; object-src 'none'; base-uri 'none'; "
+        b"form-action 'self'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+
+
+class SecurityHeaders:
+    """Adds :data:`SECURITY_HEADERS` to every answer, errors and static files included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [pair for pair in SECURITY_HEADERS if pair[0] not in names]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class FormError(Exception):
+    """A form the console will not read: too big, or not a form."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def token_of(request: Request) -> str:
+    token: str = request.app.state.token
+    return token
+
+
+def request_access(request: Request) -> Access | None:
+    return access_of(token_of(request), request.headers, request.cookies, time.time())
+
+
+def own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
+def is_foreign(request: Request) -> bool:
+    headers = request.headers
+    return origin_is_foreign(
+        headers.get("origin"), headers.get("sec-fetch-site"), own_origin(request)
+    )
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An urlencoded form, size-limited while it arrives. Parsed here with the standard
+    library: the console's forms are small and flat, which python-multipart is not needed for."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type not in ("application/x-www-form-urlencoded", ""):
+        raise FormError(415, "the console takes urlencoded forms only")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_MAX_BYTES:
+            raise FormError(413, "form too large")
+    try:
+        pairs = urllib.parse.parse_qsl(
+            body.decode(), keep_blank_values=True, max_num_fields=FORM_MAX_FIELDS
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise FormError(400, "unreadable form") from None
+    return dict(pairs)
+
+
+def login_required(request: Request, message: str | None = None) -> Response:
+    """401 with the login form: what a browser shows, and a Bearer hint for scripts."""
+    # Back to the page after logging in; an action's URL cannot be revisited with a GET.
+    url = request.url
+    back = (url.path + (f"?{url.query}" if url.query else "")) if request.method == "GET" else "/"
+    context: dict[str, Any] = {"next": back, "message": message}
+    response = render(request, "login.html", context, None, status=401)
+    response.headers["www-authenticate"] = 'Bearer realm="hrflow-webhooks console"'
+    return response
+
+
+def refused(request: Request, access: Access | None, reason: str, status: int = 403) -> Response:
+    return render(request, "error.html", {"reason": reason}, access, status=status)
+
+
+def page(endpoint: PageEndpoint) -> Endpoint:
+    async def guarded(request: Request) -> Response:
+        access = request_access(request)
+        if access is None:
+            return login_required(request)
+        return await endpoint(request, access)
+
+    return guarded
+
+
+def action(endpoint: ActionEndpoint) -> Endpoint:
+    async def guarded(request: Request) -> Response:
+        # Origin first: a cross-site POST learns nothing, not even whether it was logged in.
+        if is_foreign(request):
+            return refused(request, None, "this action came from another site's page")
+        access = request_access(request)
+        if access is None:
+            return login_required(request)
+        try:
+            form = await read_form(request)
+        except FormError as error:
+            return refused(request, access, error.reason, error.status)
+        if not csrf_is_valid(access, form.get(CSRF_FIELD)):
+            return refused(request, access, "the form's CSRF token is missing or wrong: reload")
+        return await endpoint(request, access, form)
+
+    return guarded

@@ -1,0 +1,237 @@
+"""What the console's pages show, read from Redis and shaped for the templates.
+
+Each page's data is one frozen dataclass built from the stores that own it: queue numbers
+(``workers.queue_stats``), Redis durability (``hrflow_webhooks.durability``), the event log
+and reconciliation reports (``hrflow_webhooks.event_log``), dead letters
+(``workers.dead_letters``). Nothing here knows a key string: ``QueueKeys`` does.
+
+What leaves this module is keys, types, outcomes, counts, error classes, HrFlow status codes
+and HrFlow's own error message: never an event's payload, never the error's message as our
+code raised it (it may quote a profile: a validation error, say).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from control.console.chart import DELIVERY_OUTCOMES, RUN_OUTCOMES, Chart, stacked_chart
+from hrflow_webhooks.durability import RedisState, inspect_once
+from hrflow_webhooks.event_log import EventLog, ReconcileReport
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.settings import Settings
+from workers.dead_letters import DeadLetters
+from workers.heartbeats import WorkerBeat, read_heartbeats
+from workers.queue_stats import QueueStats, read_queue_stats
+
+CHART_MINUTES = 60
+LETTERS_SHOWN = 500  # one GET per letter: a page of thousands would hold Redis for long
+HRFLOW_MESSAGE_SHOWN = 300
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One worker's last heartbeat (``workers.heartbeats``)."""
+
+    worker_id: str
+    age_s: float
+    alive: bool
+    running: int
+    complete: int
+    retried: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    state: RedisState
+    aof_enabled: bool
+    appendfsync: str | None  # None where CONFIG GET is refused (managed Redis)
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    queue: QueueStats
+    workers: list[WorkerRow]
+    heartbeat_interval_s: int
+    durability: Durability
+    deliveries: Chart
+    runs: Chart
+    skips: int
+    unrouted: int
+    last_reconcile: ReconcileReport | None
+
+
+@dataclass(frozen=True, slots=True)
+class LetterRow:
+    id: str
+    dead_at: float
+    event_id: str
+    type: str
+    subject: str
+    handler: str
+    reason: str
+    tries: int
+    error_type: str
+    status: int | None
+    hrflow_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LetterFilter:
+    type: str | None = None
+    handler: str | None = None
+    since: float | None = None
+
+    def matches(self, row: LetterRow) -> bool:
+        return self.handler in (None, row.handler)
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    name: str
+    detail: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    """The console's handles on Redis, made once in the app's lifespan."""
+
+    redis: Redis
+    keys: QueueKeys
+    settings: Settings
+    log: EventLog
+    letters: DeadLetters
+
+    @classmethod
+    def over(cls, redis: Redis, settings: Settings) -> Stores:
+        keys = QueueKeys(settings.queue_name)
+        letters = DeadLetters(redis, keys, settings.event_log_max_entries)
+        return cls(redis, keys, settings, EventLog(redis, keys), letters)
+
+
+# --- overview ---------------------------------------------------------------------------------
+
+
+async def workers(stores: Stores) -> list[WorkerRow]:
+    interval_s = stores.settings.health_check_interval_s
+    beats = await read_heartbeats(stores.redis, stores.keys)
+    return [_worker_row(beat, interval_s) for beat in beats]
+
+
+def _worker_row(beat: WorkerBeat, interval_s: float) -> WorkerRow:
+    return WorkerRow(
+        beat.worker_id, beat.age_s(), beat.alive(interval_s), beat.running, beat.complete,
+        beat.retried, beat.failed,
+    )  # fmt: skip
+
+
+async def durability(stores: Stores) -> Durability:
+    state = await inspect_once(stores.redis, stores.settings)
+    persistence = await stores.redis.info("persistence")
+    return Durability(state, bool(persistence.get("aof_enabled")), await _appendfsync(stores))
+
+
+async def _appendfsync(stores: Stores) -> str | None:
+    try:
+        found: dict[str, str] = await stores.redis.config_get("appendfsync")
+    except ResponseError:  # CONFIG refused, as managed Redis often does: shown as unknown
+        return None
+    return found.get("appendfsync")
+
+
+async def overview(stores: Stores) -> Overview:
+    # One after the other: a dozen loopback round trips, every 10 s, by one operator.
+    minutes = await stores.log.minutes(CHART_MINUTES)
+    runs = await stores.log.reconcile_runs(limit=1)
+    return Overview(
+        queue=await read_queue_stats(stores.redis, stores.keys),
+        workers=await workers(stores),
+        heartbeat_interval_s=stores.settings.health_check_interval_s,
+        durability=await durability(stores),
+        deliveries=stacked_chart("Deliveries per minute", minutes, DELIVERY_OUTCOMES),
+        runs=stacked_chart("Runs per minute", minutes, RUN_OUTCOMES),
+        skips=await _hash_total(stores.redis, stores.keys.skipped),
+        unrouted=await _hash_total(stores.redis, stores.keys.unrouted),
+        last_reconcile=runs[0] if runs else None,
+    )
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+def letter_row(letter: Mapping[str, Any]) -> LetterRow:
+    event = Event.from_dict(letter["event"])
+    error = letter.get("error") or {}
+    message = error.get("hrflow_message")
+    return LetterRow(
+        id=str(letter["id"]),
+        dead_at=float(letter["dead_at"]),
+        event_id=event.id,
+        type=event.canonical_type,
+        subject=event.subject,
+        handler=str(letter["handler"]),
+        reason=str(letter["reason"]),
+        tries=int(letter["tries"]),
+        error_type=str(error.get("type", "?")),
+        status=error.get("status"),
+        hrflow_message=None if message is None else str(message)[:HRFLOW_MESSAGE_SHOWN],
+    )
+
+
+async def letter_rows(stores: Stores, where: LetterFilter, limit: int | None) -> list[LetterRow]:
+    """Matching dead letters, newest first; at most ``limit`` (None: all, for actions)."""
+    rows: list[LetterRow] = []
+    async for letter in stores.letters.iter(where.type, where.since):
+        row = letter_row(letter)
+        if where.matches(row):
+            rows.append(row)
+    rows.reverse()  # the store lists oldest first; people look for the latest
+    return rows if limit is None else rows[:limit]
+
+
+async def letter(stores: Stores, letter_id: str) -> LetterRow | None:
+    found = await stores.letters.get(letter_id)
+    return None if found is None else letter_row(found)
+
+
+# --- skips and unrouted types ---------------------------------------------------------------
+
+
+async def _hash_counts(redis: Redis, key: str) -> dict[str, int]:
+    raw = await redis.hgetall(key)  # type: ignore[misc]
+    return {_text(name): int(count) for name, count in raw.items()}
+
+
+async def _hash_total(redis: Redis, key: str) -> int:
+    return sum((await _hash_counts(redis, key)).values())
+
+
+async def skips(stores: Stores) -> list[Count]:
+    """``<handler or event type>:<reason>`` → count, most frequent first."""
+    counts = await _hash_counts(stores.redis, stores.keys.skipped)
+    rows = [_skip_row(name, count) for name, count in counts.items()]
+    return sorted(rows, key=lambda row: (-row.count, row.name, row.detail))
+
+
+def _skip_row(name: str, count: int) -> Count:
+    what, _, reason = name.partition(":")
+    return Count(what, reason, count)
+
+
+async def unrouted(stores: Stores) -> list[Count]:
+    counts = await _hash_counts(stores.redis, stores.keys.unrouted)
+    return sorted(
+        (Count(name, "", count) for name, count in counts.items()),
+        key=lambda row: (-row.count, row.name),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,237 @@
+"""The event log: what happened to every event, for operators, without personal data.
+
+Each event's path is one stream (``QueueKeys.log``, layout in :mod:`hrflow_webhooks.queue`),
+written by the scripts that already run, so it costs no round trip of its own:
+
+- ``delivery`` (enqueue script): queued, coalesced (into which run) or duplicate, with
+  the request id and how it came (``http`` or ``reconciler``);
+- ``handler`` (finish or retry): ok, retry, failed, skip or dead, with the error class,
+  HrFlow's status code, the reason and the dead letter's id;
+- ``run`` (finish or retry): done, dead_lettered, skipped, unrouted or retry, with the
+  worker, the try, its start and duration, and the retry delay;
+- ``replay``: a dead letter queued again.
+
+Every entry holds keys (event id, run id, subject: source and profile keys), types,
+outcomes, timings and error classes, never a profile's content or an error's message.
+Reading is a slice at a time (:data:`~hrflow_webhooks.queue.SCAN_LOG_SCRIPT`), so a search
+over the whole log never holds Redis for long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from hrflow_webhooks.queue import LOG_FIELDS, SCAN_LOG_SCRIPT, QueueKeys
+
+# Entries looked at per script call: about a millisecond of Redis' time.
+SCAN_SLICE = 2_000
+RECONCILE_RUNS_KEPT = 100
+
+
+def packed_entry(
+    kind: str,
+    event_id: str,
+    run_id: str,
+    subject: str,
+    event_type: str,
+    outcome: str,
+    detail: Mapping[str, object] | None = None,
+) -> list[str]:
+    """One entry as the scripts append it: the field count, then the fields (append_log)."""
+    fields = [kind, event_id, run_id, subject, event_type, outcome]
+    packed = [item for pair in zip(LOG_FIELDS, fields, strict=True) for item in pair]
+    for name, value in (detail or {}).items():
+        if value is not None:
+            packed += (name, str(value))
+    return [str(len(packed)), *packed]
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    entry_id: str  # the stream id, "<ms>-<n>"
+    at: float  # epoch seconds
+    kind: str  # delivery | run | handler | replay
+    event_id: str
+    run_id: str  # "" when none (a duplicate delivery)
+    subject: str
+    type: str
+    outcome: str
+    detail: Mapping[str, str]
+
+    @classmethod
+    def from_stream(cls, entry_id: bytes | str, fields: list[bytes | str]) -> LogEntry:
+        text = [f.decode() if isinstance(f, bytes) else f for f in fields]
+        values = dict(zip(text[::2], text[1::2], strict=True))
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        kind, event_id, run_id, subject, event_type, outcome = (
+            values.pop(name, "") for name in LOG_FIELDS
+        )
+        return cls(
+            ident, _ms_of(ident) / 1000, kind, event_id, run_id, subject, event_type, outcome,
+            values,
+        )  # fmt: skip
+
+    @property
+    def profile_key(self) -> str | None:
+        """The profile key of a profile subject (``profile/<source>/key:<key>``)."""
+        head, _, key = self.subject.partition("/key:")
+        return key if head.startswith("profile/") and key else None
+
+    @property
+    def source_key(self) -> str | None:
+        kind, _, rest = self.subject.partition("/")
+        return rest.partition("/")[0] or None if kind in ("profile", "job") else None
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    event_id: str | None = None
+    profile_key: str | None = None
+    type: str | None = None
+    outcome: str | None = None
+    kind: str | None = None
+    since: float | None = None  # epoch seconds
+    until: float | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    started_at: float
+    finished_at: float
+    trigger: str  # cli | schedule
+    sources: tuple[str, ...]
+    since: float | None
+    scanned: int
+    enqueued: int
+    already_handled: int
+    pages: int
+    stopped: str | None  # None: complete; else why it stopped early
+    already_queued: int = 0  # found waiting already (merged into its run, or a duplicate)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ReconcileReport:
+        fields: dict[str, Any] = orjson.loads(data)
+        fields["sources"] = tuple(fields["sources"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    entries: int
+    subjects: frozenset[str]  # what the deleted entries were about
+
+
+def _ms_of(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+def _bound(at: float | None, default: str) -> str:
+    return default if at is None else str(int(at * 1000))
+
+
+class EventLog:
+    def __init__(self, redis: Redis, keys: QueueKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._scan = redis.register_script(SCAN_LOG_SCRIPT)
+
+    async def search(self, query: LogQuery) -> list[LogEntry]:
+        """The entries matching every filter given, newest first, at most ``query.limit``."""
+        found: list[LogEntry] = []
+        filters = _filters(query)
+        cursor = _bound(query.until, "+")
+        while len(found) < query.limit:
+            last, matches = await self._slice(
+                cursor, _bound(query.since, "-"), "-", "match", filters
+            )
+            found += (LogEntry.from_stream(ident, fields) for ident, fields in matches)
+            if not last:
+                break
+            cursor = "(" + last
+        return found[: query.limit]
+
+    async def timeline(self, event_id: str, limit: int = 1_000) -> list[LogEntry]:
+        """One event's path, oldest first: its deliveries, the runs they queued or merged
+        into (coalesced events are identical, so they share the id), their handlers' outcomes
+        and its replays."""
+        newest_first = await self.search(LogQuery(event_id=event_id, limit=limit))
+        return newest_first[::-1]
+
+    async def minutes(self, minutes: int = 60) -> list[tuple[float, dict[str, int]]]:
+        """Per minute of the last ``minutes``, oldest first: delivery and run outcomes."""
+        now_minute = int(time.time() // 60)
+        counts: dict[int, dict[str, int]] = defaultdict(dict)
+        cursor = str((now_minute - minutes + 1) * 60_000)
+        while True:
+            last, tallies = await self._slice(cursor, "+", "+", "tally", _filters(LogQuery()))
+            for name, count in zip(tallies[::2], tallies[1::2], strict=True):
+                minute, _, outcome = _text(name).partition("|")
+                bucket = counts[int(minute)]
+                bucket[outcome] = bucket.get(outcome, 0) + int(count)
+            if not last:
+                break
+            cursor = "(" + last
+        first = now_minute - minutes + 1
+        return [(m * 60.0, counts.get(m, {})) for m in range(first, now_minute + 1)]
+
+    async def erase(self, subject: str | None = None, profile_key: str | None = None) -> Erased:
+        """Delete every entry about ``subject``, or about ``profile_key`` in any source."""
+        filters = _filters(LogQuery(profile_key=profile_key))
+        if subject is not None:
+            filters[2] = subject  # the subject "suffix" is the whole subject
+        deleted, subjects, cursor = 0, set[str](), "-"
+        while True:
+            last, result = await self._slice(cursor, "+", "+", "delete", filters)
+            deleted += int(result[0])
+            subjects.update(_text(found) for found in result[1:])
+            if not last:
+                return Erased(deleted, frozenset(subjects))
+            cursor = "(" + last
+
+    async def trim(self, retention_s: float) -> int:
+        """Drop entries older than the retention; returns how many went."""
+        return await self.trim_before(int((time.time() - retention_s) * 1000))
+
+    async def trim_before(self, oldest_ms: int) -> int:
+        # Exact: retention is a promise about personal-data requests too, not only memory.
+        return int(await self.redis.xtrim(self.keys.log, minid=str(oldest_ms), approximate=False))
+
+    async def reconcile_runs(self, limit: int = 50) -> list[ReconcileReport]:
+        """The reconciler's reports, newest first."""
+        stored = await self.redis.lrange(self.keys.reconcile_runs, 0, limit - 1)  # type: ignore[misc]
+        return [ReconcileReport.from_json(item) for item in stored]
+
+    async def add_reconcile_run(self, report: ReconcileReport) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.reconcile_runs, report.to_json())
+            pipe.ltrim(self.keys.reconcile_runs, 0, RECONCILE_RUNS_KEPT - 1)
+            await pipe.execute()
+
+    async def _slice(
+        self, start: str, end: str, direction: str, action: str, filters: list[str]
+    ) -> tuple[str, Any]:
+        last, result = await self._scan(
+            keys=[self.keys.log], args=[start, end, SCAN_SLICE, direction, action, *filters]
+        )
+        return _text(last), result
+
+
+def _filters(query: LogQuery) -> list[str]:
+    """The scan script's filters: kind, event id, subject suffix, type, outcome."""
+    suffix = f"/key:{query.profile_key}" if query.profile_key else ""
+    return [query.kind or "", query.event_id or "", suffix, query.type or "", query.outcome or ""]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,230 @@
+"""The operator console for tests: served by a real uvicorn (in the test's loop, or as the
+``hrflow-webhooks console`` process), and a service state to look at, made the way the
+service makes it: signed deliveries through the real receiver, a worker running the
+built-in edit handler against the sandbox, a 400 from the sandbox for one profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+
+from control.console.access import COOKIE_NAME, CSRF_FIELD
+from control.console.app import create_app
+from hrflow_webhooks.settings import Settings
+from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from sandbox.faults import Fault
+from tests.polling import eventually, eventually_sync
+from tests.processes import ROOT
+from tests.redis_server import free_port
+from tests.sandbox_fixtures import SandboxServer
+from tests.service import drain, parsing_event, receiver, update_event
+from workers.handlers import edit
+from workers.registry import Registry
+
+CONSOLE_TOKEN = "test-console-token"
+BEARER = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+EDIT_TAGS = "processed_by=console-test"
+UNROUTED_TYPE = "profile.teleporting.success"
+# In the sandbox's seed profiles: must never appear on a console page.
+PERSONAL_DATA = ("Harry", "Potter", "John", "Doe", "Mathematic Departement")
+
+
+class ConsoleServer:
+    """The console app under a real uvicorn on 127.0.0.1, inside the test's loop."""
+
+    def __init__(self, settings: Settings, token: str = CONSOLE_TOKEN) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings, token), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ConsoleServer:
+        task = self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
+
+        async def started() -> bool:
+            if task.done():
+                task.result()
+                raise AssertionError("uvicorn stopped before it started")
+            return bool(self.server.started)
+
+        await eventually(started, "the console to start")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+        self.socket.close()
+
+
+class ConsoleProcess:
+    """``hrflow-webhooks console`` as a platform runs it: its own process, its own port."""
+
+    def __init__(self, settings: Settings, token: str = CONSOLE_TOKEN) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "REDIS_URL": settings.redis_url,
+            "HRFLOW_QUEUE_NAME": settings.queue_name,
+            "HRFLOW_CONSOLE_TOKEN": token,
+            "HRFLOW_CONSOLE_PORT": str(self.port),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "console"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        eventually_sync(self._answers, "the console process to answer", ignoring=(OSError,))
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            assert self.process.stderr is not None
+            raise AssertionError(f"console exited: {self.process.stderr.read().decode()}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+# --- sessions, as a browser holds them --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    cookie: str
+    csrf: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Cookie": f"{COOKIE_NAME}={self.cookie}"}
+
+
+async def log_in(http: aiohttp.ClientSession, url: str, token: str = CONSOLE_TOKEN) -> Session:
+    """The login form, then the CSRF token as the overview's logout form carries it."""
+    async with http.post(
+        f"{url}/login", data={"token": token, "next": "/"}, allow_redirects=False
+    ) as answer:
+        assert answer.status == 303, await answer.text()
+        cookie = answer.cookies[COOKIE_NAME].value
+    async with http.get(f"{url}/", headers={"Cookie": f"{COOKIE_NAME}={cookie}"}) as page:
+        html = await page.text()
+    marker = f'name="{CSRF_FIELD}" value="'
+    csrf = html.split(marker, 1)[1].split('"', 1)[0]
+    return Session(cookie, csrf)
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    url: str,
+    session: Session | None,
+    form: Mapping[str, str],
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, str, str | None]:
+    """(status, body, Location) of a form POST, not following the redirect."""
+    sent = {**(session.headers if session else {}), **(headers or {})}
+    async with http.post(url, data=dict(form), headers=sent, allow_redirects=False) as answer:
+        return answer.status, await answer.text(), answer.headers.get("Location")
+
+
+# --- a service state to look at ---------------------------------------------------------------
+
+
+def edit_registry(settings: Settings) -> Registry:
+    registry = Registry()
+    edit.register(registry, settings)
+    return registry
+
+
+def console_settings(sandbox: SandboxServer, redis_url: str, **overrides: Any) -> Settings:
+    return sandbox.settings(redis_url, edit_tags=EDIT_TAGS, max_tries=1, **overrides)
+
+
+async def deliver(settings: Settings, http: aiohttp.ClientSession, *events: Any) -> None:
+    async with receiver(settings) as server:
+        for event in events:
+            status, body = await server.post(http, event)
+            assert status == 202, body
+
+
+async def seed_service(
+    settings: Settings, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """John Doe edited, Harry Potter's edit dead-lettered (HrFlow answers 400), an unrouted
+    type, and a skip (the echo of our own edit of John Doe)."""
+    sandbox.state.faults.add(Fault(endpoint="PUT /v1/profile/indexing", status=400, times=None))
+    await deliver(settings, http, parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    await drain(settings, edit_registry(settings))
+    sandbox.state.faults.clear()
+    await deliver(
+        settings,
+        http,
+        parsing_event(JOHN_DOE_KEY, SAMPLE_SOURCE_KEY),
+        {"type": UNROUTED_TYPE, "origin": "api", "message": "?"},
+    )
+    await drain(settings, edit_registry(settings))
+    # HrFlow announces our own edit: the handler recognises its echo and skips it.
+    await deliver(settings, http, update_event(JOHN_DOE_KEY, SAMPLE_SOURCE_KEY, family="storing"))
+    await drain(settings, edit_registry(settings))
+
+
+# --- a real browser: Debian's chromium, driven by its chromium-driver ---------------------------
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # root in a container: chromium's sandbox needs user namespaces
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # no calls home: tests run behind firewalls too
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",  # a laptop screen
+)
+
+
+def chromium(user_data_dir: Path) -> WebDriver:
+    """A fresh headless chromium; `make test` installs it (Makefile: chromium)."""
+    if not CHROMEDRIVER.exists() or not CHROMIUM.exists():
+        raise RuntimeError(
+            f"{CHROMEDRIVER} or {CHROMIUM} is missing: `make test` installs Debian's "
+            "chromium and chromium-driver packages (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"):
+        options.add_argument(flag)
+    # The driver's path given: selenium never looks for (or downloads) one of its own.
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def browser_log_in(driver: WebDriver, url: str, token: str = CONSOLE_TOKEN) -> None:
+    driver.get(f"{url}/login")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()

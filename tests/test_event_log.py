@@ -1,0 +1,269 @@
+"""The event log: every event's path (delivery, coalescing, runs, handler outcomes, replays),
+written by the scripts that already run, searchable, capped, trimmed, erasable, and free of
+personal data. Real receiver, real workers, a real Redis and the sandbox HrFlow API."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+from control.erasure import erase_profile
+from hrflow_client.profiles import timestamp_of
+from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.event_log import EventLog, LogEntry, LogQuery
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys, tag_of
+from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from sandbox.faults import Fault
+from tests.redis_server import RedisServer
+from tests.sandbox_fixtures import SandboxServer
+from tests.service import (
+    drain,
+    make_settings,
+    parsing_event,
+    receiver,
+    signed_headers,
+    update_event,
+)
+from workers.dead_letters import DeadLetters
+from workers.handlers import edit
+from workers.registry import Registry
+
+KEYS = QueueKeys("hrflow:queue")
+TAGS = "reviewed=yes"
+
+
+def _path(entries: list[LogEntry]) -> list[tuple[str, str]]:
+    return [(e.kind, e.outcome) for e in entries]
+
+
+async def _deliver(settings: Any, http: aiohttp.ClientSession, *events: Any) -> list[str]:
+    """Signed deliveries through the real receiver; their request ids."""
+    request_ids = []
+    async with receiver(settings) as server:
+        for event in events:
+            body = json.dumps(event)
+            url = f"{server.url}/webhook"
+            async with http.post(url, data=body, headers=signed_headers(event)) as answer:
+                assert answer.status == 202, await answer.text()
+                request_ids.append(answer.headers["x-request-id"])
+    return request_ids
+
+
+def _edit_registry(settings: Any) -> Registry:
+    registry = Registry()
+    edit.register(registry, settings)
+    return registry
+
+
+async def test_a_handled_delivery_leaves_its_whole_path_and_no_personal_data(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    event = Event.from_payload(parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    [request_id] = await _deliver(settings, http, dict(event))
+    await drain(settings, _edit_registry(settings))
+
+    timeline = await EventLog(redis, KEYS).timeline(event.id)
+    assert _path(timeline) == [("delivery", "queued"), ("handler", "ok"), ("run", "done")]
+    delivery, handler, run = timeline
+    assert delivery.detail["request_id"] == request_id
+    assert delivery.detail["via"] == "http"
+    assert delivery.run_id == handler.run_id == run.run_id != ""
+    assert delivery.profile_key == HARRY_POTTER_KEY
+    assert delivery.source_key == SAMPLE_SOURCE_KEY
+    assert handler.detail["handler"] == "builtin.edit"
+    assert float(handler.detail["duration_ms"]) >= 0
+    assert run.detail["try"] == "1"
+    assert ":" in run.detail["worker"]
+    assert int(run.detail["started_ms"]) >= int(delivery.at * 1000)
+
+    # Nothing personal reached the log: no name, no text, no profile field.
+    raw = repr(await redis.xrange(KEYS.log))
+    for personal in ("Harry", "Potter", "Mathematic", "football"):
+        assert personal not in raw
+
+
+async def test_the_handled_state_is_hrflows_stamp_of_what_the_handler_read_and_wrote(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    event = Event.from_payload(parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    await _deliver(settings, http, dict(event))
+    await drain(settings, _edit_registry(settings))
+    # The handler read the profile, then wrote it back: the newest state it knows of is its
+    # own write's, as HrFlow stamped it (the PUT's answer), not our clock.
+    after = sandbox.state.profiles.get(SAMPLE_SOURCE_KEY, key=HARRY_POTTER_KEY)
+    assert after is not None
+    written_at = timestamp_of(after["updated_at"])
+    assert written_at is not None
+    handled = await redis.get(KEYS.handled(tag_of(event.subject)))
+    assert handled is not None
+    assert int(handled) == int(written_at)
+
+
+async def test_duplicates_and_coalesced_notifications_point_at_their_run(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    once, latest = (Event.from_payload(p) for p in (parsing_event("pk-d"), update_event("pk-c")))
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events([once, once], request_id="req-1")
+        await queue.enqueue_events([latest, latest, latest], request_id="req-2")
+    log = EventLog(redis, KEYS)
+    first, duplicate = await log.timeline(once.id)
+    assert (first.outcome, duplicate.outcome) == ("queued", "duplicate")
+    assert first.run_id
+    assert duplicate.run_id == ""
+    queued, *merged = await log.timeline(latest.id)
+    assert [m.outcome for m in merged] == ["coalesced", "coalesced"]
+    assert {m.run_id for m in merged} == {queued.run_id}  # merged into the waiting run
+    assert {e.detail["request_id"] for e in merged} == {"req-2"}
+
+
+async def test_a_retry_a_dead_letter_and_its_replay_are_in_the_timeline(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    registry = _edit_registry(settings)
+    log = EventLog(redis, KEYS)
+    retried = Event.from_payload(parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    sandbox.state.faults.add(Fault(endpoint="PUT /v1/profile/indexing", status=500, times=1))
+    await _deliver(settings, http, dict(retried))
+    await drain(settings, registry)
+    timeline = await log.timeline(retried.id)
+    assert _path(timeline) == [
+        ("delivery", "queued"),
+        ("handler", "retry"),
+        ("run", "retry"),
+        ("handler", "ok"),
+        ("run", "done"),
+    ]
+    retry, retried_run = timeline[1:3]
+    assert (retry.detail["error"], retry.detail["hrflow_status"]) == ("UpstreamError", "500")
+    assert float(retried_run.detail["retry_in_s"]) > 0
+    assert timeline[-1].detail["try"] == "2"
+
+    dead_lettered = Event.from_payload(parsing_event(JOHN_DOE_KEY, SAMPLE_SOURCE_KEY))
+    sandbox.state.faults.add(Fault(endpoint="PUT /v1/profile/indexing", status=400, times=1))
+    await _deliver(settings, http, dict(dead_lettered))
+    await drain(settings, registry)
+    letters = DeadLetters(redis, KEYS)
+    [letter_id] = await letters.ids()
+    assert await letters.replay(letter_id)
+    await drain(settings, registry)
+    timeline = await log.timeline(dead_lettered.id)
+    assert _path(timeline) == [
+        ("delivery", "queued"),
+        ("handler", "failed"),
+        ("handler", "dead"),
+        ("run", "dead_lettered"),
+        ("replay", "queued"),
+        ("handler", "ok"),
+        ("run", "done"),
+    ]
+    failed, dead, _, replay = timeline[1:5]
+    assert (failed.detail["hrflow_status"], dead.detail["hrflow_status"]) == ("400", "400")
+    assert dead.detail["dead_letter_id"] == letter_id == replay.detail["dead_letter_id"]
+    assert dead.detail["reason"] == "permanent error"
+    assert replay.run_id == timeline[-1].run_id != timeline[0].run_id
+    assert timeline[-2].detail["handler"] == "builtin.edit"
+
+
+async def test_search_filters_across_slices_newest_first(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(4_500)]
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events(events[:4_000])
+        await queue.enqueue_events(events[:1])  # a duplicate, the newest entry
+        middle = time.time()
+        await queue.enqueue_events(events[4_000:])
+    log = EventLog(redis, KEYS)
+    # pk-7 is thousands of entries (several slices) behind the newest.
+    [found] = await log.search(LogQuery(profile_key="pk-7"))
+    assert (found.event_id, found.outcome) == (events[7].id, "queued")
+    assert [e.outcome for e in await log.search(LogQuery(profile_key="pk-0"))] == [
+        "duplicate",
+        "queued",
+    ]
+    assert len(await log.search(LogQuery(outcome="queued", limit=3_000))) == 3_000
+    assert len(await log.search(LogQuery(outcome="duplicate"))) == 1
+    newer = await log.search(LogQuery(since=middle, limit=10_000))
+    assert len(newer) == 500
+    assert newer[0].event_id == events[-1].id
+    older = await log.search(LogQuery(until=middle, type="profile.parsing.success", limit=5))
+    assert [e.outcome for e in older] == ["duplicate", "queued", "queued", "queued", "queued"]
+    assert await log.search(LogQuery(profile_key="pk-4500")) == []
+    [minute_now] = [c for _, c in (await log.minutes(2))[-1:]]
+    assert sum(c.get("queued", 0) for _, c in await log.minutes(2)) == 4_500
+    assert minute_now.get("queued", 0) + (await log.minutes(2))[0][1].get("queued", 0) == 4_500
+
+
+async def test_the_log_is_capped_and_trimmed_past_its_retention(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    events = [Event.from_payload(parsing_event(f"cap-{n}")) for n in range(3_000)]
+    async with EventQueue(redis, settings.queue_name, 60, log_max_entries=1_000) as queue:
+        await queue.enqueue_events(events)
+    length = await redis.xlen(KEYS.log)
+    assert 1_000 <= length < 1_200  # MAXLEN ~ trims whole nodes of 100 entries
+    oldest, newest = await redis.xrange(KEYS.log, count=1), await redis.xrevrange(KEYS.log, count=1)
+    # Trimmed to what is as young as the newest entry: only that millisecond is kept.
+    newest_ms = int(newest[0][0].decode().partition("-")[0])
+    log = EventLog(redis, KEYS)
+    assert await log.trim(retention_s=3_600) == 0  # nothing is an hour old
+    removed = await log.trim_before(newest_ms)
+    assert removed > 0
+    assert oldest != await redis.xrange(KEYS.log, count=1)
+    remaining = await redis.xrange(KEYS.log)
+    assert remaining
+    assert all(int(i.decode().partition("-")[0]) == newest_ms for i, _ in remaining)
+
+
+async def test_erasure_removes_a_profiles_entries_and_handled_states_only(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    registry.add("profile.parsing.success", _nothing, name="nothing")
+    gone = [parsing_event("pk-gone", "sk-a"), parsing_event("pk-gone", "sk-b")]
+    kept = parsing_event("pk-kept", "sk-a")
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events([Event.from_payload(p) for p in (*gone, kept)])
+    await drain(settings, registry)
+    states = [KEYS.handled(tag_of(Event.from_payload(p).subject)) for p in (*gone, kept)]
+    assert await redis.exists(*states) == 3
+
+    report = await erase_profile(redis, KEYS, "pk-gone")
+    assert (report.log_entries, report.handled_states) == (6, 2)  # delivery, handler, run x2
+    log = EventLog(redis, KEYS)
+    assert await log.search(LogQuery(profile_key="pk-gone")) == []
+    assert len(await log.search(LogQuery(profile_key="pk-kept"))) == 3
+    assert await redis.exists(*states) == 1
+    assert "pk-gone" not in repr(await redis.xrange(KEYS.log))
+
+
+async def _nothing(event: Any, ctx: Any) -> None:
+    return None
+
+
+async def test_a_handler_that_skips_on_purpose_is_a_skip_with_its_reason(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    first = parsing_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY)
+    echo = Event.from_payload(update_event(HARRY_POTTER_KEY, SAMPLE_SOURCE_KEY))
+    await _deliver(settings, http, first)
+    await drain(settings, _edit_registry(settings))
+    await _deliver(settings, http, dict(echo))  # the echo of the handler's own PUT
+    await drain(settings, _edit_registry(settings))
+    [_, handler, run] = await EventLog(redis, KEYS).timeline(echo.id)
+    assert (handler.outcome, handler.detail["reason"]) == ("skip", "echo of our own write")
+    assert run.outcome == "done"

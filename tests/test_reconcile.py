@@ -1,0 +1,218 @@
+"""Reconciliation against the sandbox HrFlow API: the webhooks it drops on purpose are found by
+listing, queued through the normal path and handled exactly once; what was handled is never
+queued again; a 429 or a 5xx stops the scan with its checkpoint unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from hrflow_client import HrflowClient
+from hrflow_webhooks.event_log import EventLog, LogQuery
+from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.settings import Settings
+from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
+from sandbox.faults import Fault
+from tests.polling import eventually
+from tests.redis_server import RedisServer
+from tests.sandbox_fixtures import SandboxServer
+from tests.service import WEBHOOK_SECRET, drain, receiver
+from workers.handlers import edit
+from workers.reconcile import Reconciler
+from workers.registry import Registry
+from workers.settings import create_worker
+
+SOURCE = "reconciled"
+KEYS = QueueKeys("hrflow:queue")
+
+
+def _client(sandbox: SandboxServer, http: aiohttp.ClientSession) -> HrflowClient:
+    return HrflowClient(http, sandbox.api_url, DEFAULT_API_KEY, DEFAULT_API_USER)
+
+
+async def _create_and_update(client: HrflowClient, count: int) -> list[str]:
+    """``count`` profiles created then updated through the API: two webhooks each."""
+    keys = []
+    for n in range(count):
+        created = await client.profile_indexing_add_json(
+            SOURCE, {"reference": f"ref-{n}", "text": "t", "info": {"summary": "first"}}
+        )
+        keys.append(created["key"])
+        await client.profile_indexing_edit(SOURCE, {"info": {"summary": "second"}}, key=keys[-1])
+    return keys
+
+
+def _worker_calls(sandbox: SandboxServer, since: int) -> Counter[tuple[str, str]]:
+    """(method, profile key) of the profile reads and writes after call number ``since``."""
+    calls = sandbox.state.calls[since:]
+    return Counter(
+        (c["method"], c["query"].get("key") or c["body"].get("key"))
+        for c in calls
+        if c["path"] == "/v1/profile/indexing"
+    )
+
+
+def _registry(settings: Settings) -> Registry:
+    registry = Registry()
+    edit.register(registry, settings)
+    return registry
+
+
+@asynccontextmanager
+async def _sandbox(**options: Any) -> AsyncIterator[SandboxServer]:
+    async with SandboxServer(**options) as server:
+        yield server
+
+
+def _dropping() -> Any:
+    """The sandbox with its webhooks on and every delivery dropped, as when they go missing."""
+    return _sandbox(
+        webhook_url="http://127.0.0.1:9/unused", webhook_secret=WEBHOOK_SECRET, drop_webhooks=True
+    )
+
+
+async def test_dropped_webhooks_are_found_handled_once_and_not_queued_again(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url, edit_tags="reviewed=yes")
+        began = time.time()
+        keys = await _create_and_update(_client(sandbox, http), 200)
+        assert len(sandbox.state.dropped_webhooks) == 400  # every delivery lost
+        assert sandbox.state.webhooks == []
+        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+
+        first = await reconciler.run([SOURCE], since=began - 1)
+        assert (first.scanned, first.enqueued, first.already_handled) == (200, 200, 0)
+        assert (first.pages, first.stopped) == (2, None)
+        before = len(sandbox.state.calls)
+        await drain(settings, _registry(settings))
+        handled = _worker_calls(sandbox, before)
+        assert handled == Counter(
+            {("GET", key): 1 for key in keys} | {("PUT", key): 1 for key in keys}
+        )
+
+        again = await reconciler.run([SOURCE])  # from the checkpoint the first one left
+        assert (again.scanned, again.enqueued, again.already_handled) == (200, 0, 200)
+        assert await redis.zcard(KEYS.queue) == 0
+
+    log = EventLog(redis, KEYS)
+    deliveries = await log.search(LogQuery(kind="delivery", limit=1_000))
+    assert len(deliveries) == 200
+    assert {(d.type, d.detail["via"]) for d in deliveries} == {
+        ("profile.storing.success", "reconciler")
+    }
+    [newest, older] = await log.reconcile_runs()
+    assert (newest.enqueued, older.enqueued, newest.trigger) == (0, 200, "cli")
+
+
+async def test_with_webhooks_arriving_reconcile_finds_nothing_new(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    settings = SandboxServer().settings(redis_server.url, edit_tags="reviewed=yes")
+    async with receiver(settings) as server:
+        url = f"{server.url}/webhook"
+        async with _sandbox(webhook_url=url, webhook_secret=WEBHOOK_SECRET) as sandbox:
+            settings = sandbox.settings(redis_server.url, edit_tags="reviewed=yes")
+            began = time.time()
+            await _create_and_update(_client(sandbox, http), 20)
+
+            async def all_handled() -> bool:
+                await drain(settings, _registry(settings))
+                answered = [w for w in sandbox.state.webhooks if w["status"] is not None]
+                return len(answered) == len(sandbox.state.webhooks) and not await redis.zcard(
+                    KEYS.queue
+                )
+
+            await eventually(all_handled)
+            assert sandbox.state.dropped_webhooks == []
+            report = await Reconciler(redis, _client(sandbox, http), settings).run(
+                [SOURCE], since=began - 1
+            )
+    assert (report.scanned, report.enqueued, report.already_handled) == (20, 0, 20)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_429_or_5xx_stops_the_scan_and_the_next_resumes_from_the_checkpoint(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession, status: int
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url)
+        await _create_and_update(_client(sandbox, http), 3)
+        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        await redis.set(KEYS.reconcile_checkpoint(SOURCE), time.time() - 600)
+        checkpoint = await redis.get(KEYS.reconcile_checkpoint(SOURCE))
+        sandbox.state.faults.add(Fault(endpoint="GET /v1/storing/profiles", status=status, times=1))
+
+        stopped = await reconciler.run([SOURCE])
+        assert stopped.stopped == f"HrFlow: HTTP {status} on page 1 of source {SOURCE}"
+        assert stopped.enqueued == 0
+        assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) == checkpoint
+
+        resumed = await reconciler.run([SOURCE])
+        assert (resumed.stopped, resumed.enqueued) == (None, 3)
+        assert float(await redis.get(KEYS.reconcile_checkpoint(SOURCE)) or 0) > float(checkpoint)
+        [latest, first] = await EventLog(redis, KEYS).reconcile_runs()
+        assert (latest.stopped, first.stopped) == (None, stopped.stopped)
+
+
+async def test_a_changed_profile_is_queued_as_an_update_with_its_listed_state(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url, edit_tags="reviewed=yes")
+        client = _client(sandbox, http)
+        began = time.time()
+        [key] = await _create_and_update(client, 1)
+        reconciler = Reconciler(redis, client, settings)
+        await reconciler.run([SOURCE], since=began - 1)
+        await drain(settings, _registry(settings))
+        await asyncio.sleep(1.1)  # HrFlow stamps updated_at to the second
+        await client.profile_indexing_edit(SOURCE, {"info": {"summary": "third"}}, key=key)
+
+        report = await reconciler.run([SOURCE], since=began - 1)
+        assert (report.enqueued, report.already_handled) == (1, 0)
+        [update] = await EventLog(redis, KEYS).search(LogQuery(kind="delivery", limit=1))
+        assert (update.type, update.profile_key) == ("profile.storing.update", key)
+
+
+async def test_the_workers_reconcile_on_schedule_one_at_a_time(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(
+            redis_server.url, edit_tags="reviewed=yes", reconcile_sources=SOURCE
+        )
+        keys = await _create_and_update(_client(sandbox, http), 5)
+        workers = [
+            create_worker(settings, _registry(settings), handle_signals=False) for _ in range(2)
+        ]
+        running = [asyncio.create_task(w.main()) for w in workers]
+        try:
+
+            async def reconciled_and_handled() -> bool:
+                runs = await EventLog(redis, KEYS).reconcile_runs()
+                return len(runs) == 1 and not await redis.zcard(KEYS.queue)
+
+            await eventually(reconciled_and_handled)
+            both_started = [w for w in workers if w.ctx.get("upkeep") is not None]
+            assert len(both_started) == 2
+        finally:
+            for worker in workers:
+                await worker.close()
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+    [report] = await EventLog(redis, KEYS).reconcile_runs()
+    assert (report.trigger, report.sources, report.enqueued) == ("schedule", (SOURCE,), 5)
+    assert await redis.exists(KEYS.reconcile_lock)  # spaces the next scan by the interval
+    put = [c["body"]["key"] for c in sandbox.state.calls if c["method"] == "PUT"]
+    assert Counter(put) == Counter({key: 2 for key in keys})  # the test's edit, then the handler's

@@ -1,0 +1,233 @@
+"""Reconciliation: find the profile changes whose webhook never arrived, and queue them.
+
+HrFlow publishes no retry policy, so a delivery lost on the way (an outage longer
+than its retries, a wrong URL, a rotated secret) is gone unless we look. Like
+Stripe's "process undelivered events", we list: ``GET /v1/storing/profiles`` of
+each source, most recently changed first, back to the source's checkpoint. For
+each profile, the service's handled state (``QueueKeys.handled``: the newest
+``updated_at`` a finished run handled, kept as long as the event log) decides:
+
+- none: never handled → ``profile.storing.success``, as HrFlow would have sent;
+- older than the listed ``updated_at``: changed since → ``profile.storing.update``;
+- otherwise: already handled.
+
+A queued event that merges into a waiting run, or is a duplicate of one queued
+earlier, counts as *already queued*.
+
+The events go through the normal enqueue path (deduplication, coalescing,
+per-profile order, the event log), with ``origin: "reconciler"`` and the listed
+``updated_at`` (so the run that handles them records that state), and the built-in
+handlers and plugins act on them exactly as on a delivery.
+
+Calls to HrFlow take the shared rate budget. A 429 or a 5xx stops the scan cleanly:
+the checkpoint stays where it was, and the next scan starts from it again (what this
+one queued is then found queued, merged or handled). A complete scan moves the
+checkpoint to its own start, less a margin for HrFlow's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+
+from hrflow_client.api import HrflowClient
+from hrflow_client.errors import ApiError
+from hrflow_client.profiles import timestamp_of
+from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.event_log import EventLog, ReconcileReport
+from hrflow_webhooks.events import Event, profile_subject
+from hrflow_webhooks.queue import QUEUED, QueueKeys, tag_of
+from hrflow_webhooks.settings import Settings
+from workers import metrics
+
+logger = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+# HrFlow stamps updated_at with its own clock, to the second: a scan's checkpoint is its
+# start less this, so a change stamped by a clock running behind ours is not skipped.
+CHECKPOINT_MARGIN_S = 60.0
+NEVER_HANDLED, CHANGED = "profile.storing.success", "profile.storing.update"
+
+
+@dataclass(slots=True)
+class _Tally:
+    scanned: int = 0
+    enqueued: int = 0
+    already_handled: int = 0
+    already_queued: int = 0
+    pages: int = 0
+
+
+def listed_event(source_key: str, item: Mapping[str, Any], handled: bool) -> dict[str, Any]:
+    """The notification HrFlow would have sent for a listed profile (keys only, no content)."""
+    event_type = CHANGED if handled else NEVER_HANDLED
+    return {
+        "type": event_type,
+        "origin": "reconciler",
+        "message": "found by reconciliation",
+        "profile": {
+            "key": item["key"],
+            "reference": item.get("reference"),
+            "source": {"key": source_key},
+        },
+        "reconciler": {"updated_at": item.get("updated_at")},
+    }
+
+
+class Reconciler:
+    def __init__(self, redis: Redis, client: HrflowClient, settings: Settings) -> None:
+        self.redis = redis
+        self.client = client
+        self.settings = settings
+        self.keys = QueueKeys(settings.queue_name)
+
+    async def run(
+        self, sources: Sequence[str], since: float | None = None, trigger: str = "cli"
+    ) -> ReconcileReport:
+        """Scan each source back to ``since`` (or its checkpoint, or one interval ago)."""
+        started = time.time()
+        tally, stopped = _Tally(), None
+        queue = EventQueue(
+            self.redis, self.settings.queue_name, self.settings.dedup_window_s,
+            self.settings.event_log_max_entries, via="reconciler",
+        )  # fmt: skip
+        async with queue:
+            for source in sources:
+                stopped = await self._scan(queue, source, since, tally, started)
+                if stopped is not None:
+                    break
+        report = ReconcileReport(
+            started, time.time(), trigger, tuple(sources), since, tally.scanned,
+            tally.enqueued, tally.already_handled, tally.pages, stopped, tally.already_queued,
+        )  # fmt: skip
+        await EventLog(self.redis, self.keys).add_reconcile_run(report)
+        _report(report)
+        return report
+
+    async def _scan(
+        self, queue: EventQueue, source: str, since: float | None, tally: _Tally, started: float
+    ) -> str | None:
+        """One source, newest changes first; why it stopped early, or None when complete."""
+        floor = since if since is not None else await self._checkpoint(source, started)
+        page = 1
+        while True:
+            try:
+                listed = await self.client.storing_profiles_list(
+                    [source], page=page, limit=PAGE_SIZE
+                )
+            except ApiError as error:
+                if not error.transient:
+                    raise
+                answer = f"HTTP {error.status}" if error.status else "no answer"
+                return f"HrFlow: {answer} on page {page} of source {source}"
+            tally.pages += 1
+            fresh = [p for p in listed.profiles if _changed_since(p, floor)]
+            await self._queue_unhandled(queue, source, fresh, tally)
+            if len(fresh) < len(listed.profiles) or page >= listed.max_page:
+                break
+            page += 1
+        await self.redis.set(self.keys.reconcile_checkpoint(source), started - CHECKPOINT_MARGIN_S)
+        return None
+
+    async def _checkpoint(self, source: str, started: float) -> float:
+        kept = await self.redis.get(self.keys.reconcile_checkpoint(source))
+        return float(kept) if kept is not None else started - self.settings.reconcile_interval_s
+
+    async def _queue_unhandled(
+        self, queue: EventQueue, source: str, items: list[Mapping[str, Any]], tally: _Tally
+    ) -> None:
+        tally.scanned += len(items)
+        if not items:
+            return
+        subjects = [tag_of(profile_subject(source, str(item["key"]))) for item in items]
+        states = await self.redis.mget([self.keys.handled(tag) for tag in subjects])
+        events = []
+        for item, state in zip(items, states, strict=True):
+            updated_at = timestamp_of(item.get("updated_at")) or 0.0
+            if state is not None and int(state) >= int(updated_at):
+                tally.already_handled += 1
+                continue
+            events.append(Event.from_payload(listed_event(source, item, state is not None)))
+        if events:
+            request_id = f"reconcile-{int(time.time())}"
+            outcomes = await queue.enqueue_events(events, request_id)
+            tally.enqueued += sum(1 for outcome in outcomes if outcome == QUEUED)
+            tally.already_queued += sum(1 for outcome in outcomes if outcome != QUEUED)
+
+
+def _changed_since(item: Mapping[str, Any], floor: float) -> bool:
+    if not isinstance(item.get("key"), str) or not item["key"]:
+        return False
+    updated_at = timestamp_of(item.get("updated_at"))
+    return updated_at is None or updated_at >= int(floor)
+
+
+def _report(report: ReconcileReport) -> None:
+    metrics.RECONCILE_PROFILES.labels("scanned").inc(report.scanned)
+    metrics.RECONCILE_PROFILES.labels("enqueued").inc(report.enqueued)
+    metrics.RECONCILE_PROFILES.labels("already_handled").inc(report.already_handled)
+    metrics.RECONCILE_PROFILES.labels("already_queued").inc(report.already_queued)
+    metrics.RECONCILE_RUNS.labels("stopped" if report.stopped else "complete").inc()
+    logger.log(
+        logging.WARNING if report.stopped else logging.INFO,
+        "reconcile stopped early" if report.stopped else "reconcile finished",
+        extra={
+            "trigger": report.trigger,
+            "scanned": report.scanned,
+            "enqueued": report.enqueued,
+            "already_handled": report.already_handled,
+            "already_queued": report.already_queued,
+            "pages": report.pages,
+            "duration_ms": round((report.finished_at - report.started_at) * 1000, 1),
+            "reason": report.stopped,
+        },
+    )
+
+
+# --- the workers' upkeep ---------------------------------------------------------------------
+
+UPKEEP_INTERVAL_S = 60.0
+
+
+async def upkeep(redis: Redis, client: HrflowClient | None, settings: Settings) -> None:
+    """Every worker, forever: trim the event log past its retention and, when sources are
+    set, reconcile them once per interval, one worker at a time (a lock that outlives the
+    run until the interval is over, so the next due worker takes it then)."""
+    keys = QueueKeys(settings.queue_name)
+    log = EventLog(redis, keys)
+    while True:
+        try:
+            await log.trim(settings.event_log_retention_s)
+            if settings.reconcile_sources and client is not None:
+                await _reconcile_if_due(redis, client, settings, keys)
+        except Exception as error:  # Redis away, HrFlow refused: the next round tries again
+            logger.warning("upkeep failed", extra={"error_type": type(error).__name__})
+        await asyncio.sleep(min(UPKEEP_INTERVAL_S, settings.reconcile_interval_s))
+
+
+async def _reconcile_if_due(
+    redis: Redis, client: HrflowClient, settings: Settings, keys: QueueKeys
+) -> None:
+    lock = Lock(redis, keys.reconcile_lock, timeout=settings.reconcile_interval_s, blocking=False)
+    if not await lock.acquire():
+        return  # another worker ran it less than an interval ago, or runs it now
+    keeper = asyncio.create_task(_hold(lock, settings.reconcile_interval_s))
+    try:
+        await Reconciler(redis, client, settings).run(settings.reconcile_sources, None, "schedule")
+    finally:
+        keeper.cancel()
+
+
+async def _hold(lock: Lock, timeout_s: float) -> None:
+    """Keep a long scan's lock (no second worker starts one meanwhile); once it ends, the
+    lock expires an interval after its last renewal, which spaces the scans."""
+    while True:
+        await asyncio.sleep(timeout_s / 3)
+        await lock.reacquire()
