@@ -75,8 +75,10 @@ def table_rows(rows: dict[str, Any]) -> list[str]:
         lines.append(
             f"| P4 | worker RSS growth over {p4['events']:,} events; Redis after the drain "
             f"| start: {p4['rss_start_mb']:.1f} MB RSS | +{p4['rss_growth_mb']:.1f} MB RSS; "
-            f"Redis +{p4['redis_growth_mb']:.1f} MB ({p4['redis_bytes_per_event']:.0f} B/event), "
-            f"keys: {kept} | | < 20 MB; only the dedup window | "
+            f"Redis +{p4['redis_growth_mb']:.1f} MB ({p4['redis_bytes_per_event']:.0f} B/event, "
+            f"of which the event log {p4.get('event_log_mb', 0):.1f} MB), "
+            f"keys: {kept} | | RSS < 20 MB; only the dedup window, the capped event log and "
+            "handled states | "
             f"{'yes' if p4['passes'] else '**no**'} |"
         )
     if "P5" in rows:

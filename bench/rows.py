@@ -18,6 +18,7 @@ from bench import instructions, measure
 from bench.deliveries import write_deliveries
 from bench.handlers import IO_WAIT_S
 from bench.procs import PYTHON, RECEIVER_APP, Processes, cpu_seconds, rss_bytes, wait_for_http
+from hrflow_webhooks.queue import QueueKeys
 
 # wrk replays its file in a loop: it must hold more deliveries than the receiver takes in a
 # run, or the repeats take the receiver's cheaper duplicate path (P1's checks show it:
@@ -342,6 +343,7 @@ def _redis_keys(redis: Redis) -> dict[str, int]:
         ":done:": "completion markers",
         ":order:": "subject order lists",
         ":waiting:": "waiting-run pointers",
+        ":handled:": "handled states",
         "arq:job:": "jobs",
         "arq:in-progress:": "in-progress",
         "arq:retry:": "retry counters",
@@ -374,13 +376,20 @@ def p4_memory(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
     time.sleep(0.5)  # let the last job's bookkeeping land
     keys = _redis_keys(redis)
     redis_end = measure.used_memory(redis)
+    event_log = int(redis.memory_usage(QueueKeys("hrflow:queue").log, samples=0) or 0)  # type: ignore[arg-type]
     procs.stop(worker)
     rss_growth = samples[-1][1] - rss_start
     # A finished run leaves nothing of its own: no job, marker or order list.
     # The durability watch's start marker is one key; its loss notice appears because the
     # bench flushes Redis between rows while processes run (a loss it rightly reports).
+    # By design since issue 16: the event log (one stream, capped at
+    # HRFLOW_EVENT_LOG_MAX_ENTRIES), each profile's handled state (kept as long as the log,
+    # for reconciliation) and the workers' heartbeats.
     expected = {
         "dedup markers",
+        "handled states",
+        "hrflow:queue:log",
+        "hrflow:queue:workers",
         "bench:handled",
         "hrflow:queue:health-check",
         "hrflow:queue:redis-marker",
@@ -395,6 +404,7 @@ def p4_memory(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
         "redis_growth_mb": (redis_end - redis_start) / 2**20,
         "redis_bytes_per_event": (redis_end - redis_start) / events,
         "redis_keys": keys,
+        "event_log_mb": event_log / 2**20,
         "leftover_keys": leftovers,
         "target_rss_growth_mb": 20,
         "passes": rss_growth < 20 * 2**20 and not leftovers,

@@ -631,6 +631,8 @@ def erase(
 ) -> None:
     """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints,
     its event-log entries and handled states."""
+    if not profile_key.strip():
+        raise fail("--profile-key is empty: it would match every profile")
     settings = service_settings(state_dir)
 
     async def main() -> Any:

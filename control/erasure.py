@@ -37,7 +37,7 @@ import orjson
 from redis.asyncio import Redis
 
 from hrflow_webhooks.event_log import EventLog
-from hrflow_webhooks.events import Event, profile_subject_parts
+from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     FORGET_RUN_SCRIPT,
     JOB_KEY_PREFIX,
@@ -92,6 +92,8 @@ class ProfileEraser:
         self.dead_letters = DeadLetters(redis, keys)
 
     async def erase(self, profile_key: str) -> ErasureReport:
+        if not profile_key.strip():  # an empty key would match every profile's traces
+            raise ValueError("erase needs a profile key: an empty one would match every profile")
         jobs, job_events = await self._erase_jobs(profile_key)
         letters, letter_events = await self._erase_dead_letters(profile_key)
         markers = await self._erase_markers(job_events | letter_events)
@@ -100,10 +102,11 @@ class ProfileEraser:
         return ErasureReport(jobs, letters, markers, fingerprints, logged, states)
 
     async def _erase_log(self, profile_key: str) -> tuple[int, int]:
-        """(log entries, handled states) deleted: the states of every subject the log names."""
+        """(log entries, handled states) deleted; the states of every source, by pattern (the
+        log may have dropped the entries that named them long before)."""
         erased = await EventLog(self.redis, self.keys).erase(profile_key=profile_key)
-        subjects = {s for s in erased.subjects if profile_subject_parts(s) is not None}
-        states = [self.keys.handled(tag_of(subject)) for subject in subjects]
+        pattern = glob_escape(self.keys.handled_prefix(profile_key)) + "*"
+        states = [key async for key in self.redis.scan_iter(match=pattern, count=SCAN_BATCH)]
         deleted = int(await self.redis.delete(*states)) if states else 0
         return erased.entries, deleted
 

@@ -404,7 +404,7 @@ def payload_fingerprint(payload: ProfileWrite) -> str:
 def timestamp_of(value: str | None) -> float | None:
     """HrFlow's ``created_at``/``updated_at`` (``2026-11-30T18:00:00+0000``, a zone or not:
     then UTC) as epoch seconds; None when absent or unreadable."""
-    if not value:
+    if not value or not isinstance(value, str):  # a listing's odd item must not end a scan
         return None
     try:
         moment = datetime.fromisoformat(value)

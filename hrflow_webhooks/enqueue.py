@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from hrflow_webhooks.event_log import logged_subject
 from hrflow_webhooks.events import ONCE, Event
 from hrflow_webhooks.queue import (
     ENQUEUE_SCRIPT,
@@ -215,7 +216,9 @@ class EventQueue:
             runs += (
                 resp_bulk(run.encode()),
                 resp_bulk(serialize_job(event, now_ms)),
-                _log_arguments(event_id, subject.encode(), event.canonical_type.encode()),
+                _log_arguments(
+                    event_id, logged_subject(subject).encode(), event.canonical_type.encode()
+                ),
                 request,
             )
         loop = self._loop or self._bind_loop()

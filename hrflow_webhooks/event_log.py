@@ -28,11 +28,20 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from hrflow_webhooks.queue import LOG_FIELDS, SCAN_LOG_SCRIPT, QueueKeys
+from hrflow_webhooks.queue import LOG_FIELDS, SCAN_LOG_SCRIPT, QueueKeys, tag_of
 
 # Entries looked at per script call: about a millisecond of Redis' time.
 SCAN_SLICE = 2_000
 RECONCILE_RUNS_KEPT = 100
+
+
+def logged_subject(subject: str) -> str:
+    """The subject as the log keeps it: a reference (often an e-mail address or an ATS id)
+    by its hash, so the log names profiles by key only."""
+    if "/reference:" not in subject:
+        return subject
+    head, _, reference = subject.partition("/reference:")
+    return f"{head}/reference#{tag_of(reference)}"
 
 
 def packed_entry(
@@ -45,12 +54,15 @@ def packed_entry(
     detail: Mapping[str, object] | None = None,
 ) -> list[str]:
     """One entry as the scripts append it: the field count, then the fields (append_log)."""
-    fields = [kind, event_id, run_id, subject, event_type, outcome]
-    packed = [item for pair in zip(LOG_FIELDS, fields, strict=True) for item in pair]
-    for name, value in (detail or {}).items():
-        if value is not None:
-            packed += (name, str(value))
-    return [str(len(packed)), *packed]
+    k, e, r, s, t, o = LOG_FIELDS
+    packed = [k, kind, e, event_id, r, run_id, s, logged_subject(subject), t, event_type]
+    packed += (o, outcome)
+    if detail:
+        for name, value in detail.items():
+            if value is not None:
+                packed += (name, str(value))
+    packed.insert(0, str(len(packed)))
+    return packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +199,11 @@ class EventLog:
 
     async def erase(self, subject: str | None = None, profile_key: str | None = None) -> Erased:
         """Delete every entry about ``subject``, or about ``profile_key`` in any source."""
+        if not (subject or profile_key):  # no filter would erase the whole log
+            raise ValueError("erase needs a subject or a profile key")
         filters = _filters(LogQuery(profile_key=profile_key))
         if subject is not None:
-            filters[2] = subject  # the subject "suffix" is the whole subject
+            filters[2], filters[5] = subject, ""  # the subject "suffix" is the whole subject
         deleted, subjects, cursor = 0, set[str](), "-"
         while True:
             last, result = await self._slice(cursor, "+", "+", "delete", filters)
@@ -228,9 +242,14 @@ class EventLog:
 
 
 def _filters(query: LogQuery) -> list[str]:
-    """The scan script's filters: kind, event id, subject suffix, type, outcome."""
+    """The scan script's filters: kind, event id, subject suffix, type, outcome, prefix (a
+    profile key matches profile subjects only, not a job's of the same key)."""
     suffix = f"/key:{query.profile_key}" if query.profile_key else ""
-    return [query.kind or "", query.event_id or "", suffix, query.type or "", query.outcome or ""]
+    prefix = "profile/" if query.profile_key else ""
+    return [
+        query.kind or "", query.event_id or "", suffix, query.type or "", query.outcome or "",
+        prefix,
+    ]  # fmt: skip
 
 
 def _text(value: bytes | str) -> str:

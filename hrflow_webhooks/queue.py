@@ -47,7 +47,7 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:health-check``             arq's worker health key
 ``<q>:workers``                  hash worker id → its last heartbeat (JSON)
 ``<q>:log``                      the event log (a stream, capped; see below)
-``<q>:handled:<subject tag>``    the newest state of a profile the service handled
+``<q>:handled:<key>:<source>``   the newest state of a profile the service handled (tags)
 ``<q>:reconcile:checkpoint:<s>`` the reconciler's checkpoint for a source tag
 ``<q>:reconcile:runs``           the reconciler's reports, newest first (100)
 ``<q>:reconcile:lock``           the reconciler's lock across workers
@@ -221,8 +221,12 @@ class QueueKeys:
     def log(self) -> str:
         return f"{self.queue}:log"
 
-    def handled(self, subject_tag: str) -> str:
-        return f"{self.queue}:handled:{subject_tag}"
+    def handled(self, source_key: str, profile_key: str) -> str:
+        """Named by the profile key's tag first, so erasure finds every source's by pattern."""
+        return f"{self.handled_prefix(profile_key)}{tag_of(source_key)}"
+
+    def handled_prefix(self, profile_key: str) -> str:
+        return f"{self.queue}:handled:{tag_of(profile_key)}:"
 
     def reconcile_checkpoint(self, source_key: str) -> str:
         return f"{self.queue}:reconcile:checkpoint:{tag_of(source_key)}"
@@ -499,14 +503,16 @@ return 1
 
 # The event log, read (or erased) a slice at a time so no call holds Redis long: entries of
 # KEYS[1] from ARGV[1] towards ARGV[2] (XRANGE order when ARGV[4] is '+', XREVRANGE when '-'),
-# at most ARGV[3] of them looked at. ARGV[5]: 'match' returns the matching entries, 'delete'
-# deletes them and returns how many, 'tally' counts delivery and run entries per minute and
-# outcome (returned as 'minute|outcome', count pairs). Filters, '' for any, on the six leading fields: ARGV[6]
-# kind, [7] event id, [8] subject suffix, [9] type, [10] outcome. Returns the id of the last
-# entry looked at ('' at the end of the range), then the matches (id, fields) or the count.
+# at most ARGV[3] of them looked at. ARGV[5]: 'match' returns the matching entries; 'delete'
+# deletes them and returns how many, then the distinct subjects they were about; 'tally'
+# counts delivery and run entries per minute and outcome ('minute|outcome', count pairs).
+# Filters on the leading fields, '' for any: ARGV[6] kind, [7] event id, [8] subject suffix,
+# [9] type, [10] outcome, [11] subject prefix. Returns the id of the last entry looked at
+# ('' at the end of the range), then the result.
 SCAN_LOG_SCRIPT = """
 local from, to, count, direction, action = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local kind, event, suffix, type, outcome = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local prefix = ARGV[11]
 local entries
 if direction == '+' then
   entries = redis.call('XRANGE', KEYS[1], from, to, 'COUNT', count)
@@ -518,6 +524,7 @@ for _, entry in ipairs(entries) do
   local f = entry[2]
   if (kind == '' or f[2] == kind) and (event == '' or f[4] == event)
       and (suffix == '' or string.sub(f[8], -#suffix) == suffix)
+      and (prefix == '' or string.sub(f[8], 1, #prefix) == prefix)
       and (type == '' or f[10] == type) and (outcome == '' or f[12] == outcome) then
     if action == 'delete' then
       deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])

@@ -290,6 +290,30 @@ async def _field_count(redis: Redis, key: str, count: int) -> bool:
     return int(await redis.hlen(key)) == count  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    ("path", "auth"),
+    [
+        ("/login?notice=logged-out&count=%C2%B2", False),  # '²' passes str.isdigit()
+        ("/events?limit=%C2%B2", True),
+        ("/events?since=0001-01-01", True),  # before the log's first possible id
+        ("/events?until=1969-12-31T23:00", True),
+        ("/events?since=" + "9" * 400 + "d", True),  # no finite time
+    ],
+)
+async def test_odd_query_values_get_an_answer_never_a_5xx(
+    redis: Redis,
+    redis_server: RedisServer,
+    sandbox: SandboxServer,
+    http: aiohttp.ClientSession,
+    path: str,
+    auth: bool,
+) -> None:
+    settings = console_settings(sandbox, redis_server.url)
+    async with ConsoleServer(settings) as console:
+        status, body, _ = await get(http, console.url + path, BEARER if auth else {})
+    assert status < 500, body[:300]
+
+
 async def test_the_search_finds_a_profiles_events_and_reads_times_like_the_cli(
     redis: Redis,
     redis_server: RedisServer,

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
 from control.erasure import erase_profile
@@ -16,13 +17,14 @@ from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.event_log import EventLog, LogEntry, LogQuery
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys, tag_of
+from hrflow_webhooks.queue import QueueKeys
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from sandbox.faults import Fault
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import (
     drain,
+    enqueue,
     make_settings,
     parsing_event,
     receiver,
@@ -101,7 +103,7 @@ async def test_the_handled_state_is_hrflows_stamp_of_what_the_handler_read_and_w
     assert after is not None
     written_at = timestamp_of(after["updated_at"])
     assert written_at is not None
-    handled = await redis.get(KEYS.handled(tag_of(event.subject)))
+    handled = await redis.get(KEYS.handled(SAMPLE_SOURCE_KEY, HARRY_POTTER_KEY))
     assert handled is not None
     assert int(handled) == int(written_at)
 
@@ -232,22 +234,69 @@ async def test_erasure_removes_a_profiles_entries_and_handled_states_only(
 ) -> None:
     settings = make_settings(redis_server.url)
     registry = Registry()
-    registry.add("profile.parsing.success", _nothing, name="nothing")
-    gone = [parsing_event("pk-gone", "sk-a"), parsing_event("pk-gone", "sk-b")]
-    kept = parsing_event("pk-kept", "sk-a")
+    registry.add("profile.storing.success", _nothing, name="nothing")
+    listed = {"reconciler": {"updated_at": "2026-11-30T18:00:00+0000"}}
+    gone = [_stored("pk-gone", "sk-a", **listed), _stored("pk-gone", "sk-b", **listed)]
+    kept = _stored("pk-kept", "sk-a", **listed)
+    unread = _stored("pk-unread", "sk-a")  # no handler read it, no reconciler listed it
     async with EventQueue(redis, settings.queue_name, 60) as queue:
-        await queue.enqueue_events([Event.from_payload(p) for p in (*gone, kept)])
+        await queue.enqueue_events([Event.from_payload(p) for p in (*gone, kept, unread)])
     await drain(settings, registry)
-    states = [KEYS.handled(tag_of(Event.from_payload(p).subject)) for p in (*gone, kept)]
-    assert await redis.exists(*states) == 3
+    states = [KEYS.handled(s, k) for s, k in (("sk-a", "pk-gone"), ("sk-b", "pk-gone"))]
+    kept_state, unread_state = KEYS.handled("sk-a", "pk-kept"), KEYS.handled("sk-a", "pk-unread")
+    assert await redis.exists(*states, kept_state) == 3
+    assert not await redis.exists(unread_state)  # a state is never made up from our clock
+    # The log keeps only the newest entries: pk-gone's first source is no longer named there.
+    first_source_entries = await EventLog(redis, KEYS).erase(
+        subject=Event.from_payload(gone[0]).subject
+    )
+    assert first_source_entries.entries == 3
 
     report = await erase_profile(redis, KEYS, "pk-gone")
-    assert (report.log_entries, report.handled_states) == (6, 2)  # delivery, handler, run x2
+    assert (report.log_entries, report.handled_states) == (3, 2)  # both states, by pattern
     log = EventLog(redis, KEYS)
     assert await log.search(LogQuery(profile_key="pk-gone")) == []
     assert len(await log.search(LogQuery(profile_key="pk-kept"))) == 3
-    assert await redis.exists(*states) == 1
+    assert await redis.exists(*states, kept_state) == 1
     assert "pk-gone" not in repr(await redis.xrange(KEYS.log))
+
+
+async def test_an_empty_profile_key_erases_nothing(redis: Redis, redis_server: RedisServer) -> None:
+    settings = make_settings(redis_server.url)
+    await enqueue(settings, redis, parsing_event("pk-1"))
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="empty"):
+            await erase_profile(redis, KEYS, empty)
+    with pytest.raises(ValueError, match="needs a subject or a profile key"):
+        await EventLog(redis, KEYS).erase()
+    assert await redis.xlen(KEYS.log) == 1
+
+
+async def test_a_profile_named_by_reference_is_logged_by_its_hash(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    by_reference = parsing_event("unused")
+    by_reference["profile"] = {"reference": "jane.doe@example.com", "source": {"key": "sk-1"}}
+    [event] = await enqueue(settings, redis, by_reference)
+    assert event.subject == "profile/sk-1/reference:jane.doe@example.com"  # the queue's
+    [entry] = await EventLog(redis, KEYS).timeline(event.id)
+    assert entry.subject.startswith("profile/sk-1/reference#")
+    assert "jane" not in repr(await redis.xrange(KEYS.log))
+
+
+async def test_a_profile_key_search_does_not_match_a_job_of_the_same_key(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    job = {"type": "job.storing.success", "job": {"key": "k-1", "board": {"key": "b-1"}}}
+    await enqueue(settings, redis, parsing_event("k-1"), job)
+    [found] = await EventLog(redis, KEYS).search(LogQuery(profile_key="k-1"))
+    assert found.subject.startswith("profile/")
+
+
+def _stored(profile_key: str, source_key: str, **extra: Any) -> dict[str, Any]:
+    return {**parsing_event(profile_key, source_key, **extra), "type": "profile.storing.success"}
 
 
 async def _nothing(event: Any, ctx: Any) -> None:

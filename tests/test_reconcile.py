@@ -216,3 +216,36 @@ async def test_the_workers_reconcile_on_schedule_one_at_a_time(
     assert await redis.exists(KEYS.reconcile_lock)  # spaces the next scan by the interval
     put = [c["body"]["key"] for c in sandbox.state.calls if c["method"] == "PUT"]
     assert Counter(put) == Counter({key: 2 for key in keys})  # the test's edit, then the handler's
+
+
+async def test_a_short_since_leaves_an_older_checkpoint_where_it_was(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """Scanning back 10 minutes says nothing of the hours before: the next scan must still
+    look there."""
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url)
+        await _create_and_update(_client(sandbox, http), 2)
+        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        three_hours_ago = str(time.time() - 3 * 3_600).encode()
+        await redis.set(KEYS.reconcile_checkpoint(SOURCE), three_hours_ago)
+        await reconciler.run([SOURCE], since=time.time() + 3_600)  # sees nothing
+        assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) == three_hours_ago
+        resumed = await reconciler.run([SOURCE])  # from the checkpoint: finds both
+        assert (resumed.scanned, resumed.enqueued) == (2, 2)
+        assert float(await redis.get(KEYS.reconcile_checkpoint(SOURCE)) or 0) > time.time() - 120
+
+
+async def test_a_source_hrflow_refuses_is_reported_and_the_others_are_scanned(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url)
+        await _create_and_update(_client(sandbox, http), 2)
+        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        report = await reconciler.run(["no-such-source", SOURCE], since=time.time() - 600)
+    assert (report.scanned, report.enqueued) == (2, 2)
+    assert report.stopped == "source no-such-source: HrFlow refused the listing (HTTP 400)"
+    assert await redis.get(KEYS.reconcile_checkpoint("no-such-source")) is None
+    [stored] = await EventLog(redis, KEYS).reconcile_runs()
+    assert stored.stopped == report.stopped

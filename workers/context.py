@@ -67,7 +67,9 @@ class StateSeen:
     updated_at: float | None = None
 
     def saw(self, updated_at: str | float | None) -> None:
-        seen = timestamp_of(updated_at) if not isinstance(updated_at, float) else updated_at
+        seen = (
+            float(updated_at) if isinstance(updated_at, int | float) else timestamp_of(updated_at)
+        )
         if seen is not None and (self.updated_at is None or seen > self.updated_at):
             self.updated_at = seen
 

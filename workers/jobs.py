@@ -32,7 +32,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,6 @@ from hrflow_webhooks.queue import (
     SKIPPED,
     UNROUTED_TYPES_MAX,
     QueueKeys,
-    tag_of,
 )
 from workers import metrics
 from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
@@ -71,9 +70,6 @@ logger = logging.getLogger(__name__)
 # every other run of the worker, and past the job timeout it makes arq's timer fire.
 LOOP_BLOCK_WARNING_S = 1.0
 NOT_FOUND_SKIP_REASON = "profile not found"
-# A run that read no state of its profile (no handler fetched it) counts as having handled
-# the states HrFlow stamped this long before it started: HrFlow's clock may run behind ours.
-UNSEEN_STATE_MARGIN_S = 5.0
 
 
 def deadline_margin_s(job_timeout_s: float) -> float:
@@ -473,18 +469,20 @@ class EventRun:
     def _handled_state(self) -> tuple[str, str]:
         """The profile's handled-state key and the state this run handled ('' for none).
 
-        The newest of: what the handlers read (HrFlow's ``updated_at``), what the reconciler
-        listed when it queued the event (the run started after that listing, so it read that
-        state or a newer one) and, when nothing was read, the start of the run less a margin.
+        The newest of what the handlers read or wrote (HrFlow's ``updated_at``) and what the
+        reconciler listed when it queued the event (the run started after that listing, so
+        its handlers saw that state or a newer one). A run that learnt neither records
+        nothing: a state made up from our clock could hide a change it never saw, and the
+        reconciler would rather queue a profile once more than miss it.
         """
-        if profile_subject_parts(self.event.subject) is None:
-            return self.keys.queue, ""
+        parts = profile_subject_parts(self.event.subject)
         hint = self.event.get("reconciler")
-        listed = timestamp_of(hint.get("updated_at")) if isinstance(hint, dict) else None
-        unseen = self.started_at - UNSEEN_STATE_MARGIN_S
+        listed = timestamp_of(hint.get("updated_at")) if isinstance(hint, Mapping) else None
         seen = [s for s in (self.state_seen.updated_at, listed) if s is not None]
-        state = max(seen) if seen else unseen
-        return self.keys.handled(tag_of(self.event.subject)), str(int(state))
+        if parts is None or not seen:
+            return self.keys.queue, ""
+        source_key, profile_key = parts
+        return self.keys.handled(source_key, profile_key), str(int(max(seen)))
 
     def _log_handler(
         self, handler: str, outcome: str, error: BaseException | None, detail: dict[str, object]

@@ -36,14 +36,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
 
 from hrflow_client.api import HrflowClient
 from hrflow_client.errors import ApiError
 from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.event_log import EventLog, ReconcileReport
-from hrflow_webhooks.events import Event, profile_subject
-from hrflow_webhooks.queue import QUEUED, QueueKeys, tag_of
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QUEUED, QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers import metrics
 
@@ -98,11 +99,19 @@ class Reconciler:
             self.redis, self.settings.queue_name, self.settings.dedup_window_s,
             self.settings.event_log_max_entries, via="reconciler",
         )  # fmt: skip
+        failures: list[str] = []
         async with queue:
             for source in sources:
-                stopped = await self._scan(queue, source, since, tally, started)
+                try:
+                    stopped = await self._scan(queue, source, since, tally, started)
+                except ApiError as error:  # this source only (unknown, refused): the others go on
+                    failures.append(
+                        f"source {source}: HrFlow refused the listing ({_answer(error)})"
+                    )
+                    continue
                 if stopped is not None:
-                    break
+                    break  # 429 or 5xx: HrFlow asks us to stop; the next scan resumes
+        stopped = "; ".join([*failures, *([stopped] if stopped else [])]) or None
         report = ReconcileReport(
             started, time.time(), trigger, tuple(sources), since, tally.scanned,
             tally.enqueued, tally.already_handled, tally.pages, stopped, tally.already_queued,
@@ -115,7 +124,9 @@ class Reconciler:
         self, queue: EventQueue, source: str, since: float | None, tally: _Tally, started: float
     ) -> str | None:
         """One source, newest changes first; why it stopped early, or None when complete."""
-        floor = since if since is not None else await self._checkpoint(source, started)
+        checkpoint = await self._checkpoint(source)
+        default = started - self.settings.reconcile_interval_s
+        floor = since if since is not None else checkpoint if checkpoint is not None else default
         page = 1
         while True:
             try:
@@ -125,20 +136,25 @@ class Reconciler:
             except ApiError as error:
                 if not error.transient:
                     raise
-                answer = f"HTTP {error.status}" if error.status else "no answer"
-                return f"HrFlow: {answer} on page {page} of source {source}"
+                return f"HrFlow: {_answer(error)} on page {page} of source {source}"
             tally.pages += 1
             fresh = [p for p in listed.profiles if _changed_since(p, floor)]
             await self._queue_unhandled(queue, source, fresh, tally)
-            if len(fresh) < len(listed.profiles) or page >= listed.max_page:
+            reached_floor = any(_older_than(p, floor) for p in listed.profiles)
+            if reached_floor or page >= listed.max_page:
                 break
             page += 1
-        await self.redis.set(self.keys.reconcile_checkpoint(source), started - CHECKPOINT_MARGIN_S)
+        # A scan that did not reach back to the checkpoint (a short --since) must not move it
+        # over the time it skipped: what changed there would never be looked at again.
+        if checkpoint is None or floor <= checkpoint:
+            await self.redis.set(
+                self.keys.reconcile_checkpoint(source), started - CHECKPOINT_MARGIN_S
+            )
         return None
 
-    async def _checkpoint(self, source: str, started: float) -> float:
+    async def _checkpoint(self, source: str) -> float | None:
         kept = await self.redis.get(self.keys.reconcile_checkpoint(source))
-        return float(kept) if kept is not None else started - self.settings.reconcile_interval_s
+        return None if kept is None else float(kept)
 
     async def _queue_unhandled(
         self, queue: EventQueue, source: str, items: list[Mapping[str, Any]], tally: _Tally
@@ -146,8 +162,9 @@ class Reconciler:
         tally.scanned += len(items)
         if not items:
             return
-        subjects = [tag_of(profile_subject(source, str(item["key"]))) for item in items]
-        states = await self.redis.mget([self.keys.handled(tag) for tag in subjects])
+        states = await self.redis.mget(
+            [self.keys.handled(source, str(item["key"])) for item in items]
+        )
         events = []
         for item, state in zip(items, states, strict=True):
             updated_at = timestamp_of(item.get("updated_at")) or 0.0
@@ -164,9 +181,19 @@ class Reconciler:
 
 def _changed_since(item: Mapping[str, Any], floor: float) -> bool:
     if not isinstance(item.get("key"), str) or not item["key"]:
-        return False
+        return False  # nothing to queue for: skipped, without ending the scan
     updated_at = timestamp_of(item.get("updated_at"))
     return updated_at is None or updated_at >= int(floor)
+
+
+def _older_than(item: Mapping[str, Any], floor: float) -> bool:
+    """The listing is newest first: an item older than the floor ends the scan."""
+    updated_at = timestamp_of(item.get("updated_at"))
+    return updated_at is not None and updated_at < int(floor)
+
+
+def _answer(error: ApiError) -> str:
+    return f"HTTP {error.status}" if error.status else "no answer"
 
 
 def _report(report: ReconcileReport) -> None:
@@ -230,4 +257,8 @@ async def _hold(lock: Lock, timeout_s: float) -> None:
     lock expires an interval after its last renewal, which spaces the scans."""
     while True:
         await asyncio.sleep(timeout_s / 3)
-        await lock.reacquire()
+        try:
+            await lock.reacquire()
+        except (LockError, RedisError) as error:  # lost in a Redis stall: say so, scan on
+            logger.warning("reconcile lock lost", extra={"error_type": type(error).__name__})
+            return

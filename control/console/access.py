@@ -57,7 +57,7 @@ def csrf_token(token: str, cookie: str) -> str:
 
 def session_is_valid(token: str, cookie: str, now_s: float) -> bool:
     parts = cookie.split(".")
-    if len(parts) != 3 or not parts[0].isdigit():
+    if len(parts) != 3 or not (parts[0].isascii() and parts[0].isdigit()):
         return False
     issued, nonce, mac = parts
     if not hmac.compare_digest(mac.encode(), _mac(token, "session", issued, nonce).encode()):

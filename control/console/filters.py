@@ -6,6 +6,7 @@ one parser, ``control.cli.parse_since``, so the page and the terminal agree.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,21 +44,33 @@ def _field(params: Mapping[str, str], name: str) -> str | None:
     return (params.get(name) or "").strip() or None
 
 
+LATEST_S = 86_400.0  # a search "until tomorrow" is fine; centuries ahead are not times
+
+
+def is_number(value: str) -> bool:
+    """Decimal ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return value.isascii() and value.isdigit()
+
+
 def moment(params: Mapping[str, str], name: str) -> float | None:
     value = _field(params, name)
     if value is None:
         return None
     try:
-        return parse_since(value, time.time())
-    except typer.BadParameter:
+        at = parse_since(value, time.time())
+    except (typer.BadParameter, OverflowError, ValueError):
         raise FilterError(f"{name}: {value!r} is neither a duration (2h) nor ISO 8601") from None
+    # The log's ids are milliseconds since 1970: a time outside them is no time to search.
+    if not math.isfinite(at) or not 0 <= at <= time.time() + LATEST_S:
+        raise FilterError(f"{name}: {value!r} is outside the event log's times")
+    return at
 
 
 def _limit(params: Mapping[str, str]) -> int:
     value = _field(params, "limit")
     if value is None:
         return SEARCH_LIMIT_DEFAULT
-    if not value.isdigit() or not 1 <= int(value) <= SEARCH_LIMIT_MAX:
+    if not is_number(value) or not 1 <= int(value) <= SEARCH_LIMIT_MAX:
         raise FilterError(f"limit: a number from 1 to {SEARCH_LIMIT_MAX}")
     return int(value)
 

@@ -16,6 +16,7 @@ from control.console.filters import (
     OUTCOMES,
     SEARCH_FIELDS,
     FilterError,
+    is_number,
     letter_filter,
     search_form,
 )
@@ -42,7 +43,7 @@ def stores_of(request: Request) -> Stores:
 def notice_of(request: Request) -> str | None:
     notice = NOTICES.get(request.query_params.get("notice", ""))
     count = request.query_params.get("count", "")
-    if notice is not None and count.isdigit():
+    if notice is not None and is_number(count):
         notice = f"{notice} ({int(count)})"
     return notice
 

@@ -13,8 +13,9 @@ tests/test_deploy.py reads the Dockerfile as text; this script runs it:
 
 Then it checks that both HEALTHCHECKs turn healthy, PID 1 is not root, a signed
 ``profile.parsing.success`` is accepted and handled (the worker tags the profile in the
-sandbox), a badly signed one is refused, and ``docker stop`` ends both cleanly within
-the grace period. Each summary line is one check; the first failure ends the run with
+sandbox), a badly signed one is refused, the console (the Procfile's ``console`` line,
+in a third container) refuses a request without its token and shows the live worker with
+it, and ``docker stop`` ends each cleanly within the grace period. Each summary line is one check; the first failure ends the run with
 exit code 1 and its reason. Everything started is stopped or removed, failure or not.
 Needs root (apt-get, dockerd, debootstrap, chroot). Logs go to .run/test-docker/.
 """
@@ -504,10 +505,16 @@ def start_sandbox(stack: Stack) -> None:
     stack.start("sandbox", argv, lambda: answers(f"{url}/_sandbox/calls"))
 
 
-def docker_run(stack: Stack, role: str, env: Mapping[str, str], command: Sequence[str] = ()) -> str:
+def docker_run(
+    stack: Stack,
+    role: str,
+    env: Mapping[str, str],
+    command: Sequence[str] = (),
+    secret: Mapping[str, str] | None = None,
+) -> str:
     name = f"hrflow-webhooks-smoke-{role}-{stack.run_id}"
     stack.exits.callback(remove_container, name)
-    secret = {"HRFLOW_WEBHOOK_SECRET": stack.secret} if role == "web" else {}
+    secret = secret or {}
     argv = [
         "docker", "run", "--detach", "--name", name, "--network", "host",
         # The Dockerfile's own check, polled every 2 s rather than 30 s.
@@ -677,6 +684,30 @@ def check_event(checks: Checks, stack: Stack, worker: str) -> None:
     checks.ok(f"the worker handled it: the sandbox's profile got this run's tag in {took:.1f}s")
 
 
+def check_console(checks: Checks, stack: Stack) -> str:
+    """The Procfile's console line in the image: templates and CSS shipped, token enforced."""
+    port = free_port()
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{stack.redis_port}/0",
+        "HRFLOW_CONSOLE_HOST": "0.0.0.0",  # all interfaces of the host network, as deployed
+        "HRFLOW_CONSOLE_PORT": str(port),
+    }
+    token = secrets.token_urlsafe(24)
+    console = docker_run(
+        stack, "console", env, ["hrflow-webhooks", "console"], {"HRFLOW_CONSOLE_TOKEN": token}
+    )
+    url = f"http://127.0.0.1:{port}/"
+    if not wait_for(lambda: answers(f"{url}healthz"), HEALTHY_TIMEOUT_S, 0.5):
+        raise SmokeError(f"the console did not answer on {url}healthz: {logs_tail(console)}")
+    refused = http(url)[0]
+    status, body = http(url, headers={"Authorization": f"Bearer {token}"})
+    page = body.decode(errors="replace")
+    if refused != 401 or status != 200 or "Overview" not in page or "1 alive" not in page:
+        raise SmokeError(f"console: {refused} without the token, {status} with it: {page[:300]}")
+    checks.ok("console container: 401 without the token; its overview shows the live worker")
+    return console
+
+
 def check_stop(checks: Checks, name: str, role: str) -> None:
     started = time.monotonic()
     run(["docker", "stop", "--time", str(STOP_GRACE_S), name], STOP_GRACE_S + 60)
@@ -720,7 +751,8 @@ def start_service(checks: Checks, stack: Stack) -> tuple[str, str]:
     checks.ok(f"host Redis (AOF on) and sandbox API answer, run {stack.run_id}")
     redis_url = f"redis://127.0.0.1:{stack.redis_port}/0"
     stack.web_port = free_port()
-    web = docker_run(stack, "web", {"PORT": str(stack.web_port), "REDIS_URL": redis_url})
+    web_env = {"PORT": str(stack.web_port), "REDIS_URL": redis_url}
+    web = docker_run(stack, "web", web_env, secret={"HRFLOW_WEBHOOK_SECRET": stack.secret})
     worker_env = {
         "REDIS_URL": redis_url,
         "HRFLOW_API_URL": f"{stack.sandbox_url}/v1",
@@ -745,6 +777,8 @@ def smoke(checks: Checks) -> None:
         web, worker = start_service(checks, stack)
         check_processes(checks, web, worker)
         check_event(checks, stack, worker)
+        console = check_console(checks, stack)
+        check_stop(checks, console, "console")
         check_stop(checks, web, "web")
         check_stop(checks, worker, "worker")
     # The ExitStack removed the containers and stopped every process it started.
