@@ -217,7 +217,10 @@ class EventQueue:
                 resp_bulk(run.encode()),
                 resp_bulk(serialize_job(event, now_ms)),
                 _log_arguments(
-                    event_id, logged_subject(subject).encode(), event.canonical_type.encode()
+                    event_id,
+                    # A reference is logged by its hash; the common case costs no call.
+                    (logged_subject(subject) if "/reference:" in subject else subject).encode(),
+                    event.canonical_type.encode(),
                 ),
                 request,
             )

@@ -387,6 +387,8 @@ def test_the_token_rule_decides_by_the_interface() -> None:
     assert len(generated.value) >= 32
     given = decide_token(Settings(console_host="0.0.0.0", console_token=SecretStr("t" * 20)))
     assert (given.value, given.generated) == ("t" * 20, False)
+    with pytest.raises(ConsoleSetupError, match="at least 16"):
+        decide_token(Settings(console_host="127.0.0.1", console_token=SecretStr("guessable")))
     with pytest.raises(ConsoleSetupError, match="public webhook port"):
         check_port(Settings(console_port=8000), "8000")
 

@@ -41,9 +41,19 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+# A token anyone can guess is no lock: the console's login has no attempt limit.
+MIN_TOKEN_LENGTH = 16
+
+
 def decide_token(settings: Settings) -> ConsoleToken:
     if settings.console_token is not None and settings.console_token.get_secret_value():
-        return ConsoleToken(settings.console_token.get_secret_value(), generated=False)
+        given = settings.console_token.get_secret_value()
+        if len(given) < MIN_TOKEN_LENGTH:
+            raise ConsoleSetupError(
+                f"HRFLOW_CONSOLE_TOKEN is {len(given)} characters: use at least "
+                f"{MIN_TOKEN_LENGTH} (python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return ConsoleToken(given, generated=False)
     if not is_loopback(settings.console_host):
         raise ConsoleSetupError(
             f"HRFLOW_CONSOLE_TOKEN is not set: the console refuses to listen on "
