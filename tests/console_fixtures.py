@@ -6,7 +6,6 @@ built-in edit handler against the sandbox, a 400 from the sandbox for one profil
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -28,11 +26,11 @@ from control.console.app import create_app
 from hrflow_webhooks.settings import Settings
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from sandbox.faults import Fault
-from tests.polling import eventually, eventually_sync
+from tests.polling import eventually_sync
 from tests.processes import ROOT
 from tests.redis_server import free_port
 from tests.sandbox_fixtures import SandboxServer
-from tests.service import drain, parsing_event, receiver, update_event
+from tests.service import LoopbackServer, drain, parsing_event, receiver, update_event
 from workers.handlers import edit
 from workers.registry import Registry
 
@@ -44,34 +42,11 @@ UNROUTED_TYPE = "profile.teleporting.success"
 PERSONAL_DATA = ("Harry", "Potter", "John", "Doe", "Mathematic Departement")
 
 
-class ConsoleServer:
+class ConsoleServer(LoopbackServer):
     """The console app under a real uvicorn on 127.0.0.1, inside the test's loop."""
 
     def __init__(self, settings: Settings, token: str = CONSOLE_TOKEN) -> None:
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings, token), log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> ConsoleServer:
-        task = self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
-
-        async def started() -> bool:
-            if task.done():
-                task.result()
-                raise AssertionError("uvicorn stopped before it started")
-            return bool(self.server.started)
-
-        await eventually(started, "the console to start")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        if self.task is not None:
-            await self.task
-        self.socket.close()
+        super().__init__(create_app(settings, token))
 
 
 class ConsoleProcess:

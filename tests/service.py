@@ -11,7 +11,7 @@ import hmac
 import json
 import socket
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import uvicorn
@@ -124,24 +124,18 @@ async def answers(http: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
-class ReceiverServer:
-    """The receiver app served by a real uvicorn on 127.0.0.1, inside the test's loop."""
+class LoopbackServer:
+    """An ASGI app served by a real uvicorn on 127.0.0.1, inside the test's loop."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, app: Any, **options: Any) -> None:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(
-            create_app(settings, own_logging=False),
-            http=HttpProtocol,  # as deployed (Procfile, Dockerfile, make run)
-            log_level="warning",
-            lifespan="on",
-        )
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> ReceiverServer:
+    async def __aenter__(self) -> Self:
         task = self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
 
         async def started() -> bool:
@@ -160,6 +154,15 @@ class ReceiverServer:
         if self.task is not None:
             await self.task
         self.socket.close()
+
+
+class ReceiverServer(LoopbackServer):
+    """The receiver app, with the HTTP protocol it is deployed with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # HttpProtocol: as deployed (Procfile, Dockerfile, make run).
+        super().__init__(create_app(settings, own_logging=False), http=HttpProtocol)
 
     async def post(
         self, session: aiohttp.ClientSession, payload: Any, headers: Mapping[str, str] | None = None

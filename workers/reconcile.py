@@ -138,9 +138,8 @@ class Reconciler:
                     raise
                 return f"HrFlow: {_answer(error)} on page {page} of source {source}"
             tally.pages += 1
-            fresh = [p for p in listed.profiles if _changed_since(p, floor)]
+            fresh, reached_floor = _since_floor(listed.profiles, floor)
             await self._queue_unhandled(queue, source, fresh, tally)
-            reached_floor = any(_older_than(p, floor) for p in listed.profiles)
             if reached_floor or page >= listed.max_page:
                 break
             page += 1
@@ -179,17 +178,19 @@ class Reconciler:
             tally.already_queued += sum(1 for outcome in outcomes if outcome != QUEUED)
 
 
-def _changed_since(item: Mapping[str, Any], floor: float) -> bool:
-    if not isinstance(item.get("key"), str) or not item["key"]:
-        return False  # nothing to queue for: skipped, without ending the scan
-    updated_at = timestamp_of(item.get("updated_at"))
-    return updated_at is None or updated_at >= int(floor)
-
-
-def _older_than(item: Mapping[str, Any], floor: float) -> bool:
-    """The listing is newest first: an item older than the floor ends the scan."""
-    updated_at = timestamp_of(item.get("updated_at"))
-    return updated_at is not None and updated_at < int(floor)
+def _since_floor(
+    items: list[Mapping[str, Any]], floor: float
+) -> tuple[list[Mapping[str, Any]], bool]:
+    """The page's items changed since ``floor`` (with a key: nothing to queue for one without),
+    and whether the page reached past the floor (the listing is newest first: the scan ends)."""
+    fresh, reached = [], False
+    for item in items:
+        updated_at = timestamp_of(item.get("updated_at"))
+        if updated_at is not None and updated_at < int(floor):
+            reached = True
+        elif isinstance(item.get("key"), str) and item["key"]:
+            fresh.append(item)
+    return fresh, reached
 
 
 def _answer(error: ApiError) -> str:
