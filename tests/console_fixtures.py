@@ -13,20 +13,23 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.wait import WebDriverWait
 
 from control.console.access import COOKIE_NAME, CSRF_FIELD
 from control.console.app import create_app
 from hrflow_webhooks.settings import Settings
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from sandbox.faults import Fault
-from tests.polling import eventually_sync
+from tests.polling import TIMEOUT_S, eventually_sync
 from tests.processes import ROOT
 from tests.redis_server import free_port
 from tests.sandbox_fixtures import SandboxServer
@@ -202,4 +205,52 @@ def chromium(user_data_dir: Path) -> WebDriver:
 def browser_log_in(driver: WebDriver, url: str, token: str = CONSOLE_TOKEN) -> None:
     driver.get(f"{url}/login")
     driver.find_element(By.ID, "token").send_keys(token)
-    driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+    click_through(driver, By.CSS_SELECTOR, "form[action='/login'] button")
+
+
+def click_through(driver: WebDriver, by: str, value: str) -> None:
+    """Click what leads to another page, and wait until that page has loaded.
+
+    chromedriver's click returns once the click is dispatched: the form's POST or the
+    link's GET may not have replaced the page yet, and a lookup right after it reads
+    the old page (or finds its elements gone from under it). So wait for the old
+    document to be gone, then for the new one to be complete.
+    """
+    wait = WebDriverWait(driver, TIMEOUT_S)
+    page = wait.until(lambda d: _clicked_in(d, by, value), f"could not click {value}")
+    wait.until(lambda d: _gone(page), f"no new page after clicking {value}")
+    wait.until(
+        lambda d: d.execute_script("return document.readyState") == "complete",
+        f"the page after clicking {value} never finished loading",
+    )
+
+
+def _clicked_in(driver: WebDriver, by: str, value: str) -> WebElement | Literal[False]:
+    """Click the element and give back its page, or False when the page reloaded itself
+    (the overview does every few seconds) between finding the element and clicking it."""
+    try:
+        target = driver.find_element(by, value)
+        page = target.find_element(By.XPATH, "ancestor::html")
+        target.click()
+    except WebDriverException as error:
+        if _replaced_under_us(error):
+            return False
+        raise
+    return page
+
+
+def _gone(page: WebElement) -> bool:
+    try:
+        page.is_enabled()
+    except WebDriverException as error:
+        if _replaced_under_us(error):
+            return True
+        raise
+    return False
+
+
+def _replaced_under_us(error: WebDriverException) -> bool:
+    """The element's document was replaced: gone (stale), or going while chromedriver
+    looked at it, which it reports with this message instead."""
+    going = "does not belong to the document" in (error.msg or "")
+    return isinstance(error, StaleElementReferenceException) or going

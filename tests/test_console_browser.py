@@ -24,6 +24,7 @@ from tests.console_fixtures import (
     ConsoleProcess,
     browser_log_in,
     chromium,
+    click_through,
     console_settings,
     deliver,
     edit_registry,
@@ -101,13 +102,13 @@ async def test_a_search_by_profile_key_finds_its_event_and_timeline(
 ) -> None:
     settings = console_settings(sandbox, redis_server.url)
     await seed_service(settings, sandbox, http)
-    logged_in.find_element(By.LINK_TEXT, "Events").click()
+    click_through(logged_in, By.LINK_TEXT, "Events")
     logged_in.find_element(By.NAME, "profile_key").send_keys(JOHN_DOE_KEY)
-    logged_in.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    click_through(logged_in, By.CSS_SELECTOR, "form.filters button")
     subjects = {cell.text for cell in logged_in.find_elements(By.CSS_SELECTOR, "table.log td.wrap")}
     assert subjects == {f"profile/{SAMPLE_SOURCE_KEY}/key:{JOHN_DOE_KEY}"}
     parsed = Event.from_payload(parsing_event(JOHN_DOE_KEY, SAMPLE_SOURCE_KEY))
-    logged_in.find_element(By.CSS_SELECTOR, f"a[href='/events/{parsed.id}']").click()
+    click_through(logged_in, By.CSS_SELECTOR, f"a[href='/events/{parsed.id}']")
     assert parsed.id in text_of(logged_in, "h1")
     rows = [
         (row.get_attribute("class"), text_of(row, ".outcome"))  # type: ignore[arg-type]
@@ -131,9 +132,9 @@ async def test_the_replay_button_turns_a_dead_letter_into_a_handled_event(
     await drain(settings, edit_registry(settings))
     sandbox.state.faults.clear()  # HrFlow's side is fixed: time to replay
 
-    logged_in.find_element(By.LINK_TEXT, "Dead letters").click()
+    click_through(logged_in, By.LINK_TEXT, "Dead letters")
     assert "1 matching" in text_of(logged_in, "main")
-    logged_in.find_element(By.CSS_SELECTOR, "table.letters button.replay").click()
+    click_through(logged_in, By.CSS_SELECTOR, "table.letters button.replay")
     assert "Replay queued" in text_of(logged_in, ".notice")  # on the event's timeline
     assert "replay" in [cell.text for cell in logged_in.find_elements(By.CSS_SELECTOR, "td")]
 
@@ -152,5 +153,5 @@ async def test_the_replay_button_turns_a_dead_letter_into_a_handled_event(
         return outcomes[-2:] == ["ok", "done"]
 
     await eventually(handled, "the timeline to show the replayed run done")
-    logged_in.find_element(By.LINK_TEXT, "Dead letters").click()
+    click_through(logged_in, By.LINK_TEXT, "Dead letters")
     assert "0 matching" in text_of(logged_in, "main")

@@ -4,6 +4,7 @@ personal data. Real receiver, real workers, a real Redis and the sandbox HrFlow 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -184,7 +185,11 @@ async def test_search_filters_across_slices_newest_first(
     async with EventQueue(redis, settings.queue_name, 60) as queue:
         await queue.enqueue_events(events[:4_000])
         await queue.enqueue_events(events[:1])  # a duplicate, the newest entry
+        # The log's times are milliseconds (stream ids): keep the boundary's millisecond
+        # clear of entries on both sides, or "since" takes in the duplicate's.
+        await asyncio.sleep(0.005)
         middle = time.time()
+        await asyncio.sleep(0.005)
         await queue.enqueue_events(events[4_000:])
     log = EventLog(redis, KEYS)
     # pk-7 is thousands of entries (several slices) behind the newest.
