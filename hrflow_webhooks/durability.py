@@ -12,8 +12,10 @@ every worker run a :class:`DurabilityWatch`, every
   ``noeviction``, AOF writes succeeding (``INFO persistence``; ``CONFIG GET``
   where the server allows it, as managed Redis often does not);
 - **memory**: used ÷ ``maxmemory`` against ``HRFLOW_REDIS_MEMORY_HIGH_WATER``.
-  Above it the receiver answers 503 before Redis refuses writes, which leaves
-  the workers room to claim and finish what is queued;
+  Above it the watch first drops the event log's oldest entries (the log records
+  events; it must never be why one is refused), down to 90 % of the mark; what
+  is still over it is events, and the receiver answers 503 before Redis refuses
+  writes, which leaves the workers room to claim and finish what is queued;
 - **a Redis that lost its data**: the service keeps a start marker in Redis
   (a random token, no expiry). A marker missing or replaced while a process
   had seen it means Redis came back without its data: the watch logs an ERROR
@@ -43,6 +45,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
+from hrflow_webhooks.event_log import EventLog
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 
@@ -51,6 +54,9 @@ logger = logging.getLogger(__name__)
 # How long a detected loss keeps `check` and /readyz?strict failing: long enough for any
 # alert on them to fire, short enough that the service is not marked broken forever.
 DATA_LOSS_NOTICE_S = 3_600
+# Shedding the event log aims this far under the mark, so one look does not leave Redis
+# just under it, to cross again with the next deliveries.
+SHED_TO_MARK = 0.9
 FSYNC_STRENGTH = {"no": 0, "everysec": 1, "always": 2}
 
 
@@ -134,6 +140,7 @@ class DurabilityWatch:
     def __init__(self, redis: Redis, settings: Settings, role: str) -> None:
         self.redis = redis
         self.keys = QueueKeys(settings.queue_name)
+        self._event_log = EventLog(redis, self.keys)
         self.settings = settings
         self.role = role
         self.state: RedisState | None = None
@@ -188,6 +195,8 @@ class DurabilityWatch:
         if not self.reachable:
             logger.info("redis reachable again", extra={"endpoint": self.role})
         self.reachable = True
+        if state.over_high_water and await self._shed_event_log(state):
+            state = await self._inspect(write=False)
         self._log_changes(state)
         self.state = state
         self.refusing_writes = state.over_high_water
@@ -213,6 +222,29 @@ class DurabilityWatch:
             queued=queued,
             loss_notice=notice.decode() if notice else None,
         )
+
+    async def _shed_event_log(self, state: RedisState) -> int:
+        """Free memory the event log holds, to below the mark with room to spare; returns
+        the entries dropped. Each process's watch may shed at the same look: at worst twice
+        what was needed goes, always the oldest entries."""
+        target = state.memory_max * state.high_water * SHED_TO_MARK
+        try:
+            dropped, kept = await self._event_log.shed(int(state.memory_used - target))
+        except RedisError as error:  # the next look tries again; refusing stays in force
+            logger.error("event log shed failed", extra={"error_type": type(error).__name__})
+            return 0
+        if dropped:
+            STATE.log_entries_shed += dropped
+            logger.warning(
+                "event log shed",
+                extra={
+                    "entries_dropped": dropped,
+                    "entries_kept": kept,
+                    "memory_used": state.memory_used,
+                    "endpoint": self.role,
+                },
+            )
+        return dropped
 
     async def _check_marker(self) -> int | None:
         """Events that may be gone when Redis lost its data since the last look, else None."""
@@ -283,6 +315,7 @@ async def inspect_once(redis: Redis, settings: Settings) -> RedisState:
 class _ProcessState:
     watches: set[DurabilityWatch] = field(default_factory=set)
     losses: int = 0
+    log_entries_shed: int = 0
 
 
 STATE = _ProcessState()
@@ -311,6 +344,12 @@ class DurabilityCollector(Collector):
         )
         lost.add_metric([], STATE.losses)
         yield lost
+        shed = CounterMetricFamily(
+            "hrflow_event_log_shed_entries",
+            "Event-log entries this process dropped to bring Redis under its high-water mark.",
+        )
+        shed.add_metric([], STATE.log_entries_shed)
+        yield shed
 
 
 REGISTRY.register(DurabilityCollector())

@@ -19,6 +19,7 @@ over the whole log never holds Redis for long.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -220,6 +221,20 @@ class EventLog:
     async def trim_before(self, oldest_ms: int) -> int:
         # Exact: retention is a promise about personal-data requests too, not only memory.
         return int(await self.redis.xtrim(self.keys.log, minid=str(oldest_ms), approximate=False))
+
+    async def shed(self, bytes_to_free: int) -> tuple[int, int]:
+        """Drop the oldest entries that hold about ``bytes_to_free`` of Redis' memory; returns
+        (entries dropped, entries kept). For a Redis over its high-water mark: the log is a
+        record of events, never worth refusing an event for."""
+        entries = int(await self.redis.xlen(self.keys.log))
+        if entries == 0 or bytes_to_free <= 0:
+            return 0, entries
+        # MEMORY USAGE samples a few of the stream's nodes: an estimate, cheap at any size.
+        stream_bytes = int(await self.redis.memory_usage(self.keys.log) or 0)
+        per_entry = max(stream_bytes / entries, 1.0)
+        keep = max(entries - math.ceil(bytes_to_free / per_entry), 0)
+        dropped = int(await self.redis.xtrim(self.keys.log, maxlen=keep, approximate=False))
+        return dropped, entries - dropped
 
     async def reconcile_runs(self, limit: int = 50) -> list[ReconcileReport]:
         """The reconciler's reports, newest first."""

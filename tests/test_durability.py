@@ -22,6 +22,9 @@ from redis.exceptions import OutOfMemoryError
 
 from control.health import check
 from hrflow_webhooks.durability import DurabilityWatch, configuration_risks
+from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.events import Event
+from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from tests.polling import eventually
 from tests.redis_server import RedisServer
@@ -223,6 +226,46 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
 
             await eventually(accepting, timeout_s=30)
         assert {event.payload["profile"]["key"] for event in handled} >= set(acknowledged)
+    finally:
+        server_redis.kill()
+
+
+async def test_over_the_memory_mark_the_event_log_gives_way_to_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
+) -> None:
+    """A Redis filled by the event log, not by events (one event queued, the log holding
+    its 20,000 repeated deliveries): the watch drops the log's oldest entries until Redis
+    is under its mark, and the receiver accepts again, without a worker or an operator."""
+    server_redis = RedisServer(tmp_path / "small", None, "--maxmemory", "8mb")
+    server_redis.start()
+    settings = watched(server_redis.url, redis_memory_high_water=0.5)
+    event, after = (Event.from_payload(parsing_event(key)) for key in ("repeated", "after"))
+    log = QueueKeys(settings.queue_name).log
+    try:
+        async with Redis.from_url(server_redis.url) as redis:
+            async with EventQueue(redis, settings.queue_name, 3_600) as queue:
+                for _ in range(40):
+                    await queue.enqueue_events([event] * 500)
+            filled = await redis.xlen(log)
+            assert int((await redis.info("memory"))["used_memory"]) > 4 * 2**20  # the mark
+            assert await queued_event_ids(redis) == [event.id]
+            with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.durability"):
+                async with serving(settings) as server:
+
+                    async def accepting() -> bool:
+                        status, _ = await server.post(http, parsing_event("after"))
+                        return status == 202
+
+                    await eventually(accepting, timeout_s=30)
+            kept = await redis.xlen(log)
+            assert 0 < kept < filled  # the oldest went; the newest stay
+            [(_, newest)] = await redis.xrevrange(log, count=1)
+            assert newest[b"e"].decode() == after.id
+            assert await queued_event_ids(redis) == [event.id, after.id]
+        sheds = [r for r in caplog.records if r.getMessage() == "event log shed"]
+        dropped = sum(r.entries_dropped for r in sheds)  # type: ignore[attr-defined]
+        assert sheds
+        assert dropped == filled + 1 - kept
     finally:
         server_redis.kill()
 
