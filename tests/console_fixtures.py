@@ -10,10 +10,10 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import aiohttp
 from selenium import webdriver
@@ -36,6 +36,8 @@ from tests.sandbox_fixtures import SandboxServer
 from tests.service import LoopbackServer, drain, parsing_event, receiver, update_event
 from workers.handlers import edit
 from workers.registry import Registry
+
+T = TypeVar("T")
 
 CONSOLE_TOKEN = "test-console-token"
 BEARER = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
@@ -217,36 +219,38 @@ def click_through(driver: WebDriver, by: str, value: str) -> None:
     document to be gone, then for the new one to be complete.
     """
     wait = WebDriverWait(driver, TIMEOUT_S)
-    page = wait.until(lambda d: _clicked_in(d, by, value), f"could not click {value}")
-    wait.until(lambda d: _gone(page), f"no new page after clicking {value}")
+    # Found and clicked again if the page reloaded itself (the overview does every few
+    # seconds) between finding the element and clicking it.
+    page = wait.until(
+        lambda d: _unless_replaced(lambda: _click(d, by, value)) or False,
+        f"could not click {value}",
+    )
+    wait.until(
+        lambda d: _unless_replaced(page.is_enabled) is None,
+        f"no new page after clicking {value}",
+    )
     wait.until(
         lambda d: d.execute_script("return document.readyState") == "complete",
         f"the page after clicking {value} never finished loading",
     )
 
 
-def _clicked_in(driver: WebDriver, by: str, value: str) -> WebElement | Literal[False]:
-    """Click the element and give back its page, or False when the page reloaded itself
-    (the overview does every few seconds) between finding the element and clicking it."""
-    try:
-        target = driver.find_element(by, value)
-        page = target.find_element(By.XPATH, "ancestor::html")
-        target.click()
-    except WebDriverException as error:
-        if _replaced_under_us(error):
-            return False
-        raise
+def _click(driver: WebDriver, by: str, value: str) -> WebElement:
+    """Click the element; its page (the document it was in)."""
+    target = driver.find_element(by, value)
+    page = target.find_element(By.XPATH, "ancestor::html")
+    target.click()
     return page
 
 
-def _gone(page: WebElement) -> bool:
+def _unless_replaced(action: Callable[[], T]) -> T | None:
+    """What ``action`` returns, or None when the document it touched was replaced."""
     try:
-        page.is_enabled()
+        return action()
     except WebDriverException as error:
         if _replaced_under_us(error):
-            return True
+            return None
         raise
-    return False
 
 
 def _replaced_under_us(error: WebDriverException) -> bool:
