@@ -149,6 +149,7 @@ class DurabilityWatch:
         self.refusing_writes = False
         self._marker: bytes | None = None  # the start marker this process has seen
         self._logged_risks: frozenset[str] = frozenset()
+        self._shed_refusal: str | None = None  # the error last refusing a shed, logged once
         self._acknowledged_since_look = 0  # events this process queued since the last look
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -182,6 +183,10 @@ class DurabilityWatch:
         """One look; logs what changed. None when Redis could not be read."""
         try:
             state = await self._inspect()
+            if state.over_high_water:
+                await self._shed_event_log(state)
+                # Read again even when this watch dropped nothing: another process's may have.
+                state = await self._inspect(write=False)
         except (RedisError, OSError) as error:
             if self._stopping:
                 return None  # a cancellation redis-py reported as a connection error
@@ -195,8 +200,6 @@ class DurabilityWatch:
         if not self.reachable:
             logger.info("redis reachable again", extra={"endpoint": self.role})
         self.reachable = True
-        if state.over_high_water and await self._shed_event_log(state):
-            state = await self._inspect(write=False)
         self._log_changes(state)
         self.state = state
         self.refusing_writes = state.over_high_water
@@ -223,16 +226,21 @@ class DurabilityWatch:
             loss_notice=notice.decode() if notice else None,
         )
 
-    async def _shed_event_log(self, state: RedisState) -> int:
-        """Free memory the event log holds, to below the mark with room to spare; returns
-        the entries dropped. Each process's watch may shed at the same look: at worst twice
-        what was needed goes, always the oldest entries."""
+    async def _shed_event_log(self, state: RedisState) -> None:
+        """Free memory the event log holds, to below the mark with room to spare. Watches
+        that shed at the same look trim to about the same length: the oldest entries go."""
         target = state.memory_max * state.high_water * SHED_TO_MARK
         try:
             dropped, kept = await self._event_log.shed(int(state.memory_used - target))
-        except RedisError as error:  # the next look tries again; refusing stays in force
-            logger.error("event log shed failed", extra={"error_type": type(error).__name__})
-            return 0
+        except ResponseError as error:  # refused (a read-only replica, an ACL): said once
+            if self._shed_refusal != type(error).__name__:
+                self._shed_refusal = type(error).__name__
+                logger.error(
+                    "event log shed refused",
+                    extra={"error_type": self._shed_refusal, "endpoint": self.role},
+                )
+            return
+        self._shed_refusal = None
         if dropped:
             STATE.log_entries_shed += dropped
             logger.warning(
@@ -244,7 +252,6 @@ class DurabilityWatch:
                     "endpoint": self.role,
                 },
             )
-        return dropped
 
     async def _check_marker(self) -> int | None:
         """Events that may be gone when Redis lost its data since the last look, else None."""

@@ -230,15 +230,26 @@ async def test_at_the_memory_mark_deliveries_get_503_workers_drain_and_deliverie
         server_redis.kill()
 
 
+@pytest.mark.parametrize("memory_command", ["allowed", "denied"])
 async def test_over_the_memory_mark_the_event_log_gives_way_to_events(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    http: aiohttp.ClientSession,
+    memory_command: str,
 ) -> None:
     """A Redis filled by the event log, not by events (one event queued, the log holding
     its 20,000 repeated deliveries): the watch drops the log's oldest entries until Redis
-    is under its mark, and the receiver accepts again, without a worker or an operator."""
+    is under its mark, and the receiver accepts again, without a worker or an operator.
+    Also where the service's Redis user may not run MEMORY (an ACL, as managed Redis has)."""
     server_redis = RedisServer(tmp_path / "small", None, "--maxmemory", "8mb")
     server_redis.start()
-    settings = watched(server_redis.url, redis_memory_high_water=0.5)
+    url = server_redis.url
+    if memory_command == "denied":
+        async with Redis.from_url(url) as admin:
+            rules = ("on", ">secret-pw", "~*", "&*", "+@all", "-memory")
+            await admin.execute_command("ACL", "SETUSER", "service", *rules)
+        url = url.replace("redis://", "redis://service:secret-pw@")
+    settings = watched(url, redis_memory_high_water=0.5)
     event, after = (Event.from_payload(parsing_event(key)) for key in ("repeated", "after"))
     log = QueueKeys(settings.queue_name).log
     try:
