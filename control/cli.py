@@ -21,7 +21,7 @@ import asyncio
 import importlib.metadata
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from control import runner
 from control.erasure import erase_profile
 from hrflow_webhooks.events import UnknownEventNameError, canonical_event_name, checked_event_name
 from hrflow_webhooks.queue import QueueKeys
-from hrflow_webhooks.redis_setup import connect_redis
+from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
 from hrflow_webhooks.settings import Settings
 from hrflow_webhooks.signatures import Scheme, sign
 
@@ -107,6 +107,14 @@ def service_settings(state_dir: Path) -> Settings:
             "api_user": running.get("HRFLOW_API_USER"),
         }
     return settings.model_copy(update={"redis_url": running["REDIS_URL"], **sandbox})
+
+
+def against_redis(work: Coroutine[Any, Any, T]) -> T:
+    """Run a command's work on Redis; Redis unreachable is one line, as `check` says it."""
+    try:
+        return asyncio.run(work)
+    except (RedisError, OSError) as error:
+        raise fail(f"redis is unreachable: {unreachable_reason(error)}") from None
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -495,10 +503,7 @@ def with_store(ctx: typer.Context, work: Callable[[Any], Awaitable[T]]) -> T:
         async with dead_letter_store(settings) as store:
             return await work(store)
 
-    try:
-        return asyncio.run(main())
-    except (RedisError, OSError) as error:  # as `check` says it: one line, no traceback
-        raise fail(f"redis is unreachable ({type(error).__name__})") from None
+    return against_redis(main())
 
 
 async def _collect(store: Any, event_type: str | None, since: float | None) -> list[Any]:
@@ -592,7 +597,7 @@ def reconcile(
 ) -> None:
     """Queue the profile changes whose webhook never arrived, found by listing HrFlow."""
     settings = service_settings(state_dir)
-    report = asyncio.run(_reconcile(settings, source, _since(since)))
+    report = against_redis(_reconcile(settings, source, _since(since)))
     typer.echo(
         f"scanned {report.scanned} profile(s) on {report.pages} page(s): "
         f"enqueued {report.enqueued}, already handled {report.already_handled}, "
@@ -642,7 +647,7 @@ def erase(
         finally:
             await redis.aclose()
 
-    report = asyncio.run(main())
+    report = against_redis(main())
     typer.echo(
         f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
         f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s), "
@@ -662,14 +667,16 @@ def check(
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
     """Exit 1, listing the problems, when Redis, the workers or the queue are unhealthy."""
-    from control.health import check as health_check
+    from control.health import health
 
     settings = service_settings(state_dir)
     age_s = settings.check_max_queue_age_s if max_queue_age_s is None else max_queue_age_s
-    problems = asyncio.run(health_check(settings, age_s))
-    for problem in problems:
+    found = asyncio.run(health(settings, age_s))
+    for problem in found.problems:
         typer.echo(f"problem: {problem}")
-    if problems:
+    for note in found.notes:
+        typer.echo(f"note: {note}")
+    if found.problems:
         raise typer.Exit(1)
     typer.echo("ok")
 

@@ -14,35 +14,48 @@ Messages name keys and numbers only: never the Redis URL, which may hold a passw
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hrflow_webhooks.durability import inspect_once
 from hrflow_webhooks.queue import QueueKeys
-from hrflow_webhooks.redis_setup import connect_redis
+from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
 from hrflow_webhooks.settings import Settings
 from workers.queue_stats import QueueStats, read_queue_stats
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    problems: list[str]  # each fails the check
+    notes: list[str] = field(default_factory=list)  # said, not failing: see durability
+
+
 async def check(settings: Settings, max_queue_age_s: float) -> list[str]:
     """Every problem found, as one sentence each; an empty list means healthy."""
+    return (await health(settings, max_queue_age_s)).problems
+
+
+async def health(settings: Settings, max_queue_age_s: float) -> Health:
     redis = connect_redis(settings)
     try:
-        return await _problems(redis, QueueKeys(settings.queue_name), settings, max_queue_age_s)
+        return await _health(redis, QueueKeys(settings.queue_name), settings, max_queue_age_s)
     except (RedisError, OSError) as error:
-        return [f"redis is unreachable ({type(error).__name__})"]
+        return Health([f"redis is unreachable: {unreachable_reason(error)}"])
     finally:
         await redis.aclose()
 
 
-async def _problems(
+async def _health(
     redis: Redis, keys: QueueKeys, settings: Settings, max_queue_age_s: float
-) -> list[str]:
+) -> Health:
     worker_reported = bool(await redis.exists(keys.health_check))
     stats = await read_queue_stats(redis, keys)
     durability = await inspect_once(redis, settings)
     problems = [] if worker_reported else [_no_worker(keys, settings)]
-    return problems + _queue_problems(stats, max_queue_age_s) + durability.problems()
+    problems += _queue_problems(stats, max_queue_age_s) + durability.problems()
+    return Health(problems, list(durability.notes))
 
 
 def _no_worker(keys: QueueKeys, settings: Settings) -> str:

@@ -8,9 +8,14 @@ at ``maxmemory`` (writes refused, workers unable to claim). So the receiver and
 every worker run a :class:`DurabilityWatch`, every
 ``HRFLOW_DURABILITY_CHECK_INTERVAL_S``:
 
-- **configuration**: AOF on, ``appendfsync`` at least ``HRFLOW_REDIS_FSYNC``,
-  ``noeviction``, AOF writes succeeding (``INFO persistence``; ``CONFIG GET``
-  where the server allows it, as managed Redis often does not);
+- **what the deployment relies on** (``HRFLOW_REDIS_DURABILITY``): ``fsync``,
+  AOF on with ``appendfsync`` at least ``HRFLOW_REDIS_FSYNC`` and its writes
+  succeeding (``INFO persistence``, and ``CONFIG GET appendfsync``: where the
+  server refuses ``CONFIG``, as managed Redis does, the policy cannot be read and
+  that is said); ``replicas``, at least ``HRFLOW_REDIS_MIN_REPLICAS_ACK`` replicas
+  online and caught up (``INFO replication``), the AOF not required; ``none``,
+  nothing, said once. ``noeviction`` in both of the first two (``INFO memory``).
+  What a look cannot check and nothing relies on is a note, said once;
 - **memory**: used ÷ ``maxmemory`` against ``HRFLOW_REDIS_MEMORY_HIGH_WATER``.
   Above it the watch first drops the event log's oldest entries (the log records
   events; it must never be why one is refused), down to 90 % of the mark; what
@@ -25,7 +30,8 @@ every worker run a :class:`DurabilityWatch`, every
 
 Every risk is an ERROR log line when it appears (and an INFO line when it
 clears), the ``hrflow_redis_durability_ok`` gauge, ``GET /readyz?strict``
-and ``hrflow-webhooks check``.
+and ``hrflow-webhooks check``; a note is a WARNING line when it appears, and a
+``note:`` line of ``check``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +53,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, Respon
 
 from hrflow_webhooks.event_log import EventLog
 from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.redis_setup import unreachable_reason
 from hrflow_webhooks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,6 +65,13 @@ DATA_LOSS_NOTICE_S = 3_600
 # just under it, to cross again with the next deliveries.
 SHED_TO_MARK = 0.9
 FSYNC_STRENGTH = {"no": 0, "everysec": 1, "always": 2}
+# A replica counts as holding what it was sent when it acknowledged within this (Redis's
+# replicas acknowledge every second).
+REPLICA_LAG_MAX_S = 10
+NONE_DECLARED = (
+    "durability 'none' is declared (HRFLOW_REDIS_DURABILITY): acknowledged events are lost "
+    "if Redis restarts without persistence or its primary fails"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +79,7 @@ class RedisState:
     """What one look at Redis found."""
 
     risks: tuple[str, ...]  # sentences: why acknowledged events could be lost
+    notes: tuple[str, ...]  # what could not be checked, or was chosen, and nothing relies on
     memory_used: int
     memory_max: int  # 0: no maxmemory
     high_water: float
@@ -96,42 +111,80 @@ class RedisState:
         )
 
 
-async def _config(redis: Redis) -> dict[str, str]:
-    """CONFIG GET, or nothing where the server refuses it (managed Redis)."""
+async def _appendfsync(redis: Redis) -> str | None:
+    """The AOF's fsync policy, or None where the server refuses CONFIG (managed Redis)."""
     try:
-        found: dict[str, str] = await redis.config_get("append*")
-        found |= await redis.config_get("maxmemory-policy")
+        found: dict[str, str] = await redis.config_get("appendfsync")
     except ResponseError:
-        return {}
-    return found
+        return None
+    return found.get("appendfsync")
 
 
-def configuration_risks(
-    persistence: dict[str, Any], config: dict[str, str], fsync: str
-) -> list[str]:
-    """Why this Redis could lose an acknowledged event; ``fsync`` is the weakest allowed."""
-    if fsync == "none":
+def assess(
+    info: Mapping[str, Any], appendfsync: str | None, settings: Settings
+) -> tuple[list[str], list[str]]:
+    """Why this Redis could lose an acknowledged event (risks), and what could not be
+    checked or was chosen though nothing relies on it (notes), for the declared durability.
+    ``info``: INFO persistence, memory and (with replicas) replication; ``appendfsync``:
+    None where CONFIG is refused."""
+    durability = settings.durability
+    if durability == "none":
+        return [], [NONE_DECLARED]
+    risks, notes = _eviction_risks(info), []
+    if durability == "fsync":
+        risks += _aof_risks(info, appendfsync, settings.redis_fsync)
+    elif appendfsync is None:
+        notes.append(
+            "appendfsync cannot be read: this Redis refuses CONFIG (as managed Redis does); "
+            "not relied on: durability is 'replicas'"
+        )
+    if durability == "replicas" or settings.redis_min_replicas_ack:
+        risks += _replica_risks(info, settings.redis_min_replicas_ack)
+    return risks, notes
+
+
+def _eviction_risks(info: Mapping[str, Any]) -> list[str]:
+    policy = info.get("maxmemory_policy")
+    if policy is None or policy == "noeviction":
         return []
-    risks: list[str] = []
-    aof_on = config.get("appendonly", "yes" if persistence.get("aof_enabled") else "no") == "yes"
-    if not aof_on:
-        risks.append("AOF is off (appendonly no): a Redis restart loses every queued event")
-    appendfsync = config.get("appendfsync")
-    if (
-        aof_on
-        and appendfsync is not None
-        and FSYNC_STRENGTH.get(appendfsync, 0) < FSYNC_STRENGTH[fsync]
-    ):
+    return [f"maxmemory-policy is '{policy}', not 'noeviction': Redis may evict jobs"]
+
+
+def _aof_risks(info: Mapping[str, Any], appendfsync: str | None, fsync: str) -> list[str]:
+    if not info.get("aof_enabled"):
+        return ["AOF is off (appendonly no): a Redis restart loses every queued event"]
+    risks = []
+    if appendfsync is None:
+        risks.append(
+            "appendfsync cannot be read: this Redis refuses CONFIG (as managed Redis does), "
+            "so durability 'fsync' cannot be verified: declare what it gives "
+            "(HRFLOW_REDIS_DURABILITY=replicas with HRFLOW_REDIS_MIN_REPLICAS_ACK, or none)"
+        )
+    elif FSYNC_STRENGTH.get(appendfsync, 0) < FSYNC_STRENGTH[fsync]:
         risks.append(
             f"appendfsync is '{appendfsync}', weaker than '{fsync}' (HRFLOW_REDIS_FSYNC): "
             "a crash loses recent acknowledged events"
         )
-    if aof_on and persistence.get("aof_last_write_status") == "err":
+    if info.get("aof_last_write_status") == "err":
         risks.append("AOF writes are failing (aof_last_write_status: err): check the disk")
-    policy = config.get("maxmemory-policy")
-    if policy is not None and policy != "noeviction":
-        risks.append(f"maxmemory-policy is '{policy}', not 'noeviction': Redis may evict jobs")
     return risks
+
+
+def _replica_risks(info: Mapping[str, Any], required: int) -> list[str]:
+    if info.get("role") not in (None, "master"):
+        return ["this Redis is a replica, not the primary: deliveries are refused (503)"]
+    caught_up = sum(
+        1
+        for name, replica in info.items()
+        if name.startswith("slave") and name[5:].isdigit() and isinstance(replica, dict)
+        and replica.get("state") == "online" and int(replica.get("lag", 0)) <= REPLICA_LAG_MAX_S
+    )  # fmt: skip
+    if caught_up >= required:
+        return []
+    return [
+        f"{caught_up} replica(s) online and caught up, of the {required} that must acknowledge "
+        "each delivery (HRFLOW_REDIS_MIN_REPLICAS_ACK): deliveries get 503 until they are back"
+    ]
 
 
 class DurabilityWatch:
@@ -149,6 +202,7 @@ class DurabilityWatch:
         self.refusing_writes = False
         self._marker: bytes | None = None  # the start marker this process has seen
         self._logged_risks: frozenset[str] = frozenset()
+        self._logged_notes: frozenset[str] = frozenset()
         self._shed_refusal: str | None = None  # the error last refusing a shed, logged once
         self._acknowledged_since_look = 0  # events this process queued since the last look
         self._task: asyncio.Task[None] | None = None
@@ -193,7 +247,11 @@ class DurabilityWatch:
             if self.reachable:
                 logger.error(
                     "redis unreachable: durability cannot be checked",
-                    extra={"error_type": type(error).__name__, "endpoint": self.role},
+                    extra={
+                        "error_type": type(error).__name__,
+                        "reason": unreachable_reason(error),
+                        "endpoint": self.role,
+                    },
                 )
             self.reachable = False
             return None
@@ -209,7 +267,9 @@ class DurabilityWatch:
         """Reads first: at maxmemory or on a read-only replica the writes below are refused,
         and what the reads found is what must be reported then."""
         info = await self.redis.info("persistence") | await self.redis.info("memory")
-        config = await _config(self.redis)
+        if self.settings.durability == "replicas" or self.settings.redis_min_replicas_ack:
+            info |= await self.redis.info("replication")
+        appendfsync = await _appendfsync(self.redis)
         queued = int(await self.redis.zcard(self.keys.queue))
         if write:
             lost_before = await self._check_marker()
@@ -217,8 +277,10 @@ class DurabilityWatch:
             if lost_before is not None:
                 await self._record_loss(lost_before)
         notice = await self.redis.get(self.keys.data_loss)
+        risks, notes = assess(info, appendfsync, self.settings)
         return RedisState(
-            risks=tuple(configuration_risks(info, config, self.settings.redis_fsync)),
+            risks=tuple(risks),
+            notes=tuple(notes),
             memory_used=int(info.get("used_memory", 0)),
             memory_max=int(info.get("maxmemory", 0)),
             high_water=self.settings.redis_memory_high_water,
@@ -305,6 +367,9 @@ class DurabilityWatch:
                 "redis durability risk cleared", extra={"risk": risk, "endpoint": self.role}
             )
         self._logged_risks = now
+        for note in sorted(frozenset(state.notes) - self._logged_notes):
+            logger.warning("redis durability note", extra={"note": note, "endpoint": self.role})
+        self._logged_notes = frozenset(state.notes)
 
 
 async def inspect_once(redis: Redis, settings: Settings) -> RedisState:

@@ -5,6 +5,12 @@ only decides how events reach Redis: batched per event-loop turn, packed once pe
 caller, over :class:`ScriptConnection` (docs/benchmarks.md). The receiver's deliveries
 and the reconciler's finds both come this way, so deduplication, coalescing, per-subject
 order and the event log apply to both alike.
+
+With ``HRFLOW_REDIS_MIN_REPLICAS_ACK`` = N > 0, each batch's script is followed, in the
+same write and on the same connection, by ``WAIT N <timeout>``: the batch's callers are
+answered only once N replicas hold its writes (no extra round trip), and with fewer in
+time they get :class:`ReplicasBehindError` (the receiver answers 503; the events may be
+queued already, and HrFlow's resend then merges or is a duplicate, as any resend).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hrflow_webhooks.event_log import logged_subject
@@ -33,6 +39,7 @@ from hrflow_webhooks.queue import (
     serialize_job,
     tag_of,
 )
+from hrflow_webhooks.settings import Settings
 
 # Events per script call when callers are batched; a bigger call would hold Redis for longer.
 MAX_BATCH_EVENTS = 1_000
@@ -69,6 +76,36 @@ def packed_script_call(command: bytes, arguments: PackedArguments) -> list[bytes
     return [head, *arguments.packed]
 
 
+class ReplicasBehindError(RedisError):
+    """Fewer replicas than required acknowledged a batch in time: its events are not yet
+    safe from the primary's loss."""
+
+    def __init__(self, acknowledged: int, required: int) -> None:
+        super().__init__(f"{acknowledged} of {required} replicas acknowledged the enqueue in time")
+        self.acknowledged = acknowledged
+        self.required = required
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAck:
+    """How many replicas must hold a script call's writes before it counts, and how long to
+    wait for them (``WAIT``)."""
+
+    replicas: int
+    timeout_ms: int
+
+    @classmethod
+    def required_by(cls, settings: Settings) -> ReplicaAck | None:
+        if settings.redis_min_replicas_ack < 1:
+            return None
+        return cls(settings.redis_min_replicas_ack, settings.redis_replica_ack_timeout_ms)
+
+    def packed(self) -> bytes:
+        return b"*3\r\n" + b"".join(
+            resp_bulk(value) for value in (b"WAIT", b"%d" % self.replicas, b"%d" % self.timeout_ms)
+        )
+
+
 class ScriptConnection:
     """A Redis connection of the queue's own, for its script calls, one call at a time.
 
@@ -79,10 +116,10 @@ class ScriptConnection:
     several bursts and the receiver idled (docs/benchmarks.md). This connection has no
     unread data between calls by construction: a call that fails, times out or is
     cancelled leaves it disconnected, and the next call connects afresh. One deadline
-    covers the call.
+    covers the call, and the replicas' acknowledgement when ``replica_ack`` asks for one.
     """
 
-    def __init__(self, redis: Redis, script: str) -> None:
+    def __init__(self, redis: Redis, script: str, replica_ack: ReplicaAck | None = None) -> None:
         pool = redis.connection_pool
         self.timeout_s: float | None = pool.connection_kwargs.get("socket_timeout")
         # The deadline below replaces the socket timeout, so reads and writes carry none.
@@ -92,6 +129,8 @@ class ScriptConnection:
         sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
         self._evalsha = resp_bulk(b"EVALSHA") + resp_bulk(sha.encode())
         self._eval = resp_bulk(b"EVAL") + resp_bulk(script.encode())
+        self._replica_ack = replica_ack
+        self._wait = [replica_ack.packed()] if replica_ack else []
 
     async def evaluate(self, arguments: PackedArguments) -> Any:
         """Run the script; one more try on a fresh connection if a kept one was found closed."""
@@ -112,7 +151,7 @@ class ScriptConnection:
         except TimeoutError as error:  # redis-py's own type, like its socket timeout
             await self.close()
             raise RedisTimeoutError("Redis did not answer the enqueue script in time") from error
-        except ResponseError:
+        except (ResponseError, ReplicasBehindError):
             raise  # Redis answered (with an error): the connection is in step
         except BaseException:
             await self.close()  # a reply may still be on its way: never reuse the socket
@@ -127,9 +166,19 @@ class ScriptConnection:
 
     async def _command(self, command: bytes, arguments: PackedArguments) -> Any:
         await self._connection.send_packed_command(
-            packed_script_call(command, arguments), check_health=False
+            [*packed_script_call(command, arguments), *self._wait], check_health=False
         )
-        return await self._connection.read_response()
+        try:
+            reply = await self._connection.read_response()
+        except ResponseError:
+            if self._wait:  # WAIT's answer is on its way all the same: read it, stay in step
+                await self._connection.read_response()
+            raise
+        if self._replica_ack is not None:
+            acknowledged = int(await self._connection.read_response())
+            if acknowledged < self._replica_ack.replicas:
+                raise ReplicasBehindError(acknowledged, self._replica_ack.replicas)
+        return reply
 
     async def close(self) -> None:
         await self._connection.disconnect(nowait=True)
@@ -170,6 +219,7 @@ class EventQueue:
         via: str = "http",
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_in_flight: int = MAX_CALLS_IN_FLIGHT,
+        replica_ack: ReplicaAck | None = None,
     ) -> None:
         self.redis = redis
         self.keys = QueueKeys(queue_name)
@@ -184,7 +234,7 @@ class EventQueue:
         self.max_batch_events = max_batch_events
         # One connection per writer: a writer takes one when it starts, returns it when done.
         self._connections = tuple(
-            ScriptConnection(redis, ENQUEUE_SCRIPT) for _ in range(max_in_flight)
+            ScriptConnection(redis, ENQUEUE_SCRIPT, replica_ack) for _ in range(max_in_flight)
         )
         self._free_connections = list(self._connections)
         self._waiting: list[_Pending] = []

@@ -45,6 +45,10 @@ LOGGED_FIELDS = (
     "interval_s",
     "risk",
     "events_at_risk",
+    "note",
+    "lease",
+    "lease_s",
+    "runs",
 )
 _LOGGED = frozenset(LOGGED_FIELDS)
 # Values are cut to this many characters: a field may hold what a signed sender wrote.

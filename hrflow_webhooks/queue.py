@@ -19,6 +19,13 @@ the run's subject from the id alone. One script per delivery decides, per event 
   merges into it (2): that run reads the subject's current state anyway;
 - otherwise a new run is queued (1) and appended to its subject's order list.
 
+**Leases and fencing** (``workers.leases``). A claim holds its run while the
+claimer's lease key lives; the claim script takes over a run whose holder's
+lease is gone. Every write of a run's outcome (handler marker, dead letter,
+finish, retry, release) runs in a script that first checks the run's claim is
+still the writer's (:class:`Fence`): a worker that lost its lease cannot write
+over the run's new holder, so an outcome is written once.
+
 **Per-subject order.** Runs of one subject run one at a time, in arrival order:
 the claim only takes a run that heads its subject's order list; a run behind
 another is parked (its score moved later) without taking a worker slot or a
@@ -29,7 +36,10 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ================================ ===============================================
 ``<q>``                          arq's queue (sorted set of run ids by due time)
 ``arq:job:<run id>``             the job: ``{"f", "a": [event], "k", "t", "et"}``
-``arq:in-progress:<run id>``     arq's claim of a run (``arq:retry:``: its tries)
+``arq:in-progress:<run id>``     the claim of a run: ``<lease id>|<n>``, its fencing token
+                                 (``1`` when arq's own worker claimed it; ``arq:retry:``:
+                                 its tries)
+``<q>:lease:<lease id>``         a worker's lease: while it lives, its claims hold
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
 ``<q>:waiting:<event id>``       latest events: the newest run of this notification
@@ -216,6 +226,13 @@ class QueueKeys:
     def workers(self) -> str:
         return f"{self.queue}:workers"
 
+    def lease(self, lease_id: str) -> str:
+        return f"{self.lease_prefix}{lease_id}"
+
+    @property
+    def lease_prefix(self) -> str:
+        return f"{self.queue}:lease:"
+
     # --- the event log and reconciliation -------------------------------------------------
     @property
     def log(self) -> str:
@@ -256,6 +273,36 @@ class QueueKeys:
     def result(job_id: str) -> str:
         return RESULT_KEY_PREFIX + job_id
 
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What a write of a run's outcome must prove: the run's claim is still the writer's.
+
+    ``token`` is the claim's (``<lease id>|<n>``) and ``lease`` its lease key; a run claimed
+    by arq's own worker (no lease) has the token ``''``, which every fenced script lets
+    through, as before leases. Scripts take the two keys then the token (``_HOLDS_LUA``).
+    """
+
+    in_progress: str
+    lease: str
+    token: str
+
+    @classmethod
+    def unfenced(cls, run_id: str, keys: QueueKeys) -> Fence:
+        return cls(QueueKeys.in_progress(run_id), keys.queue, "")
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.in_progress, self.lease]
+
+
+# Whether the writer still holds the run: its claim token is the run's, and its lease lives.
+_HOLDS_LUA = """
+local function holds(in_progress, lease, token)
+  if token == '' then return true end
+  return redis.call('GET', in_progress) == token and redis.call('EXISTS', lease) == 1
+end
+"""
 
 # A new run: its job, its place in the queue and in its subject's order. Shared by the enqueue
 # and replay scripts; KEYS[1] is the queue. (No expiry on the order list: a run leaves it when
@@ -359,31 +406,52 @@ local function subject_free(run_id, order_prefix)
 end
 """
 
-# arq's checks for each candidate (still queued, due, not in progress anywhere), then the
-# subject's order, then arq's own in-progress write; a run whose subject is busy is parked.
-# KEYS: the queue. ARGV: now (ms), in-progress lifetime (ms), most to claim, order prefix, park
-# (ms), then the candidates' ids. Only ids travel: with several workers most candidates are
-# the other workers' running jobs, and arq reads five per free slot. (Keys are derived here,
-# not declared: arq's layout already assumes one Redis server, not a cluster.)
-# Returns id, score, id, score... in queue order.
+# arq's checks for each candidate (still queued, due, not held by a live claim), then the
+# subject's order, then the claim: the claimer's fencing token in the in-progress key, with no
+# expiry (the run is held while the claimer's lease lives). A run whose subject is busy is
+# parked. A candidate held by a lease that is gone (its worker died, froze or lost Redis) is
+# taken over; one claimed by arq's own worker (no lease: '1') is held while its key lives.
+# KEYS: the queue, the claimer's lease. ARGV: now (ms), most to claim, order prefix, park
+# (ms), lease prefix, the claimer's lease id, its next token number, then the candidates'
+# ids. Only ids travel: with several workers most candidates are the other workers' running
+# jobs, and arq reads five per free slot. (Keys are derived here, not declared: arq's layout
+# already assumes one Redis server, not a cluster.)
+# Returns 1 (the claimer's lease lives) or 0 (it is gone: nothing claimed), then id, score,
+# token per claimed run, in queue order.
 CLAIM_SCRIPT = (
     SUBJECT_FREE_LUA
     + """
-local claimed = {}
-local now, lifetime, most = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local order_prefix, park = ARGV[4], tonumber(ARGV[5])
-for i = 6, #ARGV do
-  if #claimed >= most * 2 then
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
+local claimed = {1}
+local now, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local order_prefix, park = ARGV[3], tonumber(ARGV[4])
+local lease_prefix, lease, number = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local alive = {}
+local function held(in_progress)
+  local holder = redis.call('GET', in_progress)
+  if not holder then return false end
+  local holder_lease = string.match(holder, '^(.+)|')
+  if not holder_lease then return true end
+  if alive[holder_lease] == nil then
+    alive[holder_lease] = redis.call('EXISTS', lease_prefix .. holder_lease) == 1
+  end
+  return alive[holder_lease]
+end
+for i = 8, #ARGV do
+  if #claimed > most * 3 then
     break
   end
   local run_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], run_id)
   local in_progress = 'arq:in-progress:' .. run_id
-  if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
+  if score and tonumber(score) <= now and not held(in_progress) then
     if subject_free(run_id, order_prefix) then
-      redis.call('SET', in_progress, '1', 'PX', lifetime)
+      local token = lease .. '|' .. number
+      number = number + 1
+      redis.call('SET', in_progress, token)
       claimed[#claimed + 1] = run_id
       claimed[#claimed + 1] = score
+      claimed[#claimed + 1] = token
     else
       redis.call('ZADD', KEYS[1], now + park, run_id)
     end
@@ -421,16 +489,20 @@ return 0
 )
 
 # The run is over (handled, dead-lettered, skipped or unrouted): it leaves its subject's
-# order, wakes the run behind it, and its job and markers go, atomically, so nothing can run
-# it again even if arq's own bookkeeping after it fails. The same call keeps the profile's
-# handled state (the newest wins) and appends the run's log entries. KEYS: queue, order list
-# (or the queue again for an older job), job, done hash, event log, handled-state key (or the
-# queue again: not a profile). ARGV: run id, now ms, log cap, handled state ('' for none),
-# its lifetime s, then the log entries, packed (append_log).
+# order, wakes the run behind it, and its job, markers and claim go, atomically, so nothing
+# can run it again; arq's own finish has nothing left to do (workers.arq_worker). The same
+# call keeps the profile's handled state (the newest wins) and appends the run's log entries.
+# Refused (0) when the writer no longer holds the run (Fence): its new holder finishes it.
+# KEYS: queue, order list (or the queue again for an older job), job, done hash, event log,
+# handled-state key (or the queue again: not a profile), retry key, then the fence's keys.
+# ARGV: run id, now ms, log cap, handled state ('' for none), its lifetime s, the fence's
+# token, then the log entries, packed (append_log).
 FINISH_RUN_SCRIPT = (
     _APPEND_LOG_LUA
+    + _HOLDS_LUA
     + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
+if not holds(KEYS[8], KEYS[9], ARGV[6]) then return 0 end
 if order ~= queue then
   redis.call('LREM', order, 1, run_id) -- the head, unless the run was erased meanwhile
   local next_run = redis.call('LINDEX', order, 0)
@@ -439,7 +511,7 @@ if order ~= queue then
     if due and tonumber(due) > now then redis.call('ZADD', queue, now, next_run) end
   end
 end
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[7], KEYS[8])
 redis.call('ZREM', queue, run_id)
 local state = tonumber(ARGV[4])
 if state and KEYS[6] ~= queue then
@@ -447,7 +519,48 @@ if state and KEYS[6] ~= queue then
   if not kept or state > kept then kept = state end
   redis.call('SET', KEYS[6], string.format('%d', kept), 'EX', ARGV[5])
 end
-append_log(KEYS[5], ARGV[3], ARGV, 6)
+append_log(KEYS[5], ARGV[3], ARGV, 7)
+return 1
+"""
+)
+
+# arq's ends of a try, fenced (workers.arq_worker): a worker that no longer holds the run
+# changes nothing. Each returns 1 done, 0 refused.
+# A retry: the run is due again ARGV[2] ms later (0: at its old time), and its claim goes.
+# KEYS: queue, then the fence's keys. ARGV: run id, score increment ms, token.
+RETRY_RUN_SCRIPT = (
+    _HOLDS_LUA
+    + """
+if not holds(KEYS[2], KEYS[3], ARGV[3]) then return 0 end
+if tonumber(ARGV[2]) ~= 0 then redis.call('ZINCRBY', KEYS[1], ARGV[2], ARGV[1]) end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+)
+
+# A claim given back (a try cancelled, or one whose end could not be written): the run is
+# due again at once. Its token only, not its lease: a worker gives back what it claimed even
+# after its lease lapsed, unless another worker took the run over meanwhile. KEYS: the
+# in-progress keys. ARGV: their tokens.
+RELEASE_RUNS_SCRIPT = """
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    released = released + redis.call('DEL', KEYS[i])
+  end
+end
+return released
+"""
+
+# A run arq cannot start (its job expired or unreadable): it goes, as arq would drop it.
+# KEYS: queue, job, retry key, then the fence's keys. ARGV: run id, token.
+DROP_RUN_SCRIPT = (
+    _HOLDS_LUA
+    + """
+if not holds(KEYS[4], KEYS[5], ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
 """
 )
 
@@ -479,12 +592,40 @@ end
 redis.call('HINCRBY', KEYS[1], field, 1)
 """
 
-# KEYS: the run's done hash. ARGV: handler name, marker lifetime s, value (ok | dead). One
-# call, atomic: the marker never exists without its expiry.
-MARK_HANDLER_SCRIPT = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+# KEYS: the run's done hash, then the fence's keys. ARGV: handler name, marker lifetime s,
+# value (ok | dead | skip), the fence's token. One call, atomic: the marker never exists
+# without its expiry. Returns 1, or 0 refused (the writer no longer holds the run).
+_MARK_HANDLER_LUA = """
+local function mark_handler(done, handler, lifetime, value)
+  redis.call('HSET', done, handler, value)
+  redis.call('EXPIRE', done, lifetime)
+end
 """
+MARK_HANDLER_SCRIPT = (
+    _HOLDS_LUA
+    + _MARK_HANDLER_LUA
+    + """
+if not holds(KEYS[2], KEYS[3], ARGV[4]) then return 0 end
+mark_handler(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+return 1
+"""
+)
+
+# A dead letter, and its handler marked dead in its run, or nothing (0) when the writer no
+# longer holds the run. KEYS: the letter, the dead-letter index, the run's done hash, then the
+# fence's keys. ARGV: letter id, the letter (JSON), now (s), handler, marker lifetime s, the
+# marker's value (dead), token.
+DEAD_LETTER_SCRIPT = (
+    _HOLDS_LUA
+    + _MARK_HANDLER_LUA
+    + """
+if not holds(KEYS[4], KEYS[5], ARGV[7]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+mark_handler(KEYS[3], ARGV[4], ARGV[5], ARGV[6])
+return 1
+"""
+)
 
 # KEYS: queue, dead-letter index, the letter, the order list, the event log. ARGV: letter id,
 # new run id, job, score ms, log cap, then the replay's log entry, packed (append_log). Claims

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hrflow_webhooks.queue import EVENT_LOG_MAX_ENTRIES
 
 SignatureScheme = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
+# What a 202 relies on (hrflow_webhooks.durability): the AOF on one Redis, writes copied to
+# replicas before the answer, or nothing (loss accepted).
+Durability = Literal["fsync", "replicas", "none"]
 
 
 class MissingSecretError(RuntimeError):
@@ -75,10 +78,20 @@ class Settings(BaseSettings):
         default="redis://localhost:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "HRFLOW_REDIS_URL", "redis_url"),
     )
+    # Set: the primary is found through these Sentinels (host:port, comma-separated), and
+    # REDIS_URL gives only the database, user, password and TLS (hrflow_webhooks.redis_setup).
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
     queue_name: str = "hrflow:queue"
     redis_timeout_s: float = Field(default=2.0, gt=0)
-    # The weakest persistence that does not count as a risk (hrflow_webhooks.durability).
+    redis_durability: Durability = "fsync"
+    # The weakest AOF fsync policy `fsync` durability accepts; `none` is the older spelling of
+    # HRFLOW_REDIS_DURABILITY=none (see `durability`).
     redis_fsync: Literal["always", "everysec", "none"] = "everysec"
+    # Replicas that must hold a batch of deliveries before they are answered 202 (WAIT).
+    redis_min_replicas_ack: int = Field(default=0, ge=0)
+    redis_replica_ack_timeout_ms: int = Field(default=500, ge=1)
     redis_memory_high_water: float = Field(default=0.9, gt=0, le=1)
     durability_check_interval_s: float = Field(default=5.0, gt=0)
 
@@ -93,6 +106,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: int = Field(default=25, ge=0)
     not_found_grace_s: float = Field(default=300.0, ge=0)
     health_check_interval_s: int = Field(default=10, ge=1)
+    # A claimed run is held while its worker renews this lease (workers.leases).
+    worker_lease_s: float = Field(default=5.0, ge=1)
 
     # --- HrFlow API ---------------------------------------------------------------------------
     api_url: str = "https://api.hrflow.ai/v1"
@@ -139,6 +154,7 @@ class Settings(BaseSettings):
         "index_from_sources",
         "edit_sources",
         "reconcile_sources",
+        "redis_sentinels",
         mode="before",
     )
     @classmethod
@@ -149,6 +165,25 @@ class Settings(BaseSettings):
     @classmethod
     def _tags(cls, value: object) -> object:
         return _parse_tags(value)
+
+    @model_validator(mode="after")
+    def _redis_choices_agree(self) -> Settings:
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError(
+                "HRFLOW_REDIS_SENTINELS is set but HRFLOW_REDIS_SENTINEL_MASTER is not: "
+                "name the primary the Sentinels watch (their `sentinel monitor <name>`)"
+            )
+        if self.durability == "replicas" and self.redis_min_replicas_ack < 1:
+            raise ValueError(
+                "HRFLOW_REDIS_DURABILITY=replicas needs HRFLOW_REDIS_MIN_REPLICAS_ACK of 1 or "
+                "more: how many replicas must hold a delivery before it is answered 202"
+            )
+        return self
+
+    @property
+    def durability(self) -> Durability:
+        """What acknowledged events rely on; ``HRFLOW_REDIS_FSYNC=none`` still means none."""
+        return "none" if self.redis_fsync == "none" else self.redis_durability
 
     def secret_bytes(self) -> tuple[bytes, ...]:
         """The webhook secrets as bytes, newest first; raises when none is set."""

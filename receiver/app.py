@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
 
 from hrflow_webhooks.durability import DurabilityWatch
-from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.enqueue import EventQueue, ReplicaAck, ReplicasBehindError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging, log_line, write_logs_at_once
 from hrflow_webhooks.queue import COALESCED, QUEUED
@@ -105,6 +105,9 @@ class Answer:
         if headers:
             raw += tuple((name.encode(), value.encode()) for name, value in headers.items())
         return cls(status, body, raw)
+
+
+RETRY = {"retry-after": "5"}  # what a 503 asks of the sender
 
 
 def _error(status: int, error: str, reason: str, **headers: str) -> Answer:
@@ -282,18 +285,24 @@ def _bad_payload(receiver: Receiver, error: BadPayloadError, request_id: str) ->
 
 
 def _unavailable(request_id: str, error: Exception | None) -> Answer:
-    """503: Redis refused or did not answer, or (``error`` None) is over its memory mark."""
+    """503: Redis refused or did not answer, its replicas did not acknowledge in time, or
+    (``error`` None) it is over its memory mark."""
     if error is None:
         metrics.COUNTS.delivery("unavailable", "memory_high_water")
-        reason = "the event queue is nearly full; retry later"
+        return _error(503, "unavailable", "the event queue is nearly full; retry later", **RETRY)
+    if isinstance(error, ReplicasBehindError):
+        # Queued on the primary, perhaps, but not yet safe from its loss: HrFlow's resend
+        # merges into it or is a duplicate.
+        metrics.COUNTS.delivery("unavailable", "replicas_behind")
+        reason = "the event queue's replicas did not acknowledge in time; retry later"
     else:
         metrics.COUNTS.delivery("unavailable")
-        logger.error(
-            "queue unavailable",
-            extra={"request_id": request_id, "error_type": type(error).__name__},
-        )
         reason = "the event queue is unavailable; retry later"
-    return _error(503, "unavailable", reason, **{"retry-after": "5"})
+    logger.error(
+        "queue unavailable",
+        extra={"request_id": request_id, "error_type": type(error).__name__},
+    )
+    return _error(503, "unavailable", reason, **RETRY)
 
 
 def _queued(
@@ -413,8 +422,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
         durability.start()
         metrics_server = await _serve_metrics(settings)
         queue = EventQueue(
-            redis, settings.queue_name, settings.dedup_window_s, settings.event_log_max_entries
-        )
+            redis, settings.queue_name, settings.dedup_window_s, settings.event_log_max_entries,
+            replica_ack=ReplicaAck.required_by(settings),
+        )  # fmt: skip
         app.state.receiver = Receiver(
             queue, secrets, settings.signature_scheme, settings.max_body_bytes, durability
         )

@@ -24,6 +24,7 @@ from hrflow_webhooks.settings import Settings
 from receiver.app import create_app
 from receiver.protocol import HttpProtocol
 from tests.polling import eventually
+from workers.arq_worker import Worker
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -183,6 +184,20 @@ class ReceiverServer(LoopbackServer):
 async def receiver(settings: Settings) -> AsyncIterator[ReceiverServer]:
     async with ReceiverServer(settings) as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def polling(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
+    """A long-running (not burst) worker's main loop, as a task, for the block; then the
+    worker is stopped and closed."""
+    task = asyncio.create_task(worker.main())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
 
 
 async def drain(settings: Settings, registry: Registry, **overrides: Any) -> Any:

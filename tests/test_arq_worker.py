@@ -18,11 +18,12 @@ from tests.service import (
     enqueue,
     make_settings,
     parsing_event,
+    polling,
     recorder,
     runs_of,
     update_event,
 )
-from workers.arq_worker import Worker
+from workers.arq_worker import Claimed, Worker
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -34,52 +35,108 @@ async def pool(redis: Redis, redis_server: RedisServer) -> AsyncIterator[ArqRedi
     await arq_pool.aclose()
 
 
-def worker_on(pool: ArqRedis, redis_server: RedisServer) -> Worker:
+@pytest.fixture
+async def leased() -> AsyncIterator[list[Worker]]:
+    """Workers whose leases a test started; their leases are stopped after it."""
+    workers: list[Worker] = []
+    yield workers
+    for worker in workers:
+        await worker.leases.stop()
+
+
+async def worker_on(pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]) -> Worker:
     worker = create_worker(
         make_settings(redis_server.url), Registry(), redis_pool=pool, handle_signals=False
     )
     assert isinstance(worker, Worker)
+    await worker.leases.start()
+    leased.append(worker)
     return worker
 
 
+def ids_and_scores(claimed: list[Claimed]) -> list[tuple[str, int]]:
+    return [(c.run_id, c.score) for c in claimed]
+
+
 async def test_claims_due_queued_jobs_not_in_progress_in_queue_order(
-    pool: ArqRedis, redis_server: RedisServer
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
 ) -> None:
-    worker = worker_on(pool, redis_server)
+    worker = await worker_on(pool, redis_server, leased)
     now = timestamp_ms()
     queue = worker.queue_name
     await pool.zadd(queue, {"a": now - 5, "busy": now - 4, "later": now + 60_000, "d": now - 3})
     await pool.zadd(queue, {"e": now - 2})
-    await pool.set(in_progress_key_prefix + "busy", b"1")
+    await pool.set(in_progress_key_prefix + "busy", b"1")  # arq's own worker's claim
 
     claimed = await worker._claim(["a", "busy", "later", "gone", "d", "e"], 2)
 
-    assert claimed == [("a", now - 5), ("d", now - 3)]  # at most 2, oldest first
-    for job_id in ("a", "d"):
-        ttl_ms = await pool.pttl(in_progress_key_prefix + job_id)
-        assert 0 < ttl_ms <= worker.in_progress_timeout_s * 1000
+    assert ids_and_scores(claimed) == [("a", now - 5), ("d", now - 3)]  # at most 2, in order
+    lease_id = worker.leases.lease.id
+    for claim in claimed:
+        # The claim is the worker's fencing token, held by its lease: no expiry of its own.
+        assert claim.token.startswith(f"{lease_id}|")
+        assert await pool.get(in_progress_key_prefix + claim.run_id) == claim.token.encode()
+        assert await pool.pttl(in_progress_key_prefix + claim.run_id) == -1
+    assert claimed[0].token != claimed[1].token
     assert not await pool.exists(in_progress_key_prefix + "e")
     assert not await pool.exists(in_progress_key_prefix + "later")
 
 
-async def test_two_workers_never_claim_the_same_job(
-    pool: ArqRedis, redis_server: RedisServer
+async def test_a_run_held_by_a_lease_that_is_gone_is_taken_over(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
 ) -> None:
-    first, second = worker_on(pool, redis_server), worker_on(pool, redis_server)
+    """A claim holds while its lease key lives: a dead worker's runs are claimed again as
+    soon as its lease expires, a live one's never."""
+    first = await worker_on(pool, redis_server, leased)
+    second = await worker_on(pool, redis_server, leased)
+    await pool.zadd(first.queue_name, {"r1": timestamp_ms() - 2, "r2": timestamp_ms() - 1})
+    [held, _] = await first._claim(["r1", "r2"], 2)
+    assert await second._claim(["r1", "r2"], 2) == []  # the first worker's lease lives
+
+    await pool.delete(first.leases.lease.key)  # as if it died and its lease expired
+    taken = await second._claim(["r1", "r2"], 2)
+
+    assert ids_and_scores(taken) == [("r1", held.score), ("r2", held.score + 1)]
+    assert all(c.token.startswith(second.leases.lease.id + "|") for c in taken)
+
+
+async def test_a_worker_whose_lease_is_gone_claims_nothing_and_takes_a_new_one(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
+) -> None:
+    worker = await worker_on(pool, redis_server, leased)
+    await pool.zadd(worker.queue_name, {"r": timestamp_ms() - 1})
+    old = worker.leases.lease
+    await pool.delete(old.key)  # frozen past its lease
+
+    assert await worker._claim(["r"], 1) == []
+    assert not await pool.exists(in_progress_key_prefix + "r")
+    assert old.lost
+    assert not old.valid()
+    assert worker.leases.lease.id != old.id
+    assert worker.leases.valid()
+    [claim] = await worker._claim(["r"], 1)  # under the new lease
+    assert claim.token.startswith(worker.leases.lease.id + "|")
+
+
+async def test_two_workers_never_claim_the_same_job(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
+) -> None:
+    first = await worker_on(pool, redis_server, leased)
+    second = await worker_on(pool, redis_server, leased)
     ids = [f"job-{n}" for n in range(200)]
     await pool.zadd(first.queue_name, {job_id: timestamp_ms() - 1 for job_id in ids})
 
     claims = await asyncio.gather(*(w._claim(ids, 200) for w in (first, second, first, second)))
 
-    won = [job_id for claim in claims for job_id, _ in claim]
+    won = [claimed.run_id for claim in claims for claimed in claim]
     assert sorted(won) == sorted(ids)  # every job claimed once, by exactly one claim
 
 
 async def test_a_refused_claim_starts_nothing_and_the_worker_polls_on(
-    pool: ArqRedis, redis_server: RedisServer
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
 ) -> None:
     """Under maxmemory Redis refuses the claim's write; arq skips the job in that case too."""
-    worker = worker_on(pool, redis_server)
+    worker = await worker_on(pool, redis_server, leased)
     await pool.zadd(worker.queue_name, {"a": timestamp_ms() - 1})
     await pool.config_set("maxmemory", 1)
     try:
@@ -87,7 +144,8 @@ async def test_a_refused_claim_starts_nothing_and_the_worker_polls_on(
     finally:
         await pool.config_set("maxmemory", 0)
     assert not await pool.exists(in_progress_key_prefix + "a")
-    assert await worker._claim(["a"], 1) == [("a", int(await pool.zscore(worker.queue_name, "a")))]
+    score = int(await pool.zscore(worker.queue_name, "a"))
+    assert ids_and_scores(await worker._claim(["a"], 1)) == [("a", score)]
 
 
 async def test_a_second_worker_takes_jobs_while_the_first_is_full(
@@ -153,17 +211,11 @@ async def test_arq_claims_through_our_start_jobs_a_run_behind_a_busy_one_waits(
     assert second_run in await runs_of(redis, second)
     await redis.set(in_progress_key_prefix + first_run, b"1", px=60_000)  # another worker's
     worker = create_worker(settings, registry, handle_signals=False)
-    polling = asyncio.create_task(worker.main())
 
     async def parked() -> bool:
         due_ms = await redis.zscore(settings.queue_name, second_run)
         return due_ms is not None and due_ms > timestamp_ms()  # queued, due again later
 
-    try:
+    async with polling(worker):
         await eventually(parked, "the second run parked behind the busy one")
         assert handled == []  # not started: it waits behind the busy run
-    finally:
-        polling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await polling
-        await worker.close()

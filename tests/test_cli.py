@@ -226,9 +226,11 @@ def personal_event(profile_key: str = "pk-dead") -> Event:
 
 async def add_letter(redis: Redis, event: Event, handler: str = "h.edit") -> str:
     error = ValueError(f"invalid field for {PERSONAL}")
-    return await DeadLetters(redis, QueueKeys("hrflow:queue")).add(
+    letter_id = await DeadLetters(redis, QueueKeys("hrflow:queue")).add(
         event, "finished-run", handler, error, 3, "permanent error"
     )
+    assert letter_id is not None  # unfenced: always written
+    return letter_id
 
 
 async def test_dead_letters_list_show_replay_purge(redis: Redis, redis_server: RedisServer) -> None:
@@ -425,7 +427,7 @@ async def test_dead_letters_with_redis_down_is_one_line_not_a_traceback() -> Non
         "dead-letters", "list", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     )
     assert code == 1
-    assert err.strip() == "error: redis is unreachable (ConnectionError)"
+    assert err.strip() == "error: redis is unreachable: connection failed"
 
 
 async def test_help_marks_required_options_and_has_no_type_noise() -> None:

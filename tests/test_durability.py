@@ -17,11 +17,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from control.health import check
-from hrflow_webhooks.durability import DurabilityWatch, configuration_risks
+from hrflow_webhooks.durability import NONE_DECLARED, DurabilityWatch, assess
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
@@ -76,19 +77,56 @@ def risk_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
-def test_each_configuration_risk_is_named() -> None:
-    aof_on = {"aof_enabled": 1, "aof_last_write_status": "ok"}
-    safe = {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
-    assert configuration_risks(aof_on, safe, "everysec") == []
-    (weak,) = configuration_risks(aof_on, safe, "always")
+def test_each_risk_of_the_declared_durability_is_named() -> None:
+    fsync = make_settings("redis://x")
+    aof_on = {"aof_enabled": 1, "aof_last_write_status": "ok", "maxmemory_policy": "noeviction"}
+    assert assess(aof_on, "everysec", fsync) == ([], [])
+    (weak,) = assess(aof_on, "everysec", make_settings("redis://x", redis_fsync="always"))[0]
     assert "appendfsync is 'everysec', weaker than 'always'" in weak
-    risks = configuration_risks({"aof_enabled": 0}, {}, "everysec")  # CONFIG refused
+    risks, _ = assess({"aof_enabled": 0}, "everysec", fsync)
     assert risks == ["AOF is off (appendonly no): a Redis restart loses every queued event"]
-    failing = configuration_risks({**aof_on, "aof_last_write_status": "err"}, safe, "everysec")
-    assert "AOF writes are failing" in failing[0]
-    evicting = configuration_risks(aof_on, {**safe, "maxmemory-policy": "allkeys-lru"}, "everysec")
-    assert "allkeys-lru" in evicting[0]
-    assert configuration_risks({"aof_enabled": 0}, {}, "none") == []
+    (unknown,) = assess(aof_on, None, fsync)[0]  # CONFIG refused: fsync cannot be verified
+    assert "appendfsync cannot be read" in unknown
+    assert "HRFLOW_REDIS_DURABILITY=replicas" in unknown
+    (failing,) = assess({**aof_on, "aof_last_write_status": "err"}, "always", fsync)[0]
+    assert "AOF writes are failing" in failing
+    (evicting,) = assess({**aof_on, "maxmemory_policy": "allkeys-lru"}, "always", fsync)[0]
+    assert "allkeys-lru" in evicting
+
+
+def test_replicas_durability_counts_replicas_online_and_caught_up_and_needs_no_aof() -> None:
+    replicas = make_settings("redis://x", redis_durability="replicas", redis_min_replicas_ack=2)
+    online = {"state": "online", "lag": 0, "ip": "10.0.0.2", "port": 6379, "offset": 1}
+    info = {"aof_enabled": 0, "maxmemory_policy": "noeviction", "role": "master"}
+    both = {**info, "slave0": online, "slave1": {**online, "lag": 1}}
+    assert assess(both, "everysec", replicas) == ([], [])
+    (short,) = assess({**info, "slave0": online, "slave1": {**online, "lag": 30}}, None, replicas)[
+        0
+    ]
+    assert short.startswith("1 replica(s) online and caught up, of the 2")
+    (syncing,) = assess({**info, "slave0": {**online, "state": "wait_bgsave"}}, None, replicas)[0]
+    assert syncing.startswith("0 replica(s)")
+    (replica,) = assess({**info, "role": "slave"}, None, replicas)[0]
+    assert "is a replica" in replica
+    _, (note,) = assess(both, None, replicas)  # CONFIG refused: said, not relied on
+    assert "appendfsync cannot be read" in note
+    assert "not relied on" in note
+
+
+def test_none_durability_has_no_risk_and_says_so() -> None:
+    for settings in (
+        make_settings("redis://x", redis_durability="none"),
+        make_settings("redis://x", redis_fsync="none"),  # the older spelling
+    ):
+        assert assess({"aof_enabled": 0, "maxmemory_policy": "allkeys-lru"}, None, settings) == (
+            [],
+            [NONE_DECLARED],
+        )
+
+
+def test_replicas_durability_without_a_replica_count_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="HRFLOW_REDIS_MIN_REPLICAS_ACK"):
+        make_settings("redis://x", redis_durability="replicas")
 
 
 async def test_aof_switched_off_at_run_time_is_reported_by_log_metric_readyz_and_check(

@@ -8,7 +8,6 @@ are checked as deltas between a scrape before and a scrape after.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -48,6 +47,7 @@ from tests.service import (
     answers,
     make_settings,
     parsing_event,
+    polling,
     receiver,
     recorder,
     signed_headers,
@@ -106,21 +106,15 @@ async def wait_until_drained(redis: Redis, settings: Settings) -> None:
 async def running_worker(settings: Settings, registry: Registry) -> AsyncIterator[Worker]:
     """A long-running (not burst) worker, so its metrics server is up while the test scrapes."""
     worker = create_worker(settings, registry, handle_signals=False)
-    task = asyncio.create_task(worker.main())
+    async with polling(worker) as task:
 
-    async def started() -> bool:
-        if task.done():
-            task.result()  # a start-up error surfaces here
-        return "metrics_server" in worker.ctx
+        async def started() -> bool:
+            if task.done():
+                task.result()  # a start-up error surfaces here
+            return "metrics_server" in worker.ctx
 
-    try:
         await eventually(started, "the worker's metrics server")
         yield worker
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.close()
 
 
 def worker_metrics_url(worker: Worker) -> str:
@@ -664,7 +658,7 @@ async def test_check_reports_redis_unreachable(redis_server: RedisServer) -> Non
         problems = await check(settings, max_queue_age_s=300)
     finally:
         redis_server.start()
-    assert problems == ["redis is unreachable (ConnectionError)"]
+    assert problems == ["redis is unreachable: connection failed"]
     assert "127.0.0.1" not in problems[0]  # the URL may carry a password: never shown
 
 

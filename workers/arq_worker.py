@@ -15,6 +15,17 @@ started exactly as arq starts them. The same script keeps each subject's runs
 in order: a run behind another run of its subject is parked, not claimed, so it
 takes no slot and no try while it waits (``RUNS_CLAIMED_IN_ORDER`` tells the
 job so).
+
+A claim is held on the worker's lease (``workers.leases``), not on arq's
+in-progress expiry, and arq's own ends of a run (``finish_job``,
+``finish_failed_job``) are replaced by fenced scripts: they change nothing once
+another worker holds the run, and nothing at all after the job's own finish
+script, which already removed the run (arq's transaction deleted those keys a
+second time). tests/test_arq_worker.py fails when arq stops calling them.
+
+arq's poll loop has no ``try``: a Redis error in it (a failover's refused write,
+an ACL, ``MISCONF``) ended the worker with its running jobs. Here the loop backs
+off, says so once, and polls on; the runs in flight carry on.
 """
 
 from __future__ import annotations
@@ -24,36 +35,95 @@ import contextlib
 import logging
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from arq import Worker as ArqWorker
 from arq.utils import timestamp_ms
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
-from hrflow_webhooks.queue import CLAIM_SCRIPT, PARK_MS, QueueKeys
-from workers.heartbeats import WorkerBeat, forget_worker, record_heartbeat, worker_name
+from hrflow_webhooks.queue import (
+    CLAIM_SCRIPT,
+    DROP_RUN_SCRIPT,
+    PARK_MS,
+    RELEASE_RUNS_SCRIPT,
+    RETRY_RUN_SCRIPT,
+    QueueKeys,
+)
+from hrflow_webhooks.redis_setup import unreachable_reason
+from workers.heartbeats import WorkerBeat, forget_worker, record_heartbeat
+from workers.leases import Claim, Leases
 
 logger = logging.getLogger(__name__)
 # In the jobs' context: this worker claimed the run in its subject's order already.
 RUNS_CLAIMED_IN_ORDER = "runs_claimed_in_order"
+# In the jobs' context: the worker's Leases, where a job finds its run's claim.
+CLAIMS = "claims"
+# The poll loop's backoff after a Redis error, doubling to this.
+POLL_BACKOFF_MAX_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    run_id: str
+    score: int
+    token: str
 
 
 class Worker(ArqWorker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, leases: Leases, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._claim_script: Any = None
-        self._order_prefix = QueueKeys(self.queue_name).order_prefix
+        self.leases = leases
+        self.keys = QueueKeys(self.queue_name)
+        self._scripts: dict[str, Any] = {}
         self.ctx[RUNS_CLAIMED_IN_ORDER] = True
-        self.worker_id = worker_name()
+        self.ctx[CLAIMS] = leases
+        self.worker_id = leases.worker_id
+        self._poll_error: str | None = None  # the poll loop's last error, said once
+        self._poll_backoff_s = 0.0
 
+    def _script(self, lua: str) -> Any:
+        """redis-py's AsyncScript for ``lua`` on arq's pool, registered once."""
+        script = self._scripts.get(lua)
+        if script is None:
+            script = self._scripts[lua] = self.pool.register_script(lua)
+        return script
+
+    async def main(self) -> None:
+        await self.leases.start()
+        await super().main()
+
+    # --- the poll loop ----------------------------------------------------------------------
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as error:
+            await self._back_off(error)
+            return
+        if self._poll_error is not None:
+            logger.info("redis answers again: polling on", extra={"reason": self._poll_error})
+            self._poll_error, self._poll_backoff_s = None, 0.0
+
+    async def _back_off(self, error: BaseException) -> None:
+        reason = unreachable_reason(error)
+        self._poll_backoff_s = min(POLL_BACKOFF_MAX_S, max(0.05, self._poll_backoff_s * 2))
+        if reason != self._poll_error:
+            logger.warning(
+                "redis error in the poll loop: backing off, runs in flight carry on",
+                extra={"error_type": type(error).__name__, "reason": reason},
+            )
+            self._poll_error = reason
+        await asyncio.sleep(self._poll_backoff_s)
+
+    # --- claiming ---------------------------------------------------------------------------
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
         candidates = [job_id.decode() for job_id in job_ids]
         candidates = [job_id for job_id in candidates if not self._running_here(job_id)]
-        if free <= 0 or not candidates:
-            return
-        for job_id, score in await self._claim(candidates, free):
-            await self._start(job_id, score)
+        if free <= 0 or not candidates or not self.leases.valid():
+            return  # without a lease that holds, a claim would hold nothing
+        for claimed in await self._claim(candidates, free):
+            await self._start(claimed)
 
     def _running_here(self, job_id: str) -> bool:
         # A running task here already holds the job's in-progress key: skip it without
@@ -62,32 +132,85 @@ class Worker(ArqWorker):
         task = self.tasks.get(job_id)
         return task is not None and not task.done()
 
-    async def _claim(self, candidates: list[str], most: int) -> list[tuple[str, int]]:
-        if self._claim_script is None:
-            self._claim_script = self.pool.register_script(CLAIM_SCRIPT)
-        lifetime_ms = int(self.in_progress_timeout_s * 1000)
-        args = [timestamp_ms(), lifetime_ms, most, self._order_prefix, PARK_MS, *candidates]
+    async def _claim(self, candidates: list[str], most: int) -> list[Claimed]:
+        lease = self.leases.lease
+        args = [
+            timestamp_ms(), most, self.keys.order_prefix, PARK_MS, self.keys.lease_prefix,
+            lease.id, self.leases.next_token, *candidates,
+        ]  # fmt: skip
         try:
-            reply = await self._claim_script(keys=[self.queue_name], args=args)
+            reply = await self._script(CLAIM_SCRIPT)(keys=[self.queue_name, lease.key], args=args)
         except ResponseError as error:
             # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
             # and polls again; so does this. Other writes (health check, results) still
             # raise, which ends the worker and lets `hrflow-webhooks worker` restart it.
             logger.debug("job claim refused", extra={"error_type": type(error).__name__})
             return []
+        if not reply[0]:  # our lease is gone in Redis: nothing was claimed
+            if lease is self.leases.lease:
+                await self.leases.lapsed()
+            return []
+        rest = reply[1:]
         return [
-            (job_id.decode(), int(float(score)))
-            for job_id, score in zip(reply[::2], reply[1::2], strict=True)
+            Claimed(job_id.decode(), int(float(score)), token.decode())
+            for job_id, score, token in zip(rest[::3], rest[1::3], rest[2::3], strict=True)
         ]
 
-    async def _start(self, job_id: str, score: int) -> None:
+    async def _start(self, claimed: Claimed) -> None:
         # As arq does once its MULTI/EXEC succeeded: a slot, a task, and the slot back when
         # the task ends. At most ``max_jobs - job_counter`` were claimed, so this never waits.
+        job_id = claimed.run_id
+        self.leases.hold(job_id, claimed.token)
         await self.sem.acquire()
         self.job_counter += 1
-        task = self.loop.create_task(self.run_job(job_id, score))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        task = self.loop.create_task(self.run_job(job_id, claimed.score))
+        task.add_done_callback(lambda _: self._run_ended(job_id))
         self.tasks[job_id] = task
+
+    def _run_ended(self, job_id: str) -> None:
+        self._release_sem_dec_counter_on_complete()
+        self.leases.forget(job_id)  # a claim never released is released with the next renewal
+
+    # --- arq's ends of a run, fenced ------------------------------------------------------------
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's end of a try: nothing after the job's own finish; else the retry's new due
+        time, or the claim given back (a cancelled try runs again at once)."""
+        claim = self.leases.claim_of(job_id)
+        if claim is None or claim.settled:
+            return
+        if incr_score and not finish:
+            keys = [self.queue_name, *claim.fence.keys]
+            args = [job_id, incr_score, claim.fence.token]
+            await self._script(RETRY_RUN_SCRIPT)(keys=keys, args=args)
+        else:  # cancelled (SIGTERM), or ended without writing its end: it runs again
+            await self._release(claim)
+        claim.settled = True
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """arq could not start the run (its job expired or is unreadable): dropped, as arq
+        drops it, unless another worker holds it now."""
+        claim = self.leases.claim_of(job_id)
+        if claim is None or claim.settled:
+            return
+        keys = [self.queue_name, self.keys.job(job_id), self.keys.retry(job_id)]
+        await self._script(DROP_RUN_SCRIPT)(
+            keys=[*keys, *claim.fence.keys], args=[job_id, claim.fence.token]
+        )
+        claim.settled = True
+
+    async def _release(self, claim: Claim) -> None:
+        await self._script(RELEASE_RUNS_SCRIPT)(
+            keys=[claim.fence.in_progress], args=[claim.fence.token]
+        )
 
     async def record_health(self) -> None:
         """arq's heartbeat, which a Redis out of memory no longer turns into a restart.
@@ -101,7 +224,7 @@ class Worker(ArqWorker):
         try:
             await super().record_health()
             if self._last_health_check != last:  # arq wrote its key: one interval is over
-                await record_heartbeat(self.pool, QueueKeys(self.queue_name), self._beat())
+                await record_heartbeat(self.pool, self.keys, self._beat())
         except OutOfMemoryError:
             logger.warning(
                 "heartbeat refused: redis is out of memory",
@@ -126,6 +249,7 @@ class Worker(ArqWorker):
             self.handle_sig(signal.SIGUSR1)  # as arq does first: cancel what still runs
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
+        await self.leases.stop()  # after the runs: what they still hold is taken over at once
         with contextlib.suppress(RedisError):  # stopping: a Redis away must not stop that
-            await forget_worker(self.pool, QueueKeys(self.queue_name), self.worker_id)
+            await forget_worker(self.pool, self.keys, self.worker_id)
         await super().close()

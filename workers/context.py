@@ -21,6 +21,7 @@ from hrflow_webhooks.queue import (
     QueueKeys,
 )
 from hrflow_webhooks.settings import Settings
+from workers.dead_letters import DeadLetters
 from workers.heartbeats import worker_name
 from workers.registry import Registry
 
@@ -41,6 +42,7 @@ class WorkerServices:
     give_back_try_script: Any = field(init=False)
     count_unrouted_script: Any = field(init=False)
     append_log_script: Any = field(init=False)
+    dead_letters: DeadLetters = field(init=False)
     worker_id: str = field(default_factory=worker_name)  # in the event log and the console
 
     def __post_init__(self) -> None:
@@ -49,6 +51,7 @@ class WorkerServices:
         self.give_back_try_script = self.redis.register_script(GIVE_BACK_TRY_SCRIPT)
         self.count_unrouted_script = self.redis.register_script(COUNT_UNROUTED_SCRIPT)
         self.append_log_script = self.redis.register_script(APPEND_LOG_SCRIPT)
+        self.dead_letters = DeadLetters(self.redis, self.keys, self.settings.event_log_max_entries)
 
 
 class EventLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

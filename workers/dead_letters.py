@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -25,10 +25,11 @@ from hrflow_webhooks.event_log import packed_entry
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import (
     DEAD,
+    DEAD_LETTER_SCRIPT,
     EVENT_LOG_MAX_ENTRIES,
-    MARK_HANDLER_SCRIPT,
     REPLAY_SCRIPT,
     RUN_MARKERS_LIFETIME_S,
+    Fence,
     QueueKeys,
     new_run_id,
     serialize_job,
@@ -56,6 +57,10 @@ class DeadLetters:
     redis: Redis
     keys: QueueKeys
     log_max_entries: int = EVENT_LOG_MAX_ENTRIES
+    _write_script: Any = field(init=False)  # redis-py's AsyncScript, registered once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_write_script", self.redis.register_script(DEAD_LETTER_SCRIPT))
 
     async def add(
         self,
@@ -65,7 +70,10 @@ class DeadLetters:
         error: BaseException,
         tries: int,
         reason: str,
-    ) -> str:
+        fence: Fence | None = None,
+    ) -> str | None:
+        """The letter's id; None when ``fence`` says the run is no longer the writer's (its
+        new holder writes the outcome)."""
         letter_id = dead_letter_id(event.id, handler)
         now = time.time()
         letter = {
@@ -79,13 +87,13 @@ class DeadLetters:
             "received_at": event.received_at,
             "dead_at": now,
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.dead_letter(letter_id), orjson.dumps(letter))
-            pipe.zadd(self.keys.dead_letters, {letter_id: now})
-            done = self.keys.done(run_id)
-            pipe.eval(MARK_HANDLER_SCRIPT, 1, done, handler, str(RUN_MARKERS_LIFETIME_S), DEAD)
-            await pipe.execute()
-        return letter_id
+        fence = fence or Fence.unfenced(run_id, self.keys)
+        keys = [self.keys.dead_letter(letter_id), self.keys.dead_letters, self.keys.done(run_id)]
+        args = [letter_id, orjson.dumps(letter), repr(now), handler, RUN_MARKERS_LIFETIME_S]
+        written = await self._write_script(
+            keys=[*keys, *fence.keys], args=[*args, DEAD, fence.token]
+        )
+        return letter_id if written else None
 
     async def get(self, letter_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.dead_letter(letter_id))

@@ -18,6 +18,11 @@ effect once per run, or a dead letter with the reason, or a recorded skip":
 - a 404 on the event's own subject inside the grace period is waited for
   without using up a try; after it, the run records one skip;
 - a permanent failure, or the last try, writes a dead letter;
+- the run is held on its worker's lease (``workers.leases``): before each handler
+  and each write the job checks that the lease still holds, and every write of the
+  run's outcome is fenced by the claim's token, so a worker that was frozen or cut
+  off past its lease gives the run up (another worker holds it) instead of writing
+  a second outcome;
 - arq treats its own ``job_timeout`` as final and would drop the event, so it
   must never be what ends a run: handlers stop at the run's deadline, the whole
   run (every Redis call of its bookkeeping included) has a second deadline just
@@ -49,10 +54,11 @@ from hrflow_webhooks.queue import (
     RUN_MARKERS_LIFETIME_S,
     SKIPPED,
     UNROUTED_TYPES_MAX,
+    Fence,
     QueueKeys,
 )
 from workers import metrics
-from workers.arq_worker import RUNS_CLAIMED_IN_ORDER
+from workers.arq_worker import CLAIMS, RUNS_CLAIMED_IN_ORDER
 from workers.context import (
     EventLogger,
     HandlerContext,
@@ -60,8 +66,9 @@ from workers.context import (
     StateSeen,
     WorkerServices,
 )
-from workers.dead_letters import DeadLetters, describe_error
+from workers.dead_letters import describe_error
 from workers.failures import is_transient
+from workers.leases import Claim, Leases
 from workers.registry import Handler
 
 logger = logging.getLogger(__name__)
@@ -79,6 +86,10 @@ def deadline_margin_s(job_timeout_s: float) -> float:
 
 class HandlerTimeoutError(TimeoutError):
     """The job's time ran out before this handler finished or started."""
+
+
+class LeaseLostError(Exception):
+    """This worker no longer holds the run: its lease lapsed, or another worker claimed it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +174,19 @@ class RunInfo:
     score_ms: int | None
     claimed_in_order: bool
     only_handlers: tuple[str, ...] | None = None  # a replay runs the dead-lettered ones
+    claim: Claim | None = None  # None: claimed by arq's own worker, which holds no lease
 
     @classmethod
     def from_arq(cls, arq_ctx: dict[str, Any], handlers: list[str] | None) -> RunInfo:
+        run_id = str(arq_ctx["job_id"])
+        leases: Leases | None = arq_ctx.get(CLAIMS)
         return cls(
-            run_id=str(arq_ctx["job_id"]),
+            run_id=run_id,
             job_try=int(arq_ctx["job_try"]),
             score_ms=arq_ctx.get("score"),
             claimed_in_order=bool(arq_ctx.get(RUNS_CLAIMED_IN_ORDER)),
             only_handlers=None if handlers is None else tuple(handlers),
+            claim=None if leases is None else leases.claim_of(run_id),
         )
 
 
@@ -190,6 +205,8 @@ async def handle_event(
             return await run.execute()
     except Retry:
         raise
+    except LeaseLostError as lost:
+        return run.given_up(lost)
     except asyncio.CancelledError:
         # arq's timer fired (a handler held the loop past the job timeout), or the worker is
         # stopping; either way a retry, never arq's final "timed out". When stopping, arq
@@ -219,7 +236,8 @@ class EventRun:
         self.clock = clock
         self.settings = services.settings
         self.keys: QueueKeys = services.keys
-        self.dead_letters = DeadLetters(services.redis, services.keys)
+        claim = info.claim
+        self.fence = claim.fence if claim else Fence.unfenced(info.run_id, services.keys)
         self.handlers: dict[str, Handler | None] = {}  # set by execute()
         self.markers_written = 0  # this try's completion markers (done, dead or skip)
         self.started_at = time.time()
@@ -313,6 +331,7 @@ class EventRun:
         return failures
 
     async def _run_one(self, name: str) -> BaseException | None:
+        self._hold()  # no handler starts once the run may be another worker's
         handler = self.handlers.get(name)
         if handler is None:
             return LookupError(f"handler {name!r} is no longer registered for this event type")
@@ -440,29 +459,54 @@ class EventRun:
                 await self._mark(failure.handler, SKIPPED)
 
     async def _mark(self, handler: str, value: str) -> None:
+        self._hold()
         self.markers_written += 1
-        await self.services.mark_handler_script(
-            keys=[self.keys.done(self.info.run_id)],
-            args=[handler, RUN_MARKERS_LIFETIME_S, value],
+        marked = await self.services.mark_handler_script(
+            keys=[self.keys.done(self.info.run_id), *self.fence.keys],
+            args=[handler, RUN_MARKERS_LIFETIME_S, value, self.fence.token],
         )
+        if not marked:
+            raise LeaseLostError("marker refused: another worker holds the run")
 
     async def _finish(self, outcome: str) -> str:
+        self._hold()
         run_id = self.info.run_id
         order = self.keys.order_of_run(run_id) or self.keys.queue
         handled_key, state = self._handled_state()
         self._log_run(outcome)
         s = self.settings
-        await self.services.finish_run_script(
+        finished = await self.services.finish_run_script(
             keys=[
                 self.keys.queue, order, self.keys.job(run_id), self.keys.done(run_id),
-                self.keys.log, handled_key,
+                self.keys.log, handled_key, self.keys.retry(run_id), *self.fence.keys,
             ],
             args=[
                 run_id, int(time.time() * 1000), s.event_log_max_entries, state,
-                s.event_log_retention_s, *self.log_entries,
+                s.event_log_retention_s, self.fence.token, *self.log_entries,
             ],
         )  # fmt: skip
+        if not finished:
+            raise LeaseLostError("finish refused: another worker holds the run")
+        if self.info.claim is not None:
+            self.info.claim.settled = True  # its claim went with it: arq has nothing to add
         return outcome
+
+    # --- the lease ---------------------------------------------------------------------------
+
+    def _hold(self) -> None:
+        """Go on only while this worker's lease holds the run (workers.leases)."""
+        claim = self.info.claim
+        if claim is not None and not claim.held():
+            raise LeaseLostError("this worker's lease lapsed")
+
+    def given_up(self, lost: LeaseLostError) -> str:
+        """The run is another worker's now: nothing more is written here. arq's end of the
+        try gives the claim back, unless the new holder's token replaced it already."""
+        logger.warning(
+            "run given up: another worker runs it",
+            extra={**self.log_fields, "reason": str(lost), "outcome": "given_up"},
+        )
+        return "given_up"
 
     # --- the event log and the handled state ---------------------------------------------------
 
@@ -513,6 +557,7 @@ class EventRun:
 
     async def _log_retry(self, delay_s: float, reason: str) -> None:
         """A try that ends in a retry writes its entries here (a finish writes them itself)."""
+        self._hold()
         self._log_run("retry", {"retry_in_s": round(delay_s, 2), "reason": reason})
         await self.services.append_log_script(
             keys=[self.keys.log], args=[self.settings.event_log_max_entries, *self.log_entries]
@@ -522,10 +567,13 @@ class EventRun:
     async def _dead_letter(self, failures: list[Failure], reason: str) -> None:
         for failure in failures:
             self.markers_written += 1  # the letter marks its handler dead in this run
-            letter_id: str = await self.dead_letters.add(
+            self._hold()
+            letter_id = await self.services.dead_letters.add(
                     self.event, self.info.run_id, failure.handler, failure.error,
-                    self.info.job_try, reason,
+                    self.info.job_try, reason, self.fence,
             )  # fmt: skip
+            if letter_id is None:
+                raise LeaseLostError("dead letter refused: another worker holds the run")
             metrics.DEAD_LETTERS.labels(
                 metrics.bounded_type(self.event.canonical_type), failure.handler
             ).inc()

@@ -24,7 +24,7 @@ from arq import Worker
 from redis.exceptions import RedisError
 
 from hrflow_webhooks.durability import DurabilityWatch
-from hrflow_webhooks.redis_setup import connect_redis
+from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
 from hrflow_webhooks.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,11 @@ class WorkerLoop:
             self.restarts += 1
             logger.error(
                 "worker stopped: Redis unavailable; restarting",
-                extra={"error_type": type(error).__name__, "retry_in_s": delay},
+                extra={
+                    "error_type": type(error).__name__,
+                    "reason": None if error is None else unreachable_reason(error),
+                    "retry_in_s": delay,
+                },
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
@@ -84,7 +88,11 @@ class WorkerLoop:
                 except (RedisError, OSError) as error:
                     logger.error(
                         "redis unreachable at start-up; retrying",
-                        extra={"error_type": type(error).__name__, "retry_in_s": delay},
+                        extra={
+                            "error_type": type(error).__name__,
+                            "reason": unreachable_reason(error),
+                            "retry_in_s": delay,
+                        },
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)

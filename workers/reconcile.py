@@ -41,7 +41,7 @@ from redis.exceptions import LockError, RedisError
 from hrflow_client.api import HrflowClient
 from hrflow_client.errors import ApiError
 from hrflow_client.profiles import timestamp_of
-from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.enqueue import EventQueue, ReplicaAck
 from hrflow_webhooks.event_log import EventLog, ReconcileReport
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QUEUED, QueueKeys
@@ -98,6 +98,7 @@ class Reconciler:
         queue = EventQueue(
             self.redis, self.settings.queue_name, self.settings.dedup_window_s,
             self.settings.event_log_max_entries, via="reconciler",
+            replica_ack=ReplicaAck.required_by(self.settings),
         )  # fmt: skip
         failures: list[str] = []
         async with queue:

@@ -8,9 +8,11 @@ arq's defaults are tuned away from, on purpose:
 
 - ``poll_delay`` 0.5 s → 10 ms, and ``max_jobs`` 10 → 100: the defaults cap a
   worker near 20 jobs/s with up to half a second of pick-up delay;
-- ``job_timeout`` 300 s → 20 s: arq re-runs a killed worker's job only after
-  ``job_timeout`` + 10 s, so this bounds crash recovery at 30 s. Our job
-  stops its handlers 2 s before, because arq treats its own timeout as final;
+- ``job_timeout`` 300 s → 20 s: the time budget of one try. Our job stops its
+  handlers 2 s before, because arq treats its own timeout as final. It no
+  longer bounds crash recovery: runs are held on the worker's lease
+  (``workers.leases``), so a killed worker's runs run elsewhere within
+  ``HRFLOW_WORKER_LEASE_S``;
 - arq's ``max_tries`` is effectively off (:data:`ARQ_MAX_TRIES`): arq deletes a
   job past it before our code runs, with no dead letter. Ours is enforced by the
   job, whose try past ``HRFLOW_MAX_TRIES`` only dead-letters what is pending, and
@@ -22,8 +24,10 @@ arq's defaults are tuned away from, on purpose:
 - ``job_completion_wait``: on SIGTERM stop taking jobs, let running ones finish
   within the grace period, and cancel (re-queue) the rest;
 - jobs are JSON, not pickle; no result keys are kept (dead letters hold failures);
-- the Redis connection retries forever, so a Redis restart pauses the worker
-  instead of killing it.
+- the Redis pool is ours (``hrflow_webhooks.redis_setup``), handed to arq: it
+  keeps ``REDIS_URL``'s TLS parameters (arq's ``RedisSettings.from_dsn`` drops the
+  query string), finds the primary through Sentinel when configured, and retries
+  forever, so a Redis restart or a failover pauses the worker instead of killing it.
 """
 
 from __future__ import annotations
@@ -35,19 +39,18 @@ from typing import Any
 import aiohttp
 import orjson
 from arq import func
-from arq.connections import RedisSettings
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from arq.connections import ArqRedis
 
 from hrflow_webhooks.logs import configure_logging
 from hrflow_webhooks.queue import JOB_FUNCTION, QueueKeys
+from hrflow_webhooks.redis_setup import connect_redis, connection_pool
 from hrflow_webhooks.settings import Settings
 from workers.arq_worker import Worker
 from workers.client import client_if_configured
 from workers.context import WorkerServices
+from workers.heartbeats import worker_name
 from workers.jobs import handle_event
+from workers.leases import Leases
 from workers.metrics_server import start_worker_metrics, stop_worker_metrics
 from workers.plugins import build_registry
 from workers.reconcile import upkeep
@@ -57,13 +60,14 @@ from workers.registry import Registry
 ARQ_MAX_TRIES = 2**31 - 1
 
 
-def redis_settings(settings: Settings) -> RedisSettings:
-    base = RedisSettings.from_dsn(settings.redis_url)
-    base.conn_timeout = max(1, int(settings.redis_timeout_s))
-    base.conn_retries = 120  # wait up to ~2 minutes for Redis at start-up
-    base.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError, OSError]
-    base.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1)
-    return base
+def job_pool(settings: Settings) -> ArqRedis:
+    """arq's client on the service's own pool (see the module docstring); arq closes it."""
+    return ArqRedis(
+        connection_pool(settings, retry_forever=True),
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        default_queue_name=settings.queue_name,
+    )
 
 
 def _make_startup(settings: Settings, registry: Registry | None) -> Any:
@@ -112,7 +116,7 @@ def worker_options(settings: Settings, registry: Registry | None = None) -> dict
             )
         ],
         "queue_name": settings.queue_name,
-        "redis_settings": redis_settings(settings),
+        "redis_pool": job_pool(settings),
         "max_jobs": settings.worker_max_jobs,
         "poll_delay": settings.worker_poll_delay_s,
         # arq's own default: a poll sees past the other workers' running jobs at the head.
@@ -131,7 +135,12 @@ def worker_options(settings: Settings, registry: Registry | None = None) -> dict
 
 
 def create_worker(settings: Settings, registry: Registry | None = None, **overrides: Any) -> Worker:
-    return Worker(**{**worker_options(settings, registry), **overrides})
+    """``hrflow-webhooks worker``'s worker: arq's options, and runs held on a lease."""
+    leases = Leases(
+        connect_redis(settings), QueueKeys(settings.queue_name), settings.worker_lease_s,
+        worker_name(),
+    )  # fmt: skip
+    return Worker(**{**worker_options(settings, registry), "leases": leases, **overrides})
 
 
 def __getattr__(name: str) -> Any:
