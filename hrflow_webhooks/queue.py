@@ -20,8 +20,8 @@ the run's subject from the id alone. One script per delivery decides, per event 
 - otherwise a new run is queued (1) and appended to its subject's order list.
 
 **Leases and fencing** (``workers.leases``). A claim holds its run while the
-claimer's lease key lives; the claim script takes over a run whose holder's
-lease is gone. Every write of a run's outcome (handler marker, dead letter,
+claimer's lease key lives and lists the run; the claim script takes over any
+other. Every write of a run's outcome (handler marker, dead letter,
 finish, retry, release) runs in a script that first checks the run's claim is
 still the writer's (:class:`Fence`): a worker that lost its lease cannot write
 over the run's new holder, so an outcome is written once.
@@ -39,7 +39,8 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``arq:in-progress:<run id>``     the claim of a run: ``<lease id>|<n>``, its fencing token
                                  (``1`` when arq's own worker claimed it; ``arq:retry:``:
                                  its tries)
-``<q>:lease:<lease id>``         a worker's lease: while it lives, its claims hold
+``<q>:lease:<lease id>``         a worker's lease: the runs it holds (``,id,id,``); while it
+                                 lives and lists a run, that run's claim holds
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
 ``<q>:waiting:<event id>``       latest events: the newest run of this notification
@@ -408,9 +409,11 @@ end
 
 # arq's checks for each candidate (still queued, due, not held by a live claim), then the
 # subject's order, then the claim: the claimer's fencing token in the in-progress key, with no
-# expiry (the run is held while the claimer's lease lives). A run whose subject is busy is
-# parked. A candidate held by a lease that is gone (its worker died, froze or lost Redis) is
-# taken over; one claimed by arq's own worker (no lease: '1') is held while its key lives.
+# expiry, and the run's id added to the claimer's lease, which lists the runs its worker holds
+# (',id,id,'; each renewal rewrites it, workers.leases). A claim holds while its lease lives
+# and lists the run: a run whose worker died, froze, lost Redis, or dropped it (its end was
+# lost in a failover) is taken over. One claimed by arq's own worker (no lease: '1') is held
+# while its key lives. A run whose subject is busy is parked.
 # KEYS: the queue, the claimer's lease. ARGV: now (ms), most to claim, order prefix, park
 # (ms), lease prefix, the claimer's lease id, its next token number, then the candidates'
 # ids. Only ids travel: with several workers most candidates are the other workers' running
@@ -422,20 +425,21 @@ CLAIM_SCRIPT = (
     SUBJECT_FREE_LUA
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
-local claimed = {1}
+local claimed, listed = {1}, {}
 local now, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 local order_prefix, park = ARGV[3], tonumber(ARGV[4])
 local lease_prefix, lease, number = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local alive = {}
-local function held(in_progress)
+local leases = {}
+local function held(in_progress, run_id)
   local holder = redis.call('GET', in_progress)
   if not holder then return false end
   local holder_lease = string.match(holder, '^(.+)|')
   if not holder_lease then return true end
-  if alive[holder_lease] == nil then
-    alive[holder_lease] = redis.call('EXISTS', lease_prefix .. holder_lease) == 1
+  if leases[holder_lease] == nil then
+    leases[holder_lease] = redis.call('GET', lease_prefix .. holder_lease) or false
   end
-  return alive[holder_lease]
+  local runs = leases[holder_lease]
+  return runs and string.find(runs, ',' .. run_id .. ',', 1, true) ~= nil
 end
 for i = 8, #ARGV do
   if #claimed > most * 3 then
@@ -444,7 +448,7 @@ for i = 8, #ARGV do
   local run_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], run_id)
   local in_progress = 'arq:in-progress:' .. run_id
-  if score and tonumber(score) <= now and not held(in_progress) then
+  if score and tonumber(score) <= now and not held(in_progress, run_id) then
     if subject_free(run_id, order_prefix) then
       local token = lease .. '|' .. number
       number = number + 1
@@ -452,11 +456,13 @@ for i = 8, #ARGV do
       claimed[#claimed + 1] = run_id
       claimed[#claimed + 1] = score
       claimed[#claimed + 1] = token
+      listed[#listed + 1] = run_id
     else
       redis.call('ZADD', KEYS[1], now + park, run_id)
     end
   end
 end
+if #listed > 0 then redis.call('APPEND', KEYS[2], table.concat(listed, ',') .. ',') end
 return claimed
 """
 )
@@ -538,10 +544,10 @@ return 1
 """
 )
 
-# A claim given back (a try cancelled, or one whose end could not be written): the run is
-# due again at once. Its token only, not its lease: a worker gives back what it claimed even
-# after its lease lapsed, unless another worker took the run over meanwhile. KEYS: the
-# in-progress keys. ARGV: their tokens.
+# A claim given back (a try cancelled, or ended without writing its end): the run is due
+# again at once. Its token only, not its lease: a worker gives back what it claimed even after
+# its lease lapsed, unless another worker took the run over meanwhile. KEYS: the in-progress
+# keys. ARGV: their tokens.
 RELEASE_RUNS_SCRIPT = """
 local released = 0
 for i = 1, #KEYS do

@@ -7,7 +7,9 @@ as it would in a production deployment set up as README says.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -82,10 +84,69 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def freeze(self) -> None:
+        """SIGSTOP: a host that stops answering (a network partition, a frozen VM)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def _answers_ping(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:  # a bad option: fail now, not at the limit
             raise RuntimeError(f"redis-server exited with code {self.process.returncode}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate and its key for localhost, made by openssl: a provider's self-signed one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    certificate, key = folder / "redis.crt", folder / "redis.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(certificate),
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return certificate, key
+
+
+class TlsRedisServer(RedisServer):
+    """redis-server answering TLS only, with a self-signed certificate (Heroku's kind)."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.certificate, key = self_signed_certificate(data_dir / "tls")
+        port = free_port()
+        tls = (
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.certificate),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(self.certificate),
+            "--tls-auth-clients", "no",
+        )  # fmt: skip
+        super().__init__(data_dir, port, *tls, *args)
+
+    @property
+    def url(self) -> str:
+        """Without ``ssl_cert_reqs``: the certificate is verified, and refused."""
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    @property
+    def trusting_url(self) -> str:
+        return f"{self.url}?ssl_cert_reqs=none"
+
+    def _answers_ping(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with code {self.process.returncode}")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
+            context.wrap_socket(raw) as sock,
+        ):
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")

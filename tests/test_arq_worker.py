@@ -100,6 +100,28 @@ async def test_a_run_held_by_a_lease_that_is_gone_is_taken_over(
     assert all(c.token.startswith(second.leases.lease.id + "|") for c in taken)
 
 
+async def test_a_run_its_holder_no_longer_lists_is_taken_over(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
+) -> None:
+    """A claim whose run its worker no longer runs (its end was written to a primary that
+    failed before a replica copied it, or not at all) is still there, under a live lease:
+    the holder's next renewal leaves the run out of its list, and another worker takes it."""
+    first = await worker_on(pool, redis_server, leased)
+    second = await worker_on(pool, redis_server, leased)
+    await pool.zadd(first.queue_name, {"r": timestamp_ms() - 1})
+    await first._claim(["r"], 1)
+    assert await pool.get(first.leases.lease.key) == b",r,"
+    await first.leases.renew()
+    assert await second._claim(["r"], 1) == []  # listed: held
+
+    first.leases.forget("r")  # the run's task ended; its claim is still in Redis
+    await first.leases.renew()
+
+    assert await pool.get(first.leases.lease.key) == b","
+    [taken] = await second._claim(["r"], 1)
+    assert taken.token.startswith(second.leases.lease.id + "|")
+
+
 async def test_a_worker_whose_lease_is_gone_claims_nothing_and_takes_a_new_one(
     pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
 ) -> None:

@@ -56,12 +56,12 @@ pytestmark = pytest.mark.slow
 
 
 class SandboxProcess:
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *options: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox", "--port", str(self.port), "--no-seed"],
+            [sys.executable, "-m", "sandbox", "--port", str(self.port), "--no-seed", *options],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -91,7 +91,6 @@ async def test_a_retry_is_rescheduled_by_the_fenced_script(
 
 async def claimed_by(worker: Worker, run_id: str) -> str:
     [claimed] = await worker._claim([run_id], 1)
-    worker.leases.hold(run_id, claimed.token)
     return claimed.token
 
 

@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.slow
 
 
 class ReceiverProcess:
-    def __init__(self, redis_url: str, log_path: Path) -> None:
+    def __init__(self, redis_url: str, log_path: Path, **settings: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = worker_env(redis_url) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        env = worker_env(redis_url, **settings) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
             web_argv(self.port, "127.0.0.1"),

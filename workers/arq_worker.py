@@ -139,7 +139,11 @@ class Worker(ArqWorker):
             lease.id, self.leases.next_token, *candidates,
         ]  # fmt: skip
         try:
-            reply = await self._script(CLAIM_SCRIPT)(keys=[self.queue_name, lease.key], args=args)
+            async with self.leases.claiming:  # no renewal's list may miss these claims
+                reply = await self._script(CLAIM_SCRIPT)(
+                    keys=[self.queue_name, lease.key], args=args
+                )
+                claimed = self._held(reply)
         except ResponseError as error:
             # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
             # and polls again; so does this. Other writes (health check, results) still
@@ -150,17 +154,23 @@ class Worker(ArqWorker):
             if lease is self.leases.lease:
                 await self.leases.lapsed()
             return []
+        return claimed
+
+    def _held(self, reply: list[Any]) -> list[Claimed]:
+        """The claims of a claim script's reply, held under the worker's lease at once."""
         rest = reply[1:]
-        return [
+        claimed = [
             Claimed(job_id.decode(), int(float(score)), token.decode())
             for job_id, score, token in zip(rest[::3], rest[1::3], rest[2::3], strict=True)
         ]
+        for claim in claimed:
+            self.leases.hold(claim.run_id, claim.token)
+        return claimed
 
     async def _start(self, claimed: Claimed) -> None:
         # As arq does once its MULTI/EXEC succeeded: a slot, a task, and the slot back when
         # the task ends. At most ``max_jobs - job_counter`` were claimed, so this never waits.
         job_id = claimed.run_id
-        self.leases.hold(job_id, claimed.token)
         await self.sem.acquire()
         self.job_counter += 1
         task = self.loop.create_task(self.run_job(job_id, claimed.score))
@@ -169,7 +179,7 @@ class Worker(ArqWorker):
 
     def _run_ended(self, job_id: str) -> None:
         self._release_sem_dec_counter_on_complete()
-        self.leases.forget(job_id)  # a claim never released is released with the next renewal
+        self.leases.forget(job_id)  # its end unwritten, the next renewal lets it be taken over
 
     # --- arq's ends of a run, fenced ------------------------------------------------------------
     async def finish_job(

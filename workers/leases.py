@@ -6,20 +6,28 @@ sync handler still in its thread) could start again on another worker while it s
 ran. Here:
 
 - each worker process holds one **lease**, ``<queue>:lease:<lease id>``, a key that
-  lives ``HRFLOW_WORKER_LEASE_S`` (5 s) and that the worker renews with one ``PEXPIRE``
-  every quarter of that, for all its runs at once;
+  lives ``HRFLOW_WORKER_LEASE_S`` (5 s) and lists the runs the worker holds; the worker
+  renews it every quarter of that with one ``SET … XX PX`` that rewrites the list, for
+  all its runs at once;
 - a **claim** writes ``<lease id>|<n>`` (its fencing token) into the run's in-progress
-  key, with no expiry of its own: the run is held while the lease lives, however long
-  its handlers take, and the claim script takes over a run whose lease is gone
-  (``hrflow_webhooks.queue.CLAIM_SCRIPT``);
+  key, with no expiry of its own, and adds the run to the lease's list: the run is held
+  while the lease lives and lists it, however long its handlers take. The claim script
+  takes over any other run (``hrflow_webhooks.queue.CLAIM_SCRIPT``): one whose worker
+  died, froze or lost Redis (the lease expired), and one whose worker no longer runs it
+  although its claim is still there (the run's end was written to a primary that failed
+  before its replicas copied it, or could not be written at all): the next renewal's
+  list leaves it out;
 - every write of a run's outcome goes through a script that first checks the token and
   the lease (:class:`hrflow_webhooks.queue.Fence`): a worker that lost its lease cannot
   write over the run's new holder, so an outcome is written once;
 - the worker itself stops a run at its next step once its lease may have lapsed (no
   renewal was sent within the lease): it starts no further handler of it;
-- a renewal that finds the lease gone (``PEXPIRE`` answers 0: the worker was frozen,
-  or cut off from Redis, for longer than the lease) gives up every run held under it,
-  and a new lease, with a new id, holds the claims made from then on.
+- a renewal that finds the lease gone (the worker was frozen, or cut off from Redis, for
+  longer than the lease) gives up every run held under it, and a new lease, with a new
+  id, holds the claims made from then on.
+
+Claims and renewals never cross: a renewal's list is taken, and written, while no claim
+is in flight (:attr:`Leases.claiming`), so it cannot drop a run claimed meanwhile.
 
 The renewals use a fail-fast connection of their own: the job pool retries forever,
 and a renewal must notice a Redis it cannot reach.
@@ -37,7 +45,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from hrflow_webhooks.queue import RELEASE_RUNS_SCRIPT, Fence, QueueKeys
+from hrflow_webhooks.queue import Fence, QueueKeys
 from hrflow_webhooks.redis_setup import unreachable_reason
 
 logger = logging.getLogger(__name__)
@@ -83,15 +91,14 @@ class Leases:
     worker_id: str
     lease: Lease = field(init=False)
     claims: dict[str, Claim] = field(default_factory=dict)
-    unreleased: dict[str, Fence] = field(default_factory=dict)  # ended runs still claimed
     next_token: int = 0  # the number the next claim's fencing token ends with
+    # Held by each claim call and each renewal: a renewal's list includes every claim made.
+    claiming: asyncio.Lock = field(default_factory=asyncio.Lock)
     _task: asyncio.Task[None] | None = None
     _failing: str | None = None  # the renewal error last logged, said once
-    _release_script: object = None
 
     def __post_init__(self) -> None:
         self.lease = self._new_lease(valid_until=0.0)
-        self._release_script = self.redis.register_script(RELEASE_RUNS_SCRIPT)
 
     @property
     def lease_ms(self) -> int:
@@ -113,7 +120,7 @@ class Leases:
     async def _take_lease(self) -> bool:
         sent = time.monotonic()
         try:
-            await self.redis.set(self.lease.key, b"1", px=self.lease_ms)
+            await self.redis.set(self.lease.key, b",", px=self.lease_ms)  # no run listed yet
         except (RedisError, OSError) as error:
             self._renewal_failed(error)
             return False
@@ -126,19 +133,21 @@ class Leases:
             await self.renew()
 
     async def renew(self) -> None:
-        """One renewal: a ``PEXPIRE`` (with the releases owed, when any, in one script)."""
-        sent = time.monotonic()
-        try:
-            alive = await self.redis.pexpire(self.lease.key, self.lease_ms)
-            await self._release_owed()
-        except (RedisError, OSError) as error:
-            self._renewal_failed(error)
-            return
+        """One renewal: the lease's list of runs rewritten, if the lease still lives."""
+        async with self.claiming:
+            lease, sent = self.lease, time.monotonic()
+            held = [run_id for run_id, claim in self.claims.items() if claim.lease is lease]
+            listed = f",{','.join(held)}," if held else ","
+            try:
+                alive = await self.redis.set(lease.key, listed, px=self.lease_ms, xx=True)
+            except (RedisError, OSError) as error:
+                self._renewal_failed(error)
+                return
         if self._failing is not None:
             logger.info("worker lease renewed again", extra={"lease": self.lease.id})
             self._failing = None
         if alive:
-            self.lease.valid_until = sent + self.lease_s
+            lease.valid_until = sent + self.lease_s
         else:
             await self.lapsed()
 
@@ -181,31 +190,18 @@ class Leases:
         return self.claims.get(run_id)
 
     def forget(self, run_id: str) -> None:
-        """The run's task ended; a claim whose end was never written is released later."""
-        claim = self.claims.pop(run_id, None)
-        if claim is not None and not claim.settled:
-            self.unreleased[run_id] = claim.fence
-
-    async def _release_owed(self) -> None:
-        if not self.unreleased:
-            return
-        owed = dict(self.unreleased)
-        await self._release_script(  # type: ignore[operator]
-            keys=[fence.in_progress for fence in owed.values()],
-            args=[fence.token for fence in owed.values()],
-        )
-        for run_id in owed:
-            self.unreleased.pop(run_id, None)
+        """The run's task ended: the next renewal's list leaves it out, so even a claim whose
+        end could not be written is taken over."""
+        self.claims.pop(run_id, None)
 
     # --- stopping -------------------------------------------------------------------------
     async def stop(self) -> None:
-        """Release what is owed and drop the lease, so that any run still claimed under it
-        is taken over at once rather than a lease later; then close the connection."""
+        """Drop the lease, so that any run still claimed under it is taken over at once
+        rather than a lease later; then close the connection."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisError, OSError):
-            await self._release_owed()
             await self.redis.delete(self.lease.key)
         await self.redis.aclose()
