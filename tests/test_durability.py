@@ -21,13 +21,15 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
-from control.health import check
+from control.health import check, health
 from hrflow_webhooks.durability import NONE_DECLARED, DurabilityWatch, assess
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
+from tests.plugins import behaviour
 from tests.polling import eventually
+from tests.processes import WorkerProcess
 from tests.redis_server import RedisServer
 from tests.service import (
     ReceiverServer,
@@ -378,3 +380,79 @@ async def test_check_reports_a_full_redis_as_full_not_as_unreachable(tmp_path: P
         assert not any("unreachable" in p for p in problems), problems
     finally:
         server_redis.kill()
+
+
+# --- a Redis as managed providers serve it: CONFIG refused, AOF every second, replicas -------
+
+
+@pytest.fixture
+def managed_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A primary and a replica that refuse CONFIG and write their AOF every second."""
+    managed = ("--rename-command", "CONFIG", "", "--appendfsync", "everysec")
+    primary = RedisServer(tmp_path / "managed", None, *managed)
+    primary.start()
+    following = ("--replicaof", "127.0.0.1", str(primary.port))
+    replica = RedisServer(tmp_path / "managed-replica", None, *managed, *following)
+    replica.start()
+    yield primary, replica
+    replica.kill()
+    primary.kill()
+
+
+async def replica_online(redis: Redis) -> bool:
+    info = await redis.info("replication")
+    return bool(info.get("slave0", {}).get("state") == "online")
+
+
+async def test_a_redis_refusing_config_runs_and_says_once_what_it_cannot_check(
+    managed_redis: tuple[RedisServer, RedisServer],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under ``fsync`` durability (the default) ``check`` once said ``ok`` here without
+    knowing ``appendfsync``: now it says it cannot verify it. Under ``replicas`` the service
+    runs (receiver, worker, check), and says once, as a note, what it cannot check; under
+    ``none`` it says what was chosen. No ERROR line from the looks every 0.3 s."""
+    primary, _ = managed_redis
+    async with Redis.from_url(primary.url) as redis:
+        await eventually(lambda: replica_online(redis), "the replica online")
+    fsync = await health(watched(primary.url), 300)
+    assert any("appendfsync cannot be read" in p for p in fsync.problems), fsync
+
+    replicas = watched(primary.url, redis_durability="replicas", redis_min_replicas_ack=1)
+    worker = WorkerProcess(
+        primary.url, tmp_path / "worker.log", redis_durability="replicas", redis_min_replicas_ack=1
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="hrflow_webhooks.durability"):
+            async with serving(replicas) as server:
+                status, body = await server.post(http, parsing_event("pk-managed"))
+                assert status == 202, body
+                assert await strict_readiness(http, server) == (200, "")
+                async with Redis.from_url(primary.url) as redis:
+
+                    async def handled() -> bool:
+                        done = await redis.lrange(behaviour.EFFECTS_KEY, 0, -1)
+                        return body["event_ids"][0].encode() in done
+
+                    await eventually(handled, "the worker's run")
+                await asyncio.sleep(1.5)  # five more looks
+        report = await health(replicas, 300)
+    finally:
+        worker.close()
+    assert report.problems == []
+    [note] = report.notes
+    assert "appendfsync cannot be read" in note
+    assert "not relied on" in note
+    durability_lines = [r for r in caplog.records if r.name == "hrflow_webhooks.durability"]
+    assert [r for r in durability_lines if r.levelno >= logging.ERROR] == []
+    assert [getattr(r, "note", None) for r in durability_lines if r.levelno == logging.WARNING] == [
+        note
+    ]  # said once
+    worker_lines = (tmp_path / "worker.log").read_text().splitlines()
+    assert not [line for line in worker_lines if '"level":"error"' in line]
+
+    none = await health(watched(primary.url, redis_durability="none"), 300)
+    assert none.notes == [NONE_DECLARED]
+    assert not [p for p in none.problems if "appendfsync" in p]

@@ -22,7 +22,6 @@ profile's next event is handled.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections import Counter
@@ -41,8 +40,16 @@ from tests.polling import eventually
 from tests.processes import WorkerProcess
 from tests.redis_ha import SentinelGroup
 from tests.redis_server import RedisServer
-from tests.service import WEBHOOK_SECRET, enqueue, make_settings, parsing_event, signed_headers
-from tests.test_faults import ORIGIN, TARGET, Effects, SandboxProcess, sandbox_worker_args
+from tests.service import WEBHOOK_SECRET, enqueue, make_settings, parsing_event
+from tests.test_faults import (
+    ORIGIN,
+    TARGET,
+    Chaos,
+    Effects,
+    SandboxProcess,
+    deliver,
+    sandbox_worker_args,
+)
 from tests.test_load import ReceiverProcess
 
 EVENTS = int(os.environ.get("HRFLOW_FAILOVER_EVENTS", "2000"))
@@ -53,7 +60,6 @@ SEND_RATE_PER_S = 150  # new events a second, as a busy HrFlow workspace might s
 # lost write would go unseen).
 API_LATENCY_MS, WORKER_MAX_JOBS = 50, 8
 LINK_DELAY_S = 0.1  # the replicas follow the primary over a 100 ms link
-RESEND_BASE_S, RESEND_MAX_S = 0.05, 0.5
 BACK_WITHIN_S = 30.0  # the receiver answers 2xx again this soon after the primary's death
 KEYS = QueueKeys("hrflow:queue")
 
@@ -66,38 +72,6 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
     group = SentinelGroup(tmp_path / "redis", 2, "--appendonly", "no", link_delay_s=LINK_DELAY_S)
     yield group
     group.stop()
-
-
-@dataclass
-class Sender:
-    """HrFlow as a sender: every delivery resent until it is answered 2xx."""
-
-    url: str
-    acknowledged: dict[str, float] = field(default_factory=dict)  # profile key → when
-    refusals: Counter[str] = field(default_factory=Counter)
-    statuses: Counter[int] = field(default_factory=Counter)
-
-    async def deliver(self, session: aiohttp.ClientSession, key: str) -> None:
-        event = parsing_event(key, ORIGIN)
-        body, headers = json.dumps(event).encode(), signed_headers(event)
-        attempt = 0
-        while True:
-            try:
-                async with session.post(
-                    f"{self.url}/webhook", data=body, headers=headers
-                ) as response:
-                    await response.read()
-                    self.statuses[response.status] += 1
-                    if 200 <= response.status < 300:
-                        self.acknowledged[key] = time.time()
-                        return
-                    assert response.status == 503, response.status  # never another error
-                    refusal = "503"
-            except aiohttp.ClientError as error:
-                refusal = type(error).__name__
-            self.refusals[refusal] += 1
-            await asyncio.sleep(min(RESEND_MAX_S, RESEND_BASE_S * 2**attempt))
-            attempt += 1
 
 
 @dataclass
@@ -114,29 +88,44 @@ class FailoverRun:
     re_executions: int = 0
     duplicate_copies: int = 0
     dead_letters: int = 0
-    refusals: Counter[str] = field(default_factory=Counter)
+    refusals: Counter[str] = field(default_factory=Counter)  # "503", or the connection error
     held_at_freeze: int = 0  # deliveries answered 2xx while both replicas were frozen
     worker_restarts: int = 0
     workers_alive: bool = False
 
 
-async def send_paced(sender: Sender, session: aiohttp.ClientSession, keys: list[str]) -> None:
+@dataclass
+class Sender:
+    """HrFlow as a sender: every delivery resent until it is answered 2xx (test_faults')."""
+
+    url: str
+    session: aiohttp.ClientSession
+    record: Chaos = field(default_factory=Chaos)
+
+    def deliver(self, key: str) -> asyncio.Task[None]:
+        event = parsing_event(key, ORIGIN)
+        return asyncio.create_task(deliver(self.session, self.url, event, self.record))
+
+    @property
+    def acknowledged(self) -> dict[str, float]:
+        return self.record.acknowledged_at
+
+
+async def send_paced(sender: Sender, keys: list[str]) -> None:
     deliveries = []
     for n, key in enumerate(keys):
-        deliveries.append(asyncio.create_task(sender.deliver(session, key)))
+        deliveries.append(sender.deliver(key))
         if n % 8 == 7:
             await asyncio.sleep(8 / SEND_RATE_PER_S)
     await asyncio.gather(*deliveries)
 
 
-async def replicas_hold_deliveries(
-    group: SentinelGroup, sender: Sender, session: aiohttp.ClientSession, keys: list[str]
-) -> int:
+async def replicas_hold_deliveries(group: SentinelGroup, sender: Sender, keys: list[str]) -> int:
     """Freeze both replicas: deliveries are refused (none answered 2xx) until they resume.
     Returns how many were answered 2xx while frozen (must be 0)."""
     for replica in group.replicas:
         replica.freeze()
-    sending = [asyncio.create_task(sender.deliver(session, key)) for key in keys]
+    sending = [sender.deliver(key) for key in keys]
     await asyncio.sleep(2.0)
     held = sum(1 for key in keys if key in sender.acknowledged)
     for replica in group.replicas:
@@ -181,9 +170,9 @@ async def fail_over(tmp_path: Path, group: SentinelGroup, replicas_ack: int) -> 
     workers = [WorkerProcess("redis://localhost/0", log, **worker_args) for log in logs]
     keys = [f"failover-{n:05d}" for n in range(EVENTS)]
     held_keys, flowing_keys = (keys[:10], keys[10:]) if replicas_ack else ([], keys)
-    sender = Sender(receiver.url)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+            sender = Sender(receiver.url, session)
             await sandbox.wait_ready(session)
             await receiver.wait_ready(session)
             for chunk in range(0, EVENTS, 100):
@@ -191,11 +180,9 @@ async def fail_over(tmp_path: Path, group: SentinelGroup, replicas_ack: int) -> 
                     *(sandbox.store(session, k) for k in keys[chunk : chunk + 100])
                 )
             if held_keys:
-                run.held_at_freeze = await replicas_hold_deliveries(
-                    group, sender, session, held_keys
-                )
+                run.held_at_freeze = await replicas_hold_deliveries(group, sender, held_keys)
             killing = asyncio.create_task(kill_primary(group, sender, run))
-            await send_paced(sender, session, flowing_keys)
+            await send_paced(sender, flowing_keys)
             await killing
             async with Redis.from_url(group.primary_url()) as primary:
 
@@ -220,7 +207,7 @@ async def fail_over(tmp_path: Path, group: SentinelGroup, replicas_ack: int) -> 
     run.refused_s = min(after_kill) - run.killed_at if after_kill else float("inf")
     run.re_executions = effects.re_executions
     run.duplicate_copies = effects.duplicates
-    run.refusals = sender.refusals
+    run.refusals = sender.record.refusals
     run.worker_restarts = restarts_logged(logs)
     return run
 

@@ -130,6 +130,7 @@ class Chaos:
     terminations: int = 0
     redis_restarts: int = 0
     acknowledged: int = 0
+    acknowledged_at: dict[str, float] = field(default_factory=dict)  # profile key → when
     unacknowledged_at_stop: int = 0  # deliveries the sender still had to make when Redis stopped
     refusals: Counter[str] = field(default_factory=Counter)  # "503", or the connection error
     resent: set[str] = field(default_factory=set)  # the profile keys of the events re-sent
@@ -154,6 +155,7 @@ async def deliver(
                 await response.read()
                 if response.status == 202:
                     chaos.acknowledged += 1
+                    chaos.acknowledged_at[event["profile"]["key"]] = time.time()
                     return
                 assert response.status == 503, response.status  # nothing but unavailability
                 refusal = "503"

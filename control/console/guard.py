@@ -7,11 +7,13 @@ Endpoints are wrapped explicitly in the route list (``page(overview)``,
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +26,9 @@ from control.console.access import (
     origin_is_foreign,
 )
 from control.console.rendering import render
+from hrflow_webhooks.redis_setup import unreachable_reason
+
+logger = logging.getLogger(__name__)
 
 FORM_MAX_BYTES = 16_384  # the largest form here is a filter: a few hundred bytes
 FORM_MAX_FIELDS = 32
@@ -131,12 +136,24 @@ def refused(request: Request, access: Access | None, reason: str, status: int = 
     return render(request, "error.html", {"reason": reason}, access, status=status)
 
 
+def unavailable(request: Request, access: Access, error: BaseException) -> Response:
+    """Redis cannot be read: the page says why in one line (503), not a traceback (500)."""
+    logger.warning(
+        "console: redis unreachable",
+        extra={"error_type": type(error).__name__, "reason": unreachable_reason(error)},
+    )
+    return refused(request, access, f"Redis is unreachable: {unreachable_reason(error)}", 503)
+
+
 def page(endpoint: PageEndpoint) -> Endpoint:
     async def guarded(request: Request) -> Response:
         access = request_access(request)
         if access is None:
             return login_required(request)
-        return await endpoint(request, access)
+        try:
+            return await endpoint(request, access)
+        except (RedisError, OSError) as error:
+            return unavailable(request, access, error)
 
     return guarded
 
@@ -155,6 +172,9 @@ def action(endpoint: ActionEndpoint) -> Endpoint:
             return refused(request, access, error.reason, error.status)
         if not csrf_is_valid(access, form.get(CSRF_FIELD)):
             return refused(request, access, "the form's CSRF token is missing or wrong: reload")
-        return await endpoint(request, access, form)
+        try:
+            return await endpoint(request, access, form)
+        except (RedisError, OSError) as error:
+            return unavailable(request, access, error)
 
     return guarded
