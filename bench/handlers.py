@@ -49,3 +49,18 @@ def register_timed(registry: Registry) -> None:
 
 def register_io(registry: Registry) -> None:
     registry.add(EVENT_TYPE, wait_then_count, name="bench-io")
+
+
+STARTED_KEY = "bench:started"
+# A handler as slow as an HrFlow call that takes seconds: long enough to be cut off by a kill.
+SLOW_HANDLER_S = 3.0
+
+
+async def slow_then_count(event: Event, ctx: Any) -> None:
+    await ctx.redis.incr(STARTED_KEY)
+    await asyncio.sleep(SLOW_HANDLER_S)
+    await ctx.redis.incr(HANDLED_KEY)
+
+
+def register_slow(registry: Registry) -> None:
+    registry.add(EVENT_TYPE, slow_then_count, name="bench-slow")

@@ -105,7 +105,33 @@ def table_rows(rows: dict[str, Any]) -> list[str]:
                     f"| {commands:.1f} | | report | |"
                 )
     lines += _p6_rows(rows.get("P6"))
+    lines += _p7_rows(rows.get("P7"))
     return lines
+
+
+def _p7_rows(p7: dict[str, Any] | None) -> list[str]:
+    if p7 is None:
+        return []
+    ack, cost, lease = p7["replica_ack"], p7["redis_per_event"], p7["lease_recovery"]
+    rates = ack["rates"]
+    top = ", ".join(f"{name} {n:.2g}" for name, n in list(cost["commands"].items())[:6])
+    return [
+        f"| P7 ack | P1 against a primary with one local replica, "
+        f"HRFLOW_REDIS_MIN_REPLICAS_ACK=1 (WAIT after each batch) | bare Starlette 202: "
+        f"{_fmt(rates['bare'])}/s; without ack {_fmt(rates['no ack'])}/s "
+        f"({ack['p1_ratio_no_ack']:.2f}x) | {_fmt(rates['ack 1'])}/s "
+        f"| {ack['p1_ratio_ack_1']:.2f}x ({ack['ack_1_vs_no_ack']:.2f}x of no ack) | report "
+        f"| |",
+        f"| P7 Redis | Redis per handled event end to end (receiver + 1 worker, no-op "
+        f"handler): CPU and commands (INFO cpu, commandstats: {top}, ...) | | "
+        f"{cost['redis_cpu_us_per_event']:.0f} µs, {cost['redis_commands_per_event']:.1f} "
+        f"commands; worker CPU {cost['worker_cpu_ms_per_event']:.2f} ms | | report | |",
+        f"| P7 lease | a SIGKILLed worker's {lease['held_runs']} runs of "
+        f"{lease['handler_s']:.0f} s handlers done on the other worker | arq's expiry: "
+        f"{lease['arq_expiry_bound_s']:.0f} s (job timeout + 10 s + handler) "
+        f"| {lease['median_s']:.1f} s | | ≤ lease + handler ({lease['bound_s']:.0f} s) "
+        f"| {_met(lease['median_s'], lease['bound_s'], lower_is_better=True)} |",
+    ]
 
 
 def _p6_rows(p6: dict[str, Any] | None) -> list[str]:

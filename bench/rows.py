@@ -348,6 +348,7 @@ def _redis_keys(redis: Redis) -> dict[str, int]:
         "arq:in-progress:": "in-progress",
         "arq:retry:": "retry counters",
         "arq:result:": "results",
+        ":lease:": "worker leases",
     }
     counts: dict[str, int] = {}
     for key in redis.scan_iter(count=1_000):
@@ -394,6 +395,7 @@ def p4_memory(procs: Processes, redis: Redis, config: Config) -> dict[str, Any]:
         "hrflow:queue:health-check",
         "hrflow:queue:redis-marker",
         "hrflow:queue:data-loss",
+        "worker leases",  # the running worker's own lease (workers.leases)
     }
     leftovers = {kind: n for kind, n in keys.items() if kind not in expected}
     return {

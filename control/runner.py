@@ -3,7 +3,8 @@
 What starts, in order (each waits until the previous one answers):
 
 1. an embedded ``redis-server`` (data in ``.run/redis``, AOF with ``appendfsync
-   always``, ``noeviction``), only when ``REDIS_URL`` is unset;
+   always``, ``noeviction``), only when neither ``REDIS_URL`` nor
+   ``HRFLOW_REDIS_SENTINELS`` is set;
 2. the sandbox HrFlow API (``python -m sandbox``), only when ``HRFLOW_API_KEY``
    is unset, with the built-in handlers pointed at it;
 3. the receiver (the Procfile's web line, ``control.commands``);
@@ -370,7 +371,7 @@ def _overrides(settings: Settings, options: RunOptions, secret: str) -> dict[str
         env["HRFLOW_LOG_FORMAT"] = "text"  # people read `run`'s output; JSON is for machines
     if not settings.webhook_secrets:
         env["HRFLOW_WEBHOOK_SECRET"] = secret
-    if "redis_url" not in settings.model_fields_set:
+    if "redis_url" not in settings.model_fields_set and not settings.redis_sentinels:
         env["REDIS_URL"] = f"redis://127.0.0.1:{options.redis_port}/0"
     if settings.console_token is None:
         # Kept like the webhook secret, so a browser's session survives a restart of `run`.
@@ -519,6 +520,8 @@ def banner(plan: Plan, options: RunOptions, settings: Settings) -> str:
     redis_line = (
         f"{plan.redis_url}  (embedded, data in {options.state_dir / 'redis'})"
         if plan.embedded_redis
+        else "through Sentinel (HRFLOW_REDIS_SENTINELS)"
+        if settings.redis_sentinels
         else "from REDIS_URL"
     )
     api_line = (

@@ -13,8 +13,11 @@ every worker run a :class:`DurabilityWatch`, every
   succeeding (``INFO persistence``, and ``CONFIG GET appendfsync``: where the
   server refuses ``CONFIG``, as managed Redis does, the policy cannot be read and
   that is said); ``replicas``, at least ``HRFLOW_REDIS_MIN_REPLICAS_ACK`` replicas
-  online and caught up (``INFO replication``), the AOF not required; ``none``,
-  nothing, said once. ``noeviction`` in both of the first two (``INFO memory``).
+  online and caught up (``INFO replication``), the AOF not required; ``managed``,
+  the provider's own guarantee (MemoryDB's multi-AZ log), which nothing here can
+  check, said once; ``none``, nothing, said once. ``noeviction`` in all but ``none``
+  (``INFO memory``); with ``HRFLOW_REDIS_MIN_REPLICAS_ACK``, the replicas too, and
+  whether this Redis accepts ``WAIT`` at all.
   What a look cannot check and nothing relies on is a note, said once;
 - **memory**: used ÷ ``maxmemory`` against ``HRFLOW_REDIS_MEMORY_HIGH_WATER``.
   Above it the watch first drops the event log's oldest entries (the log records
@@ -68,6 +71,12 @@ FSYNC_STRENGTH = {"no": 0, "everysec": 1, "always": 2}
 # A replica counts as holding what it was sent when it acknowledged within this (Redis's
 # replicas acknowledge every second).
 REPLICA_LAG_MAX_S = 10
+# In the INFO mapping the watch assesses: WAIT was refused (a provider's command list).
+WAIT_REFUSED = "hrflow_wait_refused"
+MANAGED_DECLARED = (
+    "durability 'managed' is declared (HRFLOW_REDIS_DURABILITY): the provider's own "
+    "guarantee is relied on, and nothing here can check it"
+)
 NONE_DECLARED = (
     "durability 'none' is declared (HRFLOW_REDIS_DURABILITY): acknowledged events are lost "
     "if Redis restarts without persistence or its primary fails"
@@ -120,6 +129,15 @@ async def _appendfsync(redis: Redis) -> str | None:
     return found.get("appendfsync")
 
 
+async def _accepts_wait(redis: Redis) -> bool:
+    """Whether WAIT runs here: ``WAIT 0 0`` returns at once where it does."""
+    try:
+        await redis.execute_command("WAIT", 0, 0)  # type: ignore[no-untyped-call]
+    except ResponseError:
+        return False
+    return True
+
+
 def assess(
     info: Mapping[str, Any], appendfsync: str | None, settings: Settings
 ) -> tuple[list[str], list[str]]:
@@ -133,6 +151,8 @@ def assess(
     risks, notes = _eviction_risks(info), []
     if durability == "fsync":
         risks += _aof_risks(info, appendfsync, settings.redis_fsync)
+    elif durability == "managed":
+        notes.append(MANAGED_DECLARED)
     elif appendfsync is None:
         notes.append(
             "appendfsync cannot be read: this Redis refuses CONFIG (as managed Redis does); "
@@ -140,6 +160,11 @@ def assess(
         )
     if durability == "replicas" or settings.redis_min_replicas_ack:
         risks += _replica_risks(info, settings.redis_min_replicas_ack)
+    if info.get(WAIT_REFUSED):
+        risks.append(
+            "this Redis refuses WAIT, so HRFLOW_REDIS_MIN_REPLICAS_ACK cannot be honoured: "
+            "every delivery gets 503; set it to 0 and declare the durability the provider gives"
+        )
     return risks, notes
 
 
@@ -269,6 +294,8 @@ class DurabilityWatch:
         info = await self.redis.info("persistence") | await self.redis.info("memory")
         if self.settings.durability == "replicas" or self.settings.redis_min_replicas_ack:
             info |= await self.redis.info("replication")
+        if self.settings.redis_min_replicas_ack:
+            info[WAIT_REFUSED] = not await _accepts_wait(self.redis)
         appendfsync = await _appendfsync(self.redis)
         queued = int(await self.redis.zcard(self.keys.queue))
         if write:

@@ -429,17 +429,22 @@ local claimed, listed = {1}, {}
 local now, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 local order_prefix, park = ARGV[3], tonumber(ARGV[4])
 local lease_prefix, lease, number = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local leases = {}
+local leases = {} -- per holder's lease: the set of runs it lists, false when it is gone
+local function runs_listed_by(lease_id)
+  local value = redis.call('GET', lease_prefix .. lease_id)
+  if not value then return false end
+  local runs = {}
+  for run_id in string.gmatch(value, '[^,]+') do runs[run_id] = true end
+  return runs
+end
 local function held(in_progress, run_id)
   local holder = redis.call('GET', in_progress)
   if not holder then return false end
   local holder_lease = string.match(holder, '^(.+)|')
   if not holder_lease then return true end
-  if leases[holder_lease] == nil then
-    leases[holder_lease] = redis.call('GET', lease_prefix .. holder_lease) or false
-  end
+  if leases[holder_lease] == nil then leases[holder_lease] = runs_listed_by(holder_lease) end
   local runs = leases[holder_lease]
-  return runs and string.find(runs, ',' .. run_id .. ',', 1, true) ~= nil
+  return runs and runs[run_id] == true
 end
 for i = 8, #ARGV do
   if #claimed > most * 3 then

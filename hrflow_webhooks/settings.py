@@ -16,8 +16,9 @@ from hrflow_webhooks.queue import EVENT_LOG_MAX_ENTRIES
 
 SignatureScheme = Literal["auto", "python-sdk", "js-sdk", "docs", "body-hex"]
 # What a 202 relies on (hrflow_webhooks.durability): the AOF on one Redis, writes copied to
-# replicas before the answer, or nothing (loss accepted).
-Durability = Literal["fsync", "replicas", "none"]
+# replicas before the answer, the provider's own guarantee (which cannot be checked), or
+# nothing (loss accepted).
+Durability = Literal["fsync", "replicas", "managed", "none"]
 
 
 class MissingSecretError(RuntimeError):

@@ -22,7 +22,12 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from control.health import check, health
-from hrflow_webhooks.durability import NONE_DECLARED, DurabilityWatch, assess
+from hrflow_webhooks.durability import (
+    MANAGED_DECLARED,
+    NONE_DECLARED,
+    DurabilityWatch,
+    assess,
+)
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
@@ -124,6 +129,34 @@ def test_none_durability_has_no_risk_and_says_so() -> None:
             [],
             [NONE_DECLARED],
         )
+
+
+def test_managed_durability_relies_on_the_provider_and_says_so() -> None:
+    managed = make_settings("redis://x", redis_durability="managed")
+    info = {"aof_enabled": 0, "maxmemory_policy": "noeviction"}
+    assert assess(info, None, managed) == ([], [MANAGED_DECLARED])
+    (evicting,), _ = assess({**info, "maxmemory_policy": "volatile-lru"}, None, managed)
+    assert "volatile-lru" in evicting
+
+
+async def test_a_redis_refusing_wait_fails_every_delivery_and_says_why(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A provider whose command list has no WAIT cannot honour replica acknowledgement: the
+    delivery gets 503 (never a 202 that WAIT did not back), and check says why."""
+    server_redis = RedisServer(tmp_path / "no-wait", None, "--rename-command", "WAIT", "")
+    server_redis.start()
+    settings = watched(server_redis.url, redis_durability="managed", redis_min_replicas_ack=1)
+    try:
+        async with serving(settings) as server:
+            status, body = await server.post(http, parsing_event("pk-no-wait"))
+            assert status == 503, body
+            status, body = await server.post(http, parsing_event("pk-no-wait"))
+            assert status == 503, body  # the connection stayed in step: the same answer
+        found = await health(settings, 300)
+    finally:
+        server_redis.kill()
+    assert any("refuses WAIT" in p for p in found.problems), found
 
 
 def test_replicas_durability_without_a_replica_count_is_refused_at_start() -> None:

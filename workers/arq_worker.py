@@ -40,7 +40,7 @@ from typing import Any
 
 from arq import Worker as ArqWorker
 from arq.utils import timestamp_ms
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 
 from hrflow_webhooks.queue import (
     CLAIM_SCRIPT,
@@ -144,10 +144,11 @@ class Worker(ArqWorker):
                     keys=[self.queue_name, lease.key], args=args
                 )
                 claimed = self._held(reply)
-        except ResponseError as error:
+        except (OutOfMemoryError, ReadOnlyError) as error:
             # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
-            # and polls again; so does this. Other writes (health check, results) still
-            # raise, which ends the worker and lets `hrflow-webhooks worker` restart it.
+            # and polls again; so does this. Any other error (a script that fails) reaches
+            # the poll loop, which says so and backs off: never a worker that silently
+            # claims nothing.
             logger.debug("job claim refused", extra={"error_type": type(error).__name__})
             return []
         if not reply[0]:  # our lease is gone in Redis: nothing was claimed
