@@ -19,6 +19,7 @@ fast (a sender must get 503 in seconds), a worker's job pool waits Redis out.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -150,15 +151,35 @@ def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
 
 
 def _retry_options(settings: Settings, retry_forever: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout_s,
+    if not retry_forever:
+        return {
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
+            "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        }
+    # The job pool: no per-command timeout (each one would go through asyncio's timeout
+    # machinery, a measurable share of a worker's CPU per job; the job has a deadline of its
+    # own) and a kernel-level one instead, so a primary whose host vanished without closing
+    # the connection is noticed in seconds, not after TCP's quarter of an hour.
+    return {
         "socket_connect_timeout": settings.redis_timeout_s,
-        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "socket_keepalive": True,
+        "socket_keepalive_options": _dead_peer_options(settings.redis_timeout_s),
+        "retry_on_error": [ConnectionError, TimeoutError, OSError],
+        "retry": Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP_S, base=0.05), -1),
     }
-    if retry_forever:
-        options["retry_on_error"] = [ConnectionError, TimeoutError, OSError]
-        options["retry"] = Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP_S, base=0.05), -1)
-    return options
+
+
+def _dead_peer_options(timeout_s: float) -> dict[int, int]:
+    """TCP options that end a connection whose peer is gone: idle, probed every second
+    after ``timeout_s``; with a reply awaited, unacknowledged data for twice that."""
+    seconds = max(1, round(timeout_s))
+    return {
+        socket.TCP_KEEPIDLE: seconds,
+        socket.TCP_KEEPINTVL: 1,
+        socket.TCP_KEEPCNT: 3,
+        socket.TCP_USER_TIMEOUT: 2 * seconds * 1000,
+    }
 
 
 def connection_pool(settings: Settings, *, retry_forever: bool = False) -> ConnectionPool:
