@@ -22,6 +22,8 @@ profile's next event is handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
 from collections import Counter
@@ -35,6 +37,7 @@ import pytest
 from redis.asyncio import Redis
 
 from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.redis_setup import connect_redis
 from tests.plugins import behaviour
 from tests.polling import eventually
 from tests.processes import WorkerProcess
@@ -92,6 +95,7 @@ class FailoverRun:
     held_at_freeze: int = 0  # deliveries answered 2xx while both replicas were frozen
     worker_restarts: int = 0
     workers_alive: bool = False
+    handled_after_failover: list[int] = field(default_factory=list)  # per worker
 
 
 @dataclass
@@ -148,6 +152,16 @@ async def kill_primary(group: SentinelGroup, sender: Sender, run: FailoverRun) -
         lambda: asyncio.to_thread(group.failed_over, old_port), "a new primary", timeout_s=60
     )
     run.failover_s = time.time() - run.killed_at
+
+
+def handled_after(log: Path, moment: float) -> int:
+    """Runs the worker of ``log`` handled after ``moment`` (its 'profile indexed' lines)."""
+    count = 0
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            count += record.get("message") == "profile indexed" and record["ts"] > moment
+    return count
 
 
 def restarts_logged(logs: list[Path]) -> int:
@@ -209,6 +223,8 @@ async def fail_over(tmp_path: Path, group: SentinelGroup, replicas_ack: int) -> 
     run.duplicate_copies = effects.duplicates
     run.refusals = sender.record.refusals
     run.worker_restarts = restarts_logged(logs)
+    failed_over_at = run.killed_at + run.failover_s
+    run.handled_after_failover = [handled_after(log, failed_over_at) for log in logs]
     return run
 
 
@@ -223,7 +239,8 @@ def report(title: str, run: FailoverRun) -> str:
         f"{' ' + str(run.lost[:10]) if run.lost else ''}; handler re-executions "
         f"{run.re_executions}, duplicate copies {run.duplicate_copies}, dead letters "
         f"{run.dead_letters}; worker restarts {run.worker_restarts}, workers alive "
-        f"{run.workers_alive}; 2xx while both replicas were frozen: {run.held_at_freeze}"
+        f"{run.workers_alive}, runs each handled after the failover "
+        f"{run.handled_after_failover}; 2xx while both replicas were frozen: {run.held_at_freeze}"
     )
 
 
@@ -239,7 +256,8 @@ async def test_a_sentinel_failover_loses_no_event_answered_2xx_with_replica_ackn
     assert run.backlog_at_kill > 0  # the primary died with work queued
     assert run.refused_s < BACK_WITHIN_S
     assert run.workers_alive
-    assert run.worker_restarts == 0  # the workers followed the failover without a restart
+    assert run.worker_restarts == 0  # the workers followed the failover without a restart,
+    assert all(run.handled_after_failover)  # each of them: none is stuck on the old primary
     assert (run.duplicate_copies, run.dead_letters) == (0, 0)
 
 
@@ -254,6 +272,26 @@ async def test_a_sentinel_failover_without_replica_acknowledgement_reports_what_
     assert run.acknowledged == EVENTS
     assert run.refused_s < BACK_WITHIN_S
     assert run.workers_alive
+
+
+async def test_a_pool_retrying_for_ever_follows_the_failover(sentinel_group: SentinelGroup) -> None:
+    """The workers' pool retries a lost connection for ever. redis-py before 6.4 retried the
+    address Sentinel gave with that policy, so it kept dialling the dead primary and never
+    asked again (issue 3560): this write waited for ever. Each attempt asks Sentinel here."""
+    settings = make_settings("redis://localhost/0", **sentinel_group.settings())
+    redis = connect_redis(settings, retry_forever=True)
+    try:
+        await redis.set("before", 1)
+        assert await redis.execute_command("WAIT", 2, 5_000) == 2  # type: ignore[no-untyped-call]
+        sentinel_group.primary.kill()
+        killed = time.monotonic()
+        await asyncio.wait_for(redis.set("after", 1), BACK_WITHIN_S)
+        print(f"\nretrying pool: a write {time.monotonic() - killed:.1f} s after the kill")
+        port = redis.connection_pool.connection_kwargs.get("port")  # Sentinel gives it
+        assert await redis.get("before") == b"1"  # copied before the kill: on the new primary
+        assert port is None or port != sentinel_group.primary.port
+    finally:
+        await redis.aclose()
 
 
 # --- leases -----------------------------------------------------------------------------------
