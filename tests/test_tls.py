@@ -6,6 +6,7 @@ minutes without a word while the receiver answered 202)."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
@@ -20,7 +21,7 @@ from tests.console_fixtures import BEARER, ConsoleServer
 from tests.plugins import behaviour
 from tests.polling import eventually
 from tests.processes import WorkerProcess
-from tests.redis_server import TlsRedisServer
+from tests.redis_server import TlsRedisServer, free_port
 from tests.service import ReceiverServer, make_settings, parsing_event
 from tests.test_cli import cli
 
@@ -40,7 +41,8 @@ async def test_every_process_uses_a_tls_redis_with_a_self_signed_certificate(
 ) -> None:
     url = tls_redis.trusting_url
     settings = make_settings(url)
-    worker = WorkerProcess(url, tmp_path / "worker.log")
+    metrics_port = free_port()
+    worker = WorkerProcess(url, tmp_path / "worker.log", worker_metrics_port=metrics_port)
     try:
         async with ReceiverServer(settings) as receiver:
             event = parsing_event("pk-tls")
@@ -53,6 +55,9 @@ async def test_every_process_uses_a_tls_redis_with_a_self_signed_certificate(
                     return body["event_ids"][0].encode() in effects
 
                 await eventually(handled, "the worker's run, over TLS")
+        scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+        async with http.get(scrape) as metrics:  # its queue gauges read Redis, over TLS too
+            assert "hrflow_queue_redis_up 1.0" in await metrics.text()
         code, out, err = await cli("dead-letters", "list", env={"REDIS_URL": url})
         assert (code, out.strip()) == (0, "no dead letters"), err
         code, out, err = await cli("check", env={"REDIS_URL": url})
@@ -107,5 +112,7 @@ async def test_without_trusting_the_certificate_each_process_says_why_in_one_lin
             assert page.status == 503
             assert f"Redis is unreachable: {UNTRUSTED}" in html.unescape(await page.text())
         assert worker.alive()  # it keeps trying, and says so
+        assert await asyncio.to_thread(worker.terminate) == 0  # and stops when told, cleanly
+        assert "Traceback" not in (tmp_path / "worker.log").read_text()
     finally:
         worker.close()

@@ -27,6 +27,7 @@ from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
 from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.redis_setup import connect_sync_redis
 from hrflow_webhooks.settings import Settings
 from workers.queue_stats import read_queue_stats_sync
 
@@ -38,11 +39,7 @@ class QueueCollector:
 
     def __init__(self, settings: Settings) -> None:
         self.keys = QueueKeys(settings.queue_name)
-        self.redis = SyncRedis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-        )
+        self.redis: SyncRedis = connect_sync_redis(settings)  # Sentinel and TLS as elsewhere
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
