@@ -120,13 +120,15 @@ class RedisState:
         )
 
 
-async def _appendfsync(redis: Redis) -> str | None:
-    """The AOF's fsync policy, or None where the server refuses CONFIG (managed Redis)."""
-    try:
+async def _persistence_config(redis: Redis) -> dict[str, str] | None:
+    """The AOF's fsync policy and the RDB snapshots' ``save`` rule, or None where the server
+    refuses CONFIG (managed Redis)."""
+    try:  # one name a call: CONFIG GET takes several only from Redis 7
         found: dict[str, str] = await redis.config_get("appendfsync")
+        found |= await redis.config_get("save")
     except ResponseError:
         return None
-    return found.get("appendfsync")
+    return found
 
 
 async def _accepts_wait(redis: Redis) -> bool:
@@ -139,25 +141,28 @@ async def _accepts_wait(redis: Redis) -> bool:
 
 
 def assess(
-    info: Mapping[str, Any], appendfsync: str | None, settings: Settings
+    info: Mapping[str, Any], config: Mapping[str, str] | None, settings: Settings
 ) -> tuple[list[str], list[str]]:
     """Why this Redis could lose an acknowledged event (risks), and what could not be
     checked or was chosen though nothing relies on it (notes), for the declared durability.
-    ``info``: INFO persistence, memory and (with replicas) replication; ``appendfsync``:
-    None where CONFIG is refused."""
+    ``info``: INFO persistence, memory and (with replicas) replication; ``config``:
+    ``appendfsync`` and ``save``, None where CONFIG is refused."""
     durability = settings.durability
     if durability == "none":
         return [], [NONE_DECLARED]
     risks, notes = _eviction_risks(info), []
     if durability == "fsync":
-        risks += _aof_risks(info, appendfsync, settings.redis_fsync)
+        risks += _aof_risks(info, None if config is None else config.get("appendfsync"),
+                            settings.redis_fsync)  # fmt: skip
     elif durability == "managed":
         notes.append(MANAGED_DECLARED)
-    elif appendfsync is None:
+    elif config is None:
         notes.append(
-            "appendfsync cannot be read: this Redis refuses CONFIG (as managed Redis does); "
-            "not relied on: durability is 'replicas'"
+            "the primary's persistence cannot be read: this Redis refuses CONFIG (as managed "
+            "Redis does); not relied on: durability is 'replicas'"
         )
+    else:
+        risks += _forgetful_primary_risks(info, config)
     if durability == "replicas" or settings.redis_min_replicas_ack:
         risks += _replica_risks(info, settings.redis_min_replicas_ack)
     if info.get(WAIT_REFUSED):
@@ -193,6 +198,18 @@ def _aof_risks(info: Mapping[str, Any], appendfsync: str | None, fsync: str) -> 
     if info.get("aof_last_write_status") == "err":
         risks.append("AOF writes are failing (aof_last_write_status: err): check the disk")
     return risks
+
+
+def _forgetful_primary_risks(info: Mapping[str, Any], config: Mapping[str, str]) -> list[str]:
+    """Replicas copy what their primary holds: one that restarts with nothing on disk before
+    a failover comes back empty, and its replicas then empty themselves too."""
+    if info.get("aof_enabled") or config.get("save"):
+        return []
+    return [
+        "the primary keeps nothing on disk (appendonly no, no save rule): restarted before a "
+        "failover, it comes back empty and its replicas copy the emptiness; turn AOF on "
+        "(everysec is enough beside replicas) or keep it from restarting on its own"
+    ]
 
 
 def _replica_risks(info: Mapping[str, Any], required: int) -> list[str]:
@@ -296,7 +313,7 @@ class DurabilityWatch:
             info |= await self.redis.info("replication")
         if self.settings.redis_min_replicas_ack:
             info[WAIT_REFUSED] = not await _accepts_wait(self.redis)
-        appendfsync = await _appendfsync(self.redis)
+        config = await _persistence_config(self.redis)
         queued = int(await self.redis.zcard(self.keys.queue))
         if write:
             lost_before = await self._check_marker()
@@ -304,7 +321,7 @@ class DurabilityWatch:
             if lost_before is not None:
                 await self._record_loss(lost_before)
         notice = await self.redis.get(self.keys.data_loss)
-        risks, notes = assess(info, appendfsync, self.settings)
+        risks, notes = assess(info, config, self.settings)
         return RedisState(
             risks=tuple(risks),
             notes=tuple(notes),

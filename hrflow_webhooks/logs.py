@@ -49,6 +49,7 @@ LOGGED_FIELDS = (
     "lease",
     "lease_s",
     "runs",
+    "held_s",
 )
 _LOGGED = frozenset(LOGGED_FIELDS)
 # Values are cut to this many characters: a field may hold what a signed sender wrote.

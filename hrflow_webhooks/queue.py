@@ -39,8 +39,8 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``arq:in-progress:<run id>``     the claim of a run: ``<lease id>|<n>``, its fencing token
                                  (``1`` when arq's own worker claimed it; ``arq:retry:``:
                                  its tries)
-``<q>:lease:<lease id>``         a worker's lease: the runs it holds (``,id,id,``); while it
-                                 lives and lists a run, that run's claim holds
+``<q>:lease:<lease id>``         a worker's lease: the numbers of the claims it holds
+                                 (``,n,n,``); while it lives and lists a claim, it holds
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
 ``<q>:waiting:<event id>``       latest events: the newest run of this notification
@@ -408,14 +408,15 @@ end
 """
 
 # arq's checks for each candidate (still queued, due, not held by a live claim), then the
-# subject's order, then the claim: the claimer's fencing token in the in-progress key, with no
-# expiry, and the run's id added to the claimer's lease, which lists the runs its worker holds
-# (',id,id,'; each renewal rewrites it, workers.leases). A claim holds while its lease lives
-# and lists the run: a run whose worker died, froze, lost Redis, or dropped it (its end was
-# lost in a failover) is taken over. One claimed by arq's own worker (no lease: '1') is held
-# while its key lives. A run whose subject is busy is parked.
+# subject's order, then the claim: the claimer's fencing token '<lease id>|<n>' in the
+# in-progress key, with no expiry, and n added to the claimer's lease, which lists the claims
+# its worker holds (',n,n,'; workers.leases). A claim holds while its lease lives and lists
+# it: a run whose worker died, froze, lost Redis, or ended its task without writing its end
+# (lost in a failover) is taken over; so is one of the claimer's own that it does not run
+# (its candidates never include a run it is running). One claimed by arq's own worker (no
+# lease: '1') is held while its key lives. A run whose subject is busy is parked.
 # KEYS: the queue, the claimer's lease. ARGV: now (ms), most to claim, order prefix, park
-# (ms), lease prefix, the claimer's lease id, its next token number, then the candidates'
+# (ms), lease prefix, the claimer's lease id, its next claim number, then the candidates'
 # ids. Only ids travel: with several workers most candidates are the other workers' running
 # jobs, and arq reads five per free slot. (Keys are derived here, not declared: arq's layout
 # already assumes one Redis server, not a cluster.)
@@ -425,26 +426,27 @@ CLAIM_SCRIPT = (
     SUBJECT_FREE_LUA
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
-local claimed, listed = {1}, {}
+local claimed, numbers = {1}, {}
 local now, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 local order_prefix, park = ARGV[3], tonumber(ARGV[4])
 local lease_prefix, lease, number = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local leases = {} -- per holder's lease: the set of runs it lists, false when it is gone
-local function runs_listed_by(lease_id)
+local leases = {} -- per holder's lease: the set of claim numbers it lists, false when gone
+local function claims_listed_by(lease_id)
   local value = redis.call('GET', lease_prefix .. lease_id)
   if not value then return false end
-  local runs = {}
-  for run_id in string.gmatch(value, '[^,]+') do runs[run_id] = true end
-  return runs
+  local listed = {}
+  for n in string.gmatch(value, '[^,]+') do listed[n] = true end
+  return listed
 end
-local function held(in_progress, run_id)
+local function held(in_progress)
   local holder = redis.call('GET', in_progress)
   if not holder then return false end
-  local holder_lease = string.match(holder, '^(.+)|')
+  local holder_lease, n = string.match(holder, '^(.+)|(%d+)$')
   if not holder_lease then return true end
-  if leases[holder_lease] == nil then leases[holder_lease] = runs_listed_by(holder_lease) end
-  local runs = leases[holder_lease]
-  return runs and runs[run_id] == true
+  if holder_lease == lease then return false end
+  if leases[holder_lease] == nil then leases[holder_lease] = claims_listed_by(holder_lease) end
+  local listed = leases[holder_lease]
+  return listed and listed[n] == true
 end
 for i = 8, #ARGV do
   if #claimed > most * 3 then
@@ -453,24 +455,43 @@ for i = 8, #ARGV do
   local run_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], run_id)
   local in_progress = 'arq:in-progress:' .. run_id
-  if score and tonumber(score) <= now and not held(in_progress, run_id) then
+  if score and tonumber(score) <= now and not held(in_progress) then
     if subject_free(run_id, order_prefix) then
       local token = lease .. '|' .. number
-      number = number + 1
       redis.call('SET', in_progress, token)
       claimed[#claimed + 1] = run_id
       claimed[#claimed + 1] = score
       claimed[#claimed + 1] = token
-      listed[#listed + 1] = run_id
+      numbers[#numbers + 1] = number
+      number = number + 1
     else
       redis.call('ZADD', KEYS[1], now + park, run_id)
     end
   end
 end
-if #listed > 0 then redis.call('APPEND', KEYS[2], table.concat(listed, ',') .. ',') end
+if #numbers > 0 then redis.call('APPEND', KEYS[2], table.concat(numbers, ',') .. ',') end
 return claimed
 """
 )
+
+# A lease renewed: its expiry pushed back, and the numbers of its claims whose runs ended
+# struck from its list (never the list rewritten: a renewal that arrives late cannot drop a
+# claim made meanwhile). Returns 0 when the lease is gone. KEYS: the lease. ARGV: lease
+# ms, then the numbers.
+RENEW_LEASE_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local ended = {}
+for i = 2, #ARGV do ended[ARGV[i]] = true end
+local kept = {}
+for n in string.gmatch(value, '[^,]+') do
+  if not ended[n] then kept[#kept + 1] = n end
+end
+local listed = ','
+if #kept > 0 then listed = ',' .. table.concat(kept, ',') .. ',' end
+redis.call('SET', KEYS[1], listed, 'PX', ARGV[1])
+return 1
+"""
 
 # Gives back the try arq counted when this start of the run did not use it (its subject was
 # busy, or not readable yet). Idempotent, so a command the client re-sends after a dropped
@@ -503,7 +524,8 @@ return 0
 # order, wakes the run behind it, and its job, markers and claim go, atomically, so nothing
 # can run it again; arq's own finish has nothing left to do (workers.arq_worker). The same
 # call keeps the profile's handled state (the newest wins) and appends the run's log entries.
-# Refused (0) when the writer no longer holds the run (Fence): its new holder finishes it.
+# Refused (0) when the writer no longer holds the run (Fence): its new holder finishes it;
+# 2 when the run is over already (the client re-sent a call that had run).
 # KEYS: queue, order list (or the queue again for an older job), job, done hash, event log,
 # handled-state key (or the queue again: not a profile), retry key, then the fence's keys.
 # ARGV: run id, now ms, log cap, handled state ('' for none), its lifetime s, the fence's
@@ -513,7 +535,10 @@ FINISH_RUN_SCRIPT = (
     + _HOLDS_LUA
     + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
-if not holds(KEYS[8], KEYS[9], ARGV[6]) then return 0 end
+if not holds(KEYS[8], KEYS[9], ARGV[6]) then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return 2 end -- over already (this call re-sent)
+  return 0
+end
 if order ~= queue then
   redis.call('LREM', order, 1, run_id) -- the head, unless the run was erased meanwhile
   local next_run = redis.call('LINDEX', order, 0)

@@ -22,14 +22,18 @@ DOWN_AFTER_MS = 1_000  # the Sentinels' verdict on a silent primary: fast, for a
 
 
 class LaggingLink:
-    """A TCP relay between the primary and its replicas, in a thread of its own: what the
-    primary sends reaches a replica ``delay_s`` late, as over a link between data centres,
-    and what is still on the way when the primary dies is lost with it. (Freezing a replica
-    cannot show that on loopback: the kernel buffers what it is sent, and it reads all of
-    it on waking.)"""
+    """A TCP relay in front of a Redis, in a thread of its own: what Redis sends reaches the
+    other side ``delay_s`` late, as over a link between data centres, and what is still on
+    the way when Redis dies is lost with it. (Freezing a replica cannot show that on
+    loopback: the kernel buffers what it is sent, and it reads all of it on waking.)
+    :meth:`cut` closes every connection through it and refuses new ones until
+    :meth:`mend`: a client cut off from Redis."""
 
-    def __init__(self, primary_port: int, delay_s: float) -> None:
+    def __init__(self, primary_port: int, delay_s: float = 0.0) -> None:
         self.primary_port, self.delay_s = primary_port, delay_s
+        self.is_cut = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -39,29 +43,44 @@ class LaggingLink:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
+        self._server = self._loop.run_until_complete(
             asyncio.start_server(self._relay, "127.0.0.1", self.port)
         )
         self._ready.set()
         self._loop.run_forever()
-        server.close()
+        self._loop.close()
+
+    async def _shut_down(self) -> None:
+        """Everything of the relay's own ended, so that nothing is left for the collector."""
+        if self._server is not None:
+            self._server.close()
+        self._close_all()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop()
 
     async def _relay(
         self, replica_in: asyncio.StreamReader, replica_out: asyncio.StreamWriter
     ) -> None:
+        if self.is_cut:
+            replica_out.close()
+            return
         try:
             primary_in, primary_out = await asyncio.open_connection("127.0.0.1", self.primary_port)
         except OSError:
             replica_out.close()
             return
+        self._writers |= {replica_out, primary_out}
         upstream = asyncio.create_task(self._pump(replica_in, primary_out, 0.0))
         await self._pump(primary_in, replica_out, self.delay_s)
         upstream.cancel()
         replica_out.close()  # the primary is gone: what was still on the way never arrives
+        self._writers -= {replica_out, primary_out}
 
-    @staticmethod
     async def _pump(
-        source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay_s: float
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay_s: float
     ) -> None:
         in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -78,8 +97,23 @@ class LaggingLink:
                 in_flight.put_nowait((time.monotonic() + delay_s, chunk))
         delivering.cancel()
 
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self) -> None:
+        self.is_cut = True
+        self._loop.call_soon_threadsafe(self._close_all)
+
+    def mend(self) -> None:
+        self.is_cut = False
+
+    def _close_all(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        asyncio.run_coroutine_threadsafe(self._shut_down(), self._loop)
         self._thread.join(timeout=10)
 
 

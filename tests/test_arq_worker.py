@@ -12,6 +12,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
+from hrflow_webhooks.queue import RENEW_LEASE_SCRIPT
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.service import (
@@ -105,21 +106,58 @@ async def test_a_run_its_holder_no_longer_lists_is_taken_over(
 ) -> None:
     """A claim whose run its worker no longer runs (its end was written to a primary that
     failed before a replica copied it, or not at all) is still there, under a live lease:
-    the holder's next renewal leaves the run out of its list, and another worker takes it."""
+    the holder's next renewal strikes the claim's number from its list, and another worker
+    takes the run."""
     first = await worker_on(pool, redis_server, leased)
     second = await worker_on(pool, redis_server, leased)
-    await pool.zadd(first.queue_name, {"r": timestamp_ms() - 1})
-    await first._claim(["r"], 1)
-    assert await pool.get(first.leases.lease.key) == b",r,"
+    await pool.zadd(first.queue_name, {"r": timestamp_ms() - 1, "s": timestamp_ms() - 1})
+    [r, s] = await first._claim(["r", "s"], 2)
+    assert (r.token, s.token) == (f"{first.leases.lease.id}|0", f"{first.leases.lease.id}|1")
+    assert await pool.get(first.leases.lease.key) == b",0,1,"
     await first.leases.renew()
-    assert await second._claim(["r"], 1) == []  # listed: held
+    assert await second._claim(["r", "s"], 2) == []  # listed: held
 
     first.leases.forget("r")  # the run's task ended; its claim is still in Redis
     await first.leases.renew()
 
-    assert await pool.get(first.leases.lease.key) == b","
-    [taken] = await second._claim(["r"], 1)
+    assert await pool.get(first.leases.lease.key) == b",1,"
+    [taken] = await second._claim(["r", "s"], 2)
+    assert taken.run_id == "r"
     assert taken.token.startswith(second.leases.lease.id + "|")
+
+
+async def test_a_late_renewal_cannot_drop_a_claim_made_meanwhile(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
+) -> None:
+    """A renewal only strikes the numbers of ended claims: one that reaches Redis after a
+    claim was made (it timed out on the client, or an older one lands after a newer one)
+    leaves that claim listed, so no other worker can take a run this one is running."""
+    first = await worker_on(pool, redis_server, leased)
+    second = await worker_on(pool, redis_server, leased)
+    await pool.zadd(first.queue_name, {"r": timestamp_ms() - 1, "s": timestamp_ms() - 1})
+    await first._claim(["r"], 1)
+    first.leases.forget("r")
+    late_renewal_args = [first.leases.lease_ms, 0]  # what the renewal sent: strike claim 0
+    await first._claim(["s"], 1)  # claim 1, made before the renewal arrives
+    renew = pool.register_script(RENEW_LEASE_SCRIPT)
+    assert await renew(keys=[first.leases.lease.key], args=late_renewal_args) == 1
+    assert await renew(keys=[first.leases.lease.key], args=late_renewal_args) == 1  # again
+    assert await pool.get(first.leases.lease.key) == b",1,"
+    assert await second._claim(["s"], 1) == []  # still held: its claim is listed
+
+
+async def test_a_worker_takes_back_its_own_claim_it_does_not_run(
+    pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
+) -> None:
+    """A claim script whose reply was lost (the connection dropped after it ran) left a claim
+    the worker never learnt of: the next poll offers the run again, and the worker, which
+    does not run it, takes it back rather than hold it unknowingly."""
+    worker = await worker_on(pool, redis_server, leased)
+    await pool.zadd(worker.queue_name, {"r": timestamp_ms() - 1})
+    [lost] = await worker._claim(["r"], 1)
+    worker.leases.claims.clear()  # as if the reply had never arrived
+    [again] = await worker._claim(["r"], 1)
+    assert again.token != lost.token
 
 
 async def test_a_worker_whose_lease_is_gone_claims_nothing_and_takes_a_new_one(
@@ -143,12 +181,12 @@ async def test_a_worker_whose_lease_is_gone_claims_nothing_and_takes_a_new_one(
 async def test_two_workers_never_claim_the_same_job(
     pool: ArqRedis, redis_server: RedisServer, leased: list[Worker]
 ) -> None:
-    first = await worker_on(pool, redis_server, leased)
-    second = await worker_on(pool, redis_server, leased)
+    # One claim call at a time per worker, as its poll loop makes them; several workers.
+    workers = [await worker_on(pool, redis_server, leased) for _ in range(4)]
     ids = [f"job-{n}" for n in range(200)]
-    await pool.zadd(first.queue_name, {job_id: timestamp_ms() - 1 for job_id in ids})
+    await pool.zadd(workers[0].queue_name, {job_id: timestamp_ms() - 1 for job_id in ids})
 
-    claims = await asyncio.gather(*(w._claim(ids, 200) for w in (first, second, first, second)))
+    claims = await asyncio.gather(*(w._claim(ids, 200) for w in workers))
 
     won = [claimed.run_id for claim in claims for claimed in claim]
     assert sorted(won) == sorted(ids)  # every job claimed once, by exactly one claim

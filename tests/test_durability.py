@@ -84,40 +84,56 @@ def risk_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+EVERYSEC = {"appendfsync": "everysec", "save": ""}
+ALWAYS = {"appendfsync": "always", "save": ""}
+
+
 def test_each_risk_of_the_declared_durability_is_named() -> None:
     fsync = make_settings("redis://x")
     aof_on = {"aof_enabled": 1, "aof_last_write_status": "ok", "maxmemory_policy": "noeviction"}
-    assert assess(aof_on, "everysec", fsync) == ([], [])
-    (weak,) = assess(aof_on, "everysec", make_settings("redis://x", redis_fsync="always"))[0]
+    assert assess(aof_on, EVERYSEC, fsync) == ([], [])
+    (weak,) = assess(aof_on, EVERYSEC, make_settings("redis://x", redis_fsync="always"))[0]
     assert "appendfsync is 'everysec', weaker than 'always'" in weak
-    risks, _ = assess({"aof_enabled": 0}, "everysec", fsync)
+    risks, _ = assess({"aof_enabled": 0}, EVERYSEC, fsync)
     assert risks == ["AOF is off (appendonly no): a Redis restart loses every queued event"]
     (unknown,) = assess(aof_on, None, fsync)[0]  # CONFIG refused: fsync cannot be verified
     assert "appendfsync cannot be read" in unknown
     assert "HRFLOW_REDIS_DURABILITY=replicas" in unknown
-    (failing,) = assess({**aof_on, "aof_last_write_status": "err"}, "always", fsync)[0]
+    (failing,) = assess({**aof_on, "aof_last_write_status": "err"}, ALWAYS, fsync)[0]
     assert "AOF writes are failing" in failing
-    (evicting,) = assess({**aof_on, "maxmemory_policy": "allkeys-lru"}, "always", fsync)[0]
+    (evicting,) = assess({**aof_on, "maxmemory_policy": "allkeys-lru"}, ALWAYS, fsync)[0]
     assert "allkeys-lru" in evicting
 
 
-def test_replicas_durability_counts_replicas_online_and_caught_up_and_needs_no_aof() -> None:
+def test_replicas_durability_counts_replicas_online_and_caught_up() -> None:
     replicas = make_settings("redis://x", redis_durability="replicas", redis_min_replicas_ack=2)
     online = {"state": "online", "lag": 0, "ip": "10.0.0.2", "port": 6379, "offset": 1}
-    info = {"aof_enabled": 0, "maxmemory_policy": "noeviction", "role": "master"}
+    info = {"aof_enabled": 1, "maxmemory_policy": "noeviction", "role": "master"}
     both = {**info, "slave0": online, "slave1": {**online, "lag": 1}}
-    assert assess(both, "everysec", replicas) == ([], [])
-    (short,) = assess({**info, "slave0": online, "slave1": {**online, "lag": 30}}, None, replicas)[
-        0
-    ]
+    assert assess(both, EVERYSEC, replicas) == ([], [])
+    lagging = {**info, "slave0": online, "slave1": {**online, "lag": 30}}
+    (short,) = assess(lagging, EVERYSEC, replicas)[0]
     assert short.startswith("1 replica(s) online and caught up, of the 2")
-    (syncing,) = assess({**info, "slave0": {**online, "state": "wait_bgsave"}}, None, replicas)[0]
-    assert syncing.startswith("0 replica(s)")
-    (replica,) = assess({**info, "role": "slave"}, None, replicas)[0]
+    syncing = {**info, "slave0": {**online, "state": "wait_bgsave"}}
+    (none_online,) = assess(syncing, EVERYSEC, replicas)[0]
+    assert none_online.startswith("0 replica(s)")
+    (replica,) = assess({**info, "role": "slave"}, EVERYSEC, replicas)[0]
     assert "is a replica" in replica
     _, (note,) = assess(both, None, replicas)  # CONFIG refused: said, not relied on
-    assert "appendfsync cannot be read" in note
+    assert "persistence cannot be read" in note
     assert "not relied on" in note
+
+
+def test_replicas_durability_needs_a_primary_that_keeps_something_on_disk() -> None:
+    """A primary with nothing on disk that restarts before a failover comes back empty, and
+    its replicas copy the emptiness: AOF (everysec is enough) or an RDB save rule."""
+    replicas = make_settings("redis://x", redis_durability="replicas", redis_min_replicas_ack=1)
+    online = {"state": "online", "lag": 0}
+    info = {"maxmemory_policy": "noeviction", "role": "master", "slave0": online}
+    (forgetful,) = assess({**info, "aof_enabled": 0}, {"save": ""}, replicas)[0]
+    assert "keeps nothing on disk" in forgetful
+    assert assess({**info, "aof_enabled": 0}, {"save": "3600 1"}, replicas) == ([], [])
+    assert assess({**info, "aof_enabled": 1}, EVERYSEC, replicas) == ([], [])
 
 
 def test_none_durability_has_no_risk_and_says_so() -> None:
@@ -476,7 +492,7 @@ async def test_a_redis_refusing_config_runs_and_says_once_what_it_cannot_check(
         worker.close()
     assert report.problems == []
     [note] = report.notes
-    assert "appendfsync cannot be read" in note
+    assert "persistence cannot be read" in note
     assert "not relied on" in note
     durability_lines = [r for r in caplog.records if r.name == "hrflow_webhooks.durability"]
     assert [r for r in durability_lines if r.levelno >= logging.ERROR] == []

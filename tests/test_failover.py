@@ -71,8 +71,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
-    # No AOF, as managed Redis runs it: replication is all there is.
-    group = SentinelGroup(tmp_path / "redis", 2, "--appendonly", "no", link_delay_s=LINK_DELAY_S)
+    # The AOF every second, as README asks beside replicas: a primary restarted with nothing
+    # on disk would come back empty and empty its replicas. A 202 waits for a replica only.
+    persistence = ("--appendonly", "yes", "--appendfsync", "everysec")
+    group = SentinelGroup(tmp_path / "redis", 2, *persistence, link_delay_s=LINK_DELAY_S)
     yield group
     group.stop()
 

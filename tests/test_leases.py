@@ -23,6 +23,7 @@ from hrflow_webhooks.queue import (
     QueueKeys,
 )
 from tests.polling import eventually
+from tests.redis_ha import LaggingLink
 from tests.redis_server import RedisServer
 from tests.service import (
     drain,
@@ -36,6 +37,7 @@ from tests.service import (
     update_event,
 )
 from workers.arq_worker import Worker
+from workers.context import HandlerContext
 from workers.dead_letters import DeadLetters
 from workers.registry import Registry
 from workers.settings import create_worker
@@ -179,18 +181,19 @@ async def _true(value: bool) -> bool:
     return value
 
 
-SLOW_THREAD_S = 13.0  # past the 2 s job timeout + 10 s, when arq's claim used to expire
+SLOW_THREAD_S = 15.0  # past the 2 s job timeout + 10 s, when arq's claim used to expire
 
 
 async def test_a_sync_handler_outliving_the_job_timeout_is_never_overlapped(
-    redis: Redis, redis_server: RedisServer
+    redis: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The overlap that arq's expiring claim allowed: a sync (SDK-style) handler still in its
     thread after the job timeout + 10 s lost the claim, a second worker ran the same run,
     finished first and woke the profile's next run, and the stale thread's write, made from
     what it read before the profile changed, landed last. Held on a lease, the run is never
     started elsewhere while its worker lives: one execution at a time, and the copy ends
-    with the profile's latest state."""
+    with the profile's latest state. The hold past the deadline is said once, as an ERROR:
+    a thread that never returned would hold its profile's later runs for ever."""
     settings = make_settings(redis_server.url, job_timeout_s=2, retry_base_s=0.05)
     profile = {"version": 1}
     copy: list[int] = []  # the writes of the handler, in order
@@ -215,6 +218,7 @@ async def test_a_sync_handler_outliving_the_job_timeout_is_never_overlapped(
     registry.setHandler("profile.parsing.update", copy_profile)
     workers = [create_worker(settings, registry, handle_signals=False) for _ in "ab"]
     await enqueue(settings, redis, update_event("pk-slow"))
+    caplog.set_level(logging.ERROR, logger="workers.leases")
     async with polling(workers[0]), polling(workers[1]):
         await eventually(lambda: _true(first.is_set()), "the slow thread started")
         profile["version"] = 2  # the profile changes while the slow thread runs
@@ -227,3 +231,49 @@ async def test_a_sync_handler_outliving_the_job_timeout_is_never_overlapped(
     assert overlaps == 0
     assert copy[0] == 1  # the stale write came first,
     assert copy[-1] == 2  # not last
+    said = [r for r in caplog.records if r.getMessage().startswith("run held past its deadline")]
+    assert len(said) == 1
+
+
+async def test_a_worker_cut_off_from_redis_stops_its_handlers_before_anyone_takes_over(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """Worker A reaches Redis through a link that is then cut: its renewals fail, it gives
+    its lease up a renewal and a half before the key can expire, and its handler is
+    cancelled then. Worker B takes the run over once the lease
+    expires in Redis. The handler never runs on both at once, and A's never gets to its
+    write."""
+    settings = make_settings(redis_server.url, worker_lease_s=2, job_timeout_s=30)
+    link = LaggingLink(redis_server.port)
+    running: list[str] = []
+    writes: list[str] = []
+    overlaps = 0
+    registry = Registry()
+
+    @registry.on("profile.parsing.success")
+    async def slow(event: Event, ctx: HandlerContext) -> None:
+        nonlocal overlaps
+        me = ctx.services.worker_id + hex(id(ctx.services))
+        running.append(me)
+        overlaps += len(set(running)) > 1
+        try:
+            await asyncio.sleep(6)  # an HrFlow read, then a write
+            writes.append(me)
+        finally:
+            running.remove(me)
+
+    a = create_worker(make_settings(link.url, worker_lease_s=2, job_timeout_s=30), registry,
+                      handle_signals=False)  # fmt: skip
+    b = create_worker(settings, registry, handle_signals=False)
+    try:
+        async with polling(a):
+            await enqueue(settings, redis, parsing_event("pk-cut"))
+            await eventually(lambda: _true(bool(running)), "A's handler running")
+            link.cut()
+            async with polling(b):
+                await eventually(lambda: _true(len(writes) == 1), "B's write", timeout_s=30)
+            link.mend()  # A reaches Redis again, to stop cleanly
+    finally:
+        link.close()
+    assert overlaps == 0
+    assert writes == [b.worker_id + hex(id(b.ctx["services"]))]  # B's, and only B's

@@ -78,6 +78,7 @@ class Worker(ArqWorker):
         self._scripts: dict[str, Any] = {}
         self.ctx[RUNS_CLAIMED_IN_ORDER] = True
         self.ctx[CLAIMS] = leases
+        leases.runs_lost = self._cancel_runs
         self.worker_id = leases.worker_id
         self._poll_error: str | None = None  # the poll loop's last error, said once
         self._poll_backoff_s = 0.0
@@ -139,11 +140,7 @@ class Worker(ArqWorker):
             lease.id, self.leases.next_token, *candidates,
         ]  # fmt: skip
         try:
-            async with self.leases.claiming:  # no renewal's list may miss these claims
-                reply = await self._script(CLAIM_SCRIPT)(
-                    keys=[self.queue_name, lease.key], args=args
-                )
-                claimed = self._held(reply)
+            reply = await self._script(CLAIM_SCRIPT)(keys=[self.queue_name, lease.key], args=args)
         except (OutOfMemoryError, ReadOnlyError) as error:
             # arq skips a job whose MULTI/EXEC Redis refuses (maxmemory, read-only replica)
             # and polls again; so does this. Any other error (a script that fails) reaches
@@ -155,7 +152,7 @@ class Worker(ArqWorker):
             if lease is self.leases.lease:
                 await self.leases.lapsed()
             return []
-        return claimed
+        return self._held(reply)
 
     def _held(self, reply: list[Any]) -> list[Claimed]:
         """The claims of a claim script's reply, held under the worker's lease at once."""
@@ -177,6 +174,14 @@ class Worker(ArqWorker):
         task = self.loop.create_task(self.run_job(job_id, claimed.score))
         task.add_done_callback(lambda _: self._run_ended(job_id))
         self.tasks[job_id] = task
+
+    def _cancel_runs(self, run_ids: list[str]) -> None:
+        """The lease these runs were held under is given up: stop their handlers now (the job
+        ends them as given up). A sync handler's thread finishes its call regardless."""
+        for run_id in run_ids:
+            task = self.job_tasks.get(run_id)
+            if task is not None and not task.done():
+                task.cancel()
 
     def _run_ended(self, job_id: str) -> None:
         self._release_sem_dec_counter_on_complete()

@@ -208,9 +208,12 @@ async def handle_event(
     except LeaseLostError as lost:
         return run.given_up(lost)
     except asyncio.CancelledError:
-        # arq's timer fired (a handler held the loop past the job timeout), or the worker is
-        # stopping; either way a retry, never arq's final "timed out". When stopping, arq
-        # cancels the job's caller as well and re-queues the run itself.
+        # The worker gave its lease up (workers.leases), arq's timer fired (a handler held
+        # the loop past the job timeout), or the worker is stopping. The first: the run is
+        # another worker's now. The others: a retry, never arq's final "timed out"; when
+        # stopping, arq cancels the job's caller as well and re-queues the run itself.
+        if run.lease_lost():
+            return run.given_up(LeaseLostError("this worker's lease lapsed: run cancelled"))
         if run.clock.overran():
             logger.error("run overran the job timeout, will retry", extra=run.log_fields)
         else:
@@ -431,6 +434,7 @@ class EventRun:
         """Not readable yet, inside the grace period: retry later without using up a try."""
         age_s = time.time() - self.event.received_at
         delay = not_found_delay_s(age_s, self.settings.not_found_grace_s)
+        self._hold()  # a try is given back only to a run this worker still holds
         await self.services.give_back_try_script(
             keys=[self.keys.retry(self.info.run_id)], args=[self.info.job_try - 1]
         )
@@ -487,7 +491,7 @@ class EventRun:
         )  # fmt: skip
         if not finished:
             raise LeaseLostError("finish refused: another worker holds the run")
-        if self.info.claim is not None:
+        if self.info.claim is not None:  # 1, or 2: a re-sent call found the run over already
             self.info.claim.settled = True  # its claim went with it: arq has nothing to add
         return outcome
 
@@ -495,9 +499,12 @@ class EventRun:
 
     def _hold(self) -> None:
         """Go on only while this worker's lease holds the run (workers.leases)."""
-        claim = self.info.claim
-        if claim is not None and not claim.held():
+        if self.lease_lost():
             raise LeaseLostError("this worker's lease lapsed")
+
+    def lease_lost(self) -> bool:
+        claim = self.info.claim
+        return claim is not None and not claim.held()
 
     def given_up(self, lost: LeaseLostError) -> str:
         """The run is another worker's now: nothing more is written here. arq's end of the

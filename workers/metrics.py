@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from hrflow_webhooks.events import KNOWN_EVENT_NAMES
 
@@ -25,6 +25,17 @@ PICKUP_SECONDS = Histogram(
     "hrflow_worker_pickup_seconds",
     "Time from an event being queued to its first try starting.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+)
+
+RUNS_OVERDUE = Gauge(
+    "hrflow_worker_runs_overdue",
+    "Runs this worker has held longer than the job timeout + 10 s: a handler that does not "
+    "return (a blocking call without a timeout); their subjects' later runs wait.",
+)
+LEASE_LAPSES = Counter(
+    "hrflow_worker_lease_lapses",
+    "Times this worker gave its lease up (Redis unreachable, or the process frozen, for "
+    "longer than the lease allows); its runs were taken over.",
 )
 
 RECONCILE_PROFILES = Counter(

@@ -56,6 +56,9 @@ from workers.plugins import build_registry
 from workers.reconcile import upkeep
 from workers.registry import Registry
 
+# A run held this long past the job timeout is said to be stuck (workers.leases): arq's own
+# expiry used to end the hold then, and start the run again while it still ran.
+OVERDUE_AFTER_DEADLINE_S = 10.0
 # arq's own try limit, out of reach: the job enforces HRFLOW_MAX_TRIES (see above).
 ARQ_MAX_TRIES = 2**31 - 1
 
@@ -138,7 +141,7 @@ def create_worker(settings: Settings, registry: Registry | None = None, **overri
     """``hrflow-webhooks worker``'s worker: arq's options, and runs held on a lease."""
     leases = Leases(
         connect_redis(settings), QueueKeys(settings.queue_name), settings.worker_lease_s,
-        worker_name(),
+        worker_name(), overdue_after_s=settings.job_timeout_s + OVERDUE_AFTER_DEADLINE_S,
     )  # fmt: skip
     return Worker(**{**worker_options(settings, registry), "leases": leases, **overrides})
 
