@@ -95,6 +95,8 @@ async def test_a_burst_is_fully_queued_and_drained(
     finally:
         receiver.close()
         for worker in workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.terminate()  # a stopped worker drops its lease key
             worker.close()
 
     print(f"\nload: {DELIVERIES} deliveries, concurrency {CONCURRENCY}: statuses {dict(statuses)}, "
@@ -108,7 +110,7 @@ async def test_a_burst_is_fully_queued_and_drained(
         [key.decode().rsplit(":", 1)[0] async for key in redis.scan_iter(count=5000)]
     )
     # Only the dedup window remains: a seen marker per (once) event, expiring; no arq job,
-    # in-progress, retry or result key, no run's markers or order list.
+    # in-progress, retry or result key, no run's markers or order list, no worker's lease.
     assert set(leftovers) <= {"hrflow:queue:seen", "hrflow:queue", "test"}
     assert leftovers["hrflow:queue:seen"] == DELIVERIES
     used_memory = (await redis.info("memory"))["used_memory"]
