@@ -34,18 +34,35 @@ pytestmark = pytest.mark.slow
 
 
 class ReceiverProcess:
+    """The Procfile's web line in its own process, on a free port."""
+
     def __init__(self, redis_url: str, log_path: Path, **settings: Any) -> None:
+        self.env = worker_env(redis_url, **settings) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        self.log = log_path.open("ab")
+        self._start()
+
+    def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = worker_env(redis_url, **settings) | {"HRFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET}
-        self.log = log_path.open("ab")
         self.process = subprocess.Popen(
             web_argv(self.port, "127.0.0.1"),
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     async def wait_ready(self, http: aiohttp.ClientSession) -> None:
-        await eventually(lambda: answers(http, f"{self.url}/readyz"), "the receiver's /readyz")
+        """Until /readyz answers. A free port can be taken between being found and bound (by
+        another process's outgoing connection): then the receiver exits, and starts again on
+        another port."""
+        for _ in range(3):
+
+            async def ready_or_gone() -> bool:
+                return self.process.poll() is not None or await answers(http, f"{self.url}/readyz")
+
+            await eventually(ready_or_gone, "the receiver's /readyz")
+            if self.process.poll() is None:
+                return
+            self._start()
+        raise AssertionError("the receiver exited three times at start-up: see its log")
 
     def close(self) -> None:
         self.process.terminate()
