@@ -72,6 +72,18 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> No
     assert retry_delay_s(20, base_s=1, max_s=10, retry_after_s=None) <= 10
 
 
+@pytest.mark.parametrize("retry_after_s", [31_536_000, 1e300, float("inf")])
+def test_a_retry_after_never_defers_past_the_longest_backoff(retry_after_s: float) -> None:
+    """A year-long Retry-After (a CDN's, or a plugin's) would hold the profile's order that
+    long: it is capped like the backoff."""
+    assert retry_delay_s(1, base_s=1, max_s=300, retry_after_s=retry_after_s) == 300
+
+
+@pytest.mark.parametrize("retry_after_s", [float("nan"), -5.0, 0.0])
+def test_a_meaningless_retry_after_leaves_the_backoff(retry_after_s: float) -> None:
+    assert 0.5 <= retry_delay_s(1, base_s=1, max_s=300, retry_after_s=retry_after_s) <= 1
+
+
 async def test_transient_failures_are_retried_until_success(
     redis: Redis, redis_server: RedisServer
 ) -> None:
@@ -84,7 +96,7 @@ async def test_transient_failures_are_retried_until_success(
 
 
 async def test_retry_after_sets_the_next_run_time(redis: Redis, redis_server: RedisServer) -> None:
-    settings = make_settings(redis_server.url, retry_max_s=0.1)
+    settings = make_settings(redis_server.url, retry_base_s=0.1, retry_max_s=60)
     (event,) = await enqueue(
         settings, redis, parsing_event(test={"fail_transient": 1, "retry_after_s": 30})
     )
@@ -93,7 +105,23 @@ async def test_retry_after_sets_the_next_run_time(redis: Redis, redis_server: Re
     await drain(settings, behaviour_registry(), max_burst_jobs=1)
     score = await redis.zscore(settings.queue_name, run_id)
     assert score is not None
-    assert score - before_ms >= 29_000  # Retry-After (30 s) wins over our 0.1 s backoff cap
+    assert score - before_ms >= 29_000  # Retry-After (30 s) wins over our 0.1 s backoff
+
+
+async def test_a_year_long_retry_after_defers_the_run_by_the_longest_backoff_only(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url, retry_max_s=60)
+    (event,) = await enqueue(
+        settings, redis, parsing_event(test={"fail_transient": 1, "retry_after_s": 31_536_000})
+    )
+    (run_id,) = await runs_of(redis, event)
+    before_ms = time.time() * 1000
+    await drain(settings, behaviour_registry(), max_burst_jobs=1)
+    score = await redis.zscore(settings.queue_name, run_id)
+    assert score is not None
+    assert 0 < score - before_ms <= 61_000  # HRFLOW_RETRY_MAX_S, not a year
+    assert await tries(redis, event) == 1  # and the capped wait used a try
 
 
 async def test_permanent_failure_is_dead_lettered_at_once_and_replay_completes_it_once(

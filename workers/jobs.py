@@ -103,10 +103,13 @@ class Failure:
 
 
 def retry_delay_s(job_try: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
-    """Exponential backoff with full jitter in its upper half; never below Retry-After."""
+    """Exponential backoff with full jitter in its upper half; never below Retry-After, never
+    above ``max_s``: a year-long Retry-After (a CDN's, or a plugin's) would hold the run, and
+    every later change of its profile behind it, for that year. (NaN or a negative one leaves
+    the backoff: ``max`` keeps its first argument when the comparison is false.)"""
     ceiling = min(max_s, base_s * 2 ** (job_try - 1))
     delay = random.uniform(ceiling / 2, ceiling)
-    return max(delay, retry_after_s or 0.0)
+    return min(max(delay, retry_after_s or 0.0), max_s)
 
 
 def not_found_delay_s(age_s: float, grace_s: float) -> float:
