@@ -2,7 +2,9 @@
 problems and exits non-zero when there is any.
 
 Healthy means: Redis answers, at least one worker has reported recently, no
-queued event has been due for longer than ``max_queue_age_s``, and Redis can keep
+queued event has been due for longer than ``max_queue_age_s``, no run has waited
+longer than ``HRFLOW_MAX_RUN_WAIT_S`` since it first became due (a retried or parked
+run included: the queue re-scores those), and Redis can keep
 what is acknowledged (``hrflow_webhooks.durability``: persistence as required,
 memory under the high-water mark, no loss of data detected in the last hour). "Recently"
 is arq's own rule: every worker rewrites ``<queue name>:health-check`` each
@@ -20,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hrflow_webhooks.durability import inspect_once
-from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.queue import QueueKeys, long_wait_problems
 from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
 from hrflow_webhooks.settings import Settings
 from workers.queue_stats import QueueStats, read_queue_stats
@@ -54,7 +56,9 @@ async def _health(
     stats = await read_queue_stats(redis, keys)
     durability = await inspect_once(redis, settings)
     problems = [] if worker_reported else [_no_worker(keys, settings)]
-    problems += _queue_problems(stats, max_queue_age_s) + durability.problems()
+    problems += _queue_problems(stats, max_queue_age_s)
+    problems += long_wait_problems(stats.oldest_wait_s, settings.max_run_wait_s)
+    problems += durability.problems()
     return Health(problems, list(durability.notes))
 
 

@@ -31,6 +31,12 @@ the claim only takes a run that heads its subject's order list; a run behind
 another is parked (its score moved later) without taking a worker slot or a
 try, and the run ahead wakes it when it finishes (:data:`FINISH_RUN_SCRIPT`).
 
+**How long a run has waited.** The queue's score is when a run is due next: a parked
+run is re-scored every poll and a retried one is scored later, so neither looks old
+there, even when it has held its profile for hours. The first time a run is parked or
+retried, its due time goes into ``<q>:due-since``, and it leaves with the run; the oldest
+wait (:data:`OLDEST_WAIT_SCRIPT`) is the older of that set's first entry and the queue's.
+
 Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 
 ================================ ===============================================
@@ -42,6 +48,8 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:lease:<lease id>``         a worker's lease: the numbers of the claims it holds
                                  (``,n,n,``); while it lives and lists a claim, it holds
 ``<q>:order:<subject tag>``      list of the subject's run ids, oldest first
+``<q>:due-since``                sorted set: a parked or retried run → when it first became
+                                 due (ms); the queue's score moves, this does not
 ``<q>:seen:<event id>``          once events: dedup marker, for the dedup window
 ``<q>:waiting:<event id>``       latest events: the newest run of this notification
 ``<q>:done:<run id>``            hash handler → ok | dead, while the run lives
@@ -99,6 +107,10 @@ IN_PROGRESS_KEY_PREFIX = "arq:in-progress:"
 RETRY_KEY_PREFIX = "arq:retry:"
 RESULT_KEY_PREFIX = "arq:result:"
 JOB_KEY_PREFIX_BYTES = JOB_KEY_PREFIX.encode()
+DUE_SINCE_SUFFIX = ":due-since"
+# The Lua line that names the due-since set of the queue in KEYS[1] (keys derived, as in the
+# claim script: arq's layout already assumes one Redis server).
+_DUE_SINCE_LUA = f"local due_since = KEYS[1] .. '{DUE_SINCE_SUFFIX}'\n"
 # How long a run whose subject is busy stays parked before the claim looks at it again. The
 # run ahead wakes it when it finishes; this only bounds recovery when that run was lost.
 PARK_MS = 2_000
@@ -159,6 +171,10 @@ class QueueKeys:
     @property
     def order_prefix(self) -> str:
         return self.order("")
+
+    @property
+    def due_since(self) -> str:
+        return self.queue + DUE_SINCE_SUFFIX
 
     def seen(self, event_id: str) -> str:
         return f"{self.queue}:seen:{event_id}"
@@ -424,6 +440,7 @@ end
 # token per claimed run, in queue order.
 CLAIM_SCRIPT = (
     SUBJECT_FREE_LUA
+    + _DUE_SINCE_LUA
     + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
 local claimed, numbers = {1}, {}
@@ -465,6 +482,7 @@ for i = 8, #ARGV do
       numbers[#numbers + 1] = number
       number = number + 1
     else
+      redis.call('ZADD', due_since, 'NX', score, run_id)
       redis.call('ZADD', KEYS[1], now + park, run_id)
     end
   end
@@ -533,6 +551,7 @@ return 0
 FINISH_RUN_SCRIPT = (
     _APPEND_LOG_LUA
     + _HOLDS_LUA
+    + _DUE_SINCE_LUA
     + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 if not holds(KEYS[8], KEYS[9], ARGV[6]) then
@@ -549,6 +568,7 @@ if order ~= queue then
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[7], KEYS[8])
 redis.call('ZREM', queue, run_id)
+redis.call('ZREM', due_since, run_id)
 local state = tonumber(ARGV[4])
 if state and KEYS[6] ~= queue then
   local kept = tonumber(redis.call('GET', KEYS[6]))
@@ -566,9 +586,14 @@ return 1
 # KEYS: queue, then the fence's keys. ARGV: run id, score increment ms, token.
 RETRY_RUN_SCRIPT = (
     _HOLDS_LUA
+    + _DUE_SINCE_LUA
     + """
 if not holds(KEYS[2], KEYS[3], ARGV[3]) then return 0 end
-if tonumber(ARGV[2]) ~= 0 then redis.call('ZINCRBY', KEYS[1], ARGV[2], ARGV[1]) end
+if tonumber(ARGV[2]) ~= 0 then
+  local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if due then redis.call('ZADD', due_since, 'NX', due, ARGV[1]) end
+  redis.call('ZINCRBY', KEYS[1], ARGV[2], ARGV[1])
+end
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -592,10 +617,12 @@ return released
 # KEYS: queue, job, retry key, then the fence's keys. ARGV: run id, token.
 DROP_RUN_SCRIPT = (
     _HOLDS_LUA
+    + _DUE_SINCE_LUA
     + """
 if not holds(KEYS[4], KEYS[5], ARGV[2]) then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', due_since, ARGV[1])
 return 1
 """
 )
@@ -606,14 +633,55 @@ APPEND_LOG_SCRIPT = _APPEND_LOG_LUA + "append_log(KEYS[1], ARGV[1], ARGV, 2)"
 # Erasure: a run leaves the queue, its subject's order and the (type, subject)'s waiting
 # pointer. KEYS: queue, order list, the event's marker, then the run's own keys to delete.
 # ARGV: run id.
-FORGET_RUN_SCRIPT = """
+FORGET_RUN_SCRIPT = (
+    _DUE_SINCE_LUA
+    + """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', due_since, ARGV[1])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('DEL', KEYS[3])
 end
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 """
+)
+
+# The oldest wait, in ms: from the first due time of the oldest parked or retried run still
+# queued, or the queue's oldest score, whichever is older (0 when nothing waits). An entry
+# whose run left the queue another way (arq's own worker, a restore) is dropped on the way,
+# a bounded number per call, so a leftover can neither raise a false alarm for ever nor make
+# one call long. KEYS: the queue. ARGV: now ms.
+OLDEST_WAIT_SCRIPT = (
+    _DUE_SINCE_LUA
+    + """
+local now = tonumber(ARGV[1])
+local oldest = now
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then oldest = math.min(oldest, tonumber(first[2])) end
+for _ = 1, 100 do
+  local entry = redis.call('ZRANGE', due_since, 0, 0, 'WITHSCORES')
+  if not entry[1] then break end
+  if redis.call('ZSCORE', KEYS[1], entry[1]) then
+    oldest = math.min(oldest, tonumber(entry[2]))
+    break
+  end
+  redis.call('ZREM', due_since, entry[1])
+end
+return math.floor(now - oldest)
+"""
+)
+
+
+def long_wait_problems(oldest_wait_s: float, limit_s: float) -> list[str]:
+    """What `check`, /readyz?strict and the console say of the oldest wait."""
+    if oldest_wait_s <= limit_s:
+        return []
+    return [
+        f"a run has waited {oldest_wait_s:.0f} s since it first became due, over the "
+        f"{limit_s:g} s limit (HRFLOW_MAX_RUN_WAIT_S): its profile's later changes wait "
+        "behind it"
+    ]
+
 
 # Unrouted events by type, in a table of at most ARGV[2] types: a type that does not fit is
 # counted under OTHER_TYPES. KEYS: the unrouted hash. ARGV: type, most types.

@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     # Set: the receiver also serves /metrics on the webhook port, to this bearer token only.
     metrics_token: SecretStr | None = None
     check_max_queue_age_s: float = Field(default=300.0, gt=0)  # `check` fails past this
+    # `check`, /readyz?strict and the console fail past this: a run (and its profile's later
+    # changes behind it) waiting since it first became due, retries and parking included.
+    # Above the default retry schedule's worst case (7 waits of at most HRFLOW_RETRY_MAX_S).
+    max_run_wait_s: float = Field(default=2_400.0, gt=0)
 
     # --- the operator console (control/console) ----------------------------------------------
     # Its own interface and port, never the public webhook port. Loopback by default: the

@@ -32,7 +32,7 @@ from hrflow_webhooks.durability import DurabilityWatch
 from hrflow_webhooks.enqueue import EventQueue, ReplicaAck, ReplicasBehindError
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.logs import configure_logging, log_line, write_logs_at_once
-from hrflow_webhooks.queue import COALESCED, QUEUED
+from hrflow_webhooks.queue import COALESCED, OLDEST_WAIT_SCRIPT, QUEUED, long_wait_problems
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import MissingSecretError, Settings
 from hrflow_webhooks.signatures import SchemeChoice, SignatureError, verify_signature
@@ -71,6 +71,7 @@ class Receiver:
     scheme: SchemeChoice
     max_body_bytes: int
     durability: DurabilityWatch
+    max_run_wait_s: float  # /readyz?strict fails past it
     # Per app, not per process: each receiver logs its own first rejection at once.
     rejections: RejectionLog = field(default_factory=RejectionLog)
     max_signature_bytes: int = field(init=False)  # the longest header of a payload that fits
@@ -351,7 +352,8 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when Redis answers, accepts a write (a read-only replica is not ready) and is
     under its memory high-water mark. ``?strict``: also when nothing puts acknowledged
-    events at risk (persistence as required, no recent loss of data)."""
+    events at risk (persistence as required, no recent loss of data) and no run has waited
+    past ``HRFLOW_MAX_RUN_WAIT_S``."""
     receiver: Receiver = request.app.state.receiver
     try:
         await receiver.queue.redis.set(receiver.queue.keys.readiness_probe, "1", ex=10)
@@ -363,9 +365,18 @@ async def readyz(request: Request) -> Response:
     if "strict" in request.query_params:
         if state is None or not receiver.durability.reachable:
             return _not_ready(["redis durability not checked yet"])
-        if problems := state.problems():
+        if problems := state.problems() + await _long_waits(receiver):
             return _not_ready(problems)
     return JSONResponse({"status": "ready"})
+
+
+async def _long_waits(receiver: Receiver) -> list[str]:
+    queue, now_ms = receiver.queue, int(time.time() * 1000)
+    try:
+        wait_ms = await queue.redis.eval(OLDEST_WAIT_SCRIPT, 1, queue.keys.queue, str(now_ms))  # type: ignore[misc]
+    except (RedisError, OSError) as error:
+        return [f"redis: {type(error).__name__}"]
+    return long_wait_problems(int(wait_ms) / 1000, receiver.max_run_wait_s)
 
 
 def _not_ready(problems: list[str]) -> Response:
@@ -426,8 +437,9 @@ def create_app(settings: Settings | None = None, *, own_logging: bool = True) ->
             replica_ack=ReplicaAck.required_by(settings),
         )  # fmt: skip
         app.state.receiver = Receiver(
-            queue, secrets, settings.signature_scheme, settings.max_body_bytes, durability
-        )
+            queue, secrets, settings.signature_scheme, settings.max_body_bytes, durability,
+            settings.max_run_wait_s,
+        )  # fmt: skip
         # What start-up built lives as long as the process. Freezing it keeps the cyclic
         # collector from re-scanning it on every full collection: ~20% of the receiver's CPU
         # per delivery went there (docs/benchmarks.md). Nothing is leaked by it.

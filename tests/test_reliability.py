@@ -11,9 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from control.health import check
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from tests.plugins import behaviour
@@ -21,11 +23,13 @@ from tests.polling import eventually
 from tests.processes import ARQ_CLI, PROCFILE_WORKER, WorkerProcess
 from tests.redis_server import RedisServer
 from tests.service import (
+    ReceiverServer,
     drain,
     enqueue,
     key_exists,
     make_settings,
     parsing_event,
+    polling,
     run_leftovers,
     runs_of,
     update_event,
@@ -33,6 +37,7 @@ from tests.service import (
 from workers.context import HandlerContext
 from workers.dead_letters import DeadLetters
 from workers.jobs import retry_delay_s
+from workers.queue_stats import QueueStats, read_queue_stats
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -465,3 +470,48 @@ async def test_closing_a_worker_whose_job_ended_in_an_error_still_closes_everyth
     running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running
+
+
+async def test_a_run_held_back_by_retries_shows_its_wait_wherever_an_operator_looks(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """A run deferred by its retries keeps its profile's next change parked behind it. The
+    queue re-scores both (the parked one every poll), so its score never looks old: the wait
+    counts from when each first became due, and `check`, /readyz?strict and the metrics say
+    so past HRFLOW_MAX_RUN_WAIT_S. Once the run ends, nothing is left to raise an alarm."""
+    settings = make_settings(redis_server.url, retry_max_s=60, max_run_wait_s=1)
+    keys = QueueKeys(settings.queue_name)
+    held, _ = await enqueue(
+        settings,
+        redis,
+        parsing_event("pk-held", test={"fail_transient": 1, "retry_after_s": 60}),
+        update_event("pk-held"),
+    )
+    worker = create_worker(settings, behaviour_registry(), handle_signals=False)
+    async with polling(worker):
+
+        async def waited_past_the_limit() -> QueueStats | None:
+            stats = await read_queue_stats(redis, keys)
+            return stats if stats.oldest_wait_s > 1.5 else None
+
+        stats = await eventually(waited_past_the_limit, "the held run's wait past the limit")
+        assert stats is not None
+        assert stats.deferred + stats.ready == 2  # the retry and the run parked behind it
+        assert stats.oldest_ready_age_s < stats.oldest_wait_s  # re-scored: it looks young
+        (problem,) = [p for p in await check(settings, max_queue_age_s=300) if "waited" in p]
+        assert "over the 1 s limit (HRFLOW_MAX_RUN_WAIT_S)" in problem
+        async with ReceiverServer(settings) as server, aiohttp.ClientSession() as http:
+            response = await http.get(f"{server.url}/readyz?strict")
+            assert response.status == 503
+            assert any("waited" in p for p in (await response.json())["problems"])
+
+        run_id, _ = await runs_of(redis, held)  # the held run heads its profile's order
+        await redis.zadd(keys.queue, {run_id: 0})  # its retry is due now: it succeeds
+
+        async def both_handled() -> bool:
+            return int(await redis.zcard(keys.queue)) == 0
+
+        await eventually(both_handled, "the held run and the one behind it handled")
+    assert (await read_queue_stats(redis, keys)).oldest_wait_s == 0
+    assert await redis.zcard(keys.due_since) == 0
+    assert await effects(redis) == [held.id]

@@ -68,6 +68,12 @@ class QueueCollector:
             value=stats.oldest_ready_age_s,
         )
         yield GaugeMetricFamily(
+            "hrflow_queue_oldest_wait_seconds",
+            "How long the oldest unfinished run has waited since it first became due, parked "
+            "and retried runs included (0 when none waits).",
+            value=stats.oldest_wait_s,
+        )
+        yield GaugeMetricFamily(
             "hrflow_dead_letters_stored",
             "Dead letters held in Redis now (replayed and purged ones excluded).",
             value=stats.dead_letters,

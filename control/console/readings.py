@@ -59,6 +59,7 @@ class Overview:
     queue: QueueStats
     workers: list[WorkerRow]
     heartbeat_interval_s: int
+    max_run_wait_s: float
     durability: Durability
     deliveries: Chart
     runs: Chart
@@ -154,6 +155,7 @@ async def overview(stores: Stores) -> Overview:
         queue=await read_queue_stats(stores.redis, stores.keys),
         workers=await workers(stores),
         heartbeat_interval_s=stores.settings.health_check_interval_s,
+        max_run_wait_s=stores.settings.max_run_wait_s,
         durability=await durability(stores),
         deliveries=stacked_chart("Deliveries per minute", minutes, DELIVERY_OUTCOMES),
         runs=stacked_chart("Runs per minute", minutes, RUN_OUTCOMES),
