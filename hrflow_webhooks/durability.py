@@ -246,6 +246,7 @@ class DurabilityWatch:
         self._logged_risks: frozenset[str] = frozenset()
         self._logged_notes: frozenset[str] = frozenset()
         self._shed_refusal: str | None = None  # the error last refusing a shed, logged once
+        self._said_not_shed = False  # over the mark, not because of the log: said once
         self._acknowledged_since_look = 0  # events this process queued since the last look
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -283,6 +284,8 @@ class DurabilityWatch:
                 await self._shed_event_log(state)
                 # Read again even when this watch dropped nothing: another process's may have.
                 state = await self._inspect(write=False)
+            else:
+                self._said_not_shed = False
         except (RedisError, OSError) as error:
             if self._stopping:
                 return None  # a cancellation redis-py reported as a connection error
@@ -332,12 +335,34 @@ class DurabilityWatch:
             loss_notice=notice.decode() if notice else None,
         )
 
+    def _say_not_shed(self, state: RedisState, log_bytes: float) -> None:
+        if self._said_not_shed:
+            return
+        self._said_not_shed = True
+        logger.warning(
+            "event log not shed",
+            extra={
+                "reason": "redis is over its memory mark, but not because of the event log",
+                "memory_used": state.memory_used,
+                "event_log_bytes": int(log_bytes),
+                "endpoint": self.role,
+            },
+        )
+
     async def _shed_event_log(self, state: RedisState) -> None:
         """Free memory the event log holds, to below the mark with room to spare. Watches
-        that shed at the same look trim to about the same length: the oldest entries go."""
-        target = state.memory_max * state.high_water * SHED_TO_MARK
+        that shed at the same look trim to about the same length: the oldest entries go.
+        Only where the log is what holds Redis over the mark: when the whole log could not
+        bring Redis under it (a backlog, another application's keys), emptying it would
+        refuse no fewer events and lose the record an operator reads during the incident."""
+        mark = state.memory_max * state.high_water
         try:
-            dropped, kept = await self._event_log.shed(int(state.memory_used - target))
+            footprint = await self._event_log.footprint()
+            if footprint[1] < state.memory_used - mark:
+                self._say_not_shed(state, footprint[1])
+                return
+            to_free = int(state.memory_used - mark * SHED_TO_MARK)
+            dropped, kept = await self._event_log.shed(to_free, footprint)
         except ResponseError as error:  # refused (a read-only replica, an ACL): said once
             if self._shed_refusal != type(error).__name__:
                 self._shed_refusal = type(error).__name__

@@ -225,15 +225,21 @@ class EventLog:
         # Exact: retention is a promise about personal-data requests too, not only memory.
         return int(await self.redis.xtrim(self.keys.log, minid=str(oldest_ms), approximate=False))
 
-    async def shed(self, bytes_to_free: int) -> tuple[int, int]:
-        """Drop the oldest entries that hold about ``bytes_to_free`` of Redis' memory; returns
-        (entries dropped, entries kept). For a Redis over its high-water mark: the log is a
-        record of events, never worth refusing an event for."""
+    async def footprint(self) -> tuple[int, float]:
+        """(entries, the bytes of Redis' memory they hold, estimated)."""
         entries = int(await self.redis.xlen(self.keys.log))
+        if entries == 0:
+            return 0, 0.0
+        return entries, entries * await self._bytes_per_entry(entries)
+
+    async def shed(self, bytes_to_free: int, footprint: tuple[int, float]) -> tuple[int, int]:
+        """Drop the oldest entries that hold about ``bytes_to_free`` of Redis' memory, of a
+        log of ``footprint``; returns (entries dropped, entries kept). For a Redis over its
+        high-water mark: the log is a record of events, never worth refusing an event for."""
+        entries, log_bytes = footprint
         if entries == 0 or bytes_to_free <= 0:
             return 0, entries
-        per_entry = await self._bytes_per_entry(entries)
-        keep = max(entries - math.ceil(bytes_to_free / per_entry), 0)
+        keep = max(entries - math.ceil(bytes_to_free / (log_bytes / entries)), 0)
         dropped = int(await self.redis.xtrim(self.keys.log, maxlen=keep, approximate=False))
         return dropped, keep  # exact: entries added since XLEN went too
 

@@ -370,6 +370,50 @@ async def test_over_the_memory_mark_the_event_log_gives_way_to_events(
         server_redis.kill()
 
 
+async def test_over_the_memory_mark_from_elsewhere_the_event_log_keeps_its_entries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
+) -> None:
+    """Redis over its mark because of something else (ballast here; a backlog, another
+    application's keys): emptying the log would not bring it under, so the log keeps its
+    entries, which are what an operator reads during the incident, and the watch says why
+    once. With the ballast gone the receiver accepts again."""
+    server_redis = RedisServer(tmp_path / "small", None, "--maxmemory", "8mb")
+    server_redis.start()
+    settings = watched(server_redis.url, redis_memory_high_water=0.5)
+    log = QueueKeys(settings.queue_name).log
+    try:
+        async with Redis.from_url(server_redis.url) as redis:
+            async with EventQueue(redis, settings.queue_name, 3_600) as queue:
+                event = Event.from_payload(parsing_event("repeated"))
+                for _ in range(4):
+                    await queue.enqueue_events([event] * 500)
+            filled = await redis.xlen(log)
+            for n in range(8):
+                await redis.set(f"ballast:{n}", b"x" * 500_000)
+            with caplog.at_level(logging.WARNING, logger="hrflow_webhooks.durability"):
+                async with serving(settings) as server:
+
+                    async def refusing() -> bool:
+                        status, _ = await server.post(http, parsing_event("refused"))
+                        return status == 503
+
+                    await eventually(refusing, timeout_s=30)
+                    await asyncio.sleep(3 * settings.durability_check_interval_s)  # looks
+                    assert await redis.xlen(log) == filled  # nothing shed in vain
+                    await redis.delete(*(f"ballast:{n}" for n in range(8)))
+
+                    async def accepting() -> bool:
+                        status, _ = await server.post(http, parsing_event("after"))
+                        return status == 202
+
+                    await eventually(accepting, timeout_s=30)
+        assert not [r for r in caplog.records if r.getMessage() == "event log shed"]
+        (said,) = [r for r in caplog.records if r.getMessage() == "event log not shed"]
+        assert said.reason == "redis is over its memory mark, but not because of the event log"  # type: ignore[attr-defined]
+    finally:
+        server_redis.kill()
+
+
 async def fill_past_maxmemory(redis: Redis) -> None:
     """Ballast, then maxmemory set below what Redis uses: every write that grows it is refused."""
     for n in range(4):
