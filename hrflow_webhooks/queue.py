@@ -538,6 +538,21 @@ return 0
 """
 )
 
+# A run that ends leaves its subject's order (the head, unless it was erased meanwhile) and
+# wakes the run behind it, parked until now. ``order`` is the queue itself for a job of the
+# older layout, which is in no order list.
+_LEAVE_ORDER_LUA = """
+local function leave_order(queue, order, run_id, now)
+  if order == queue then return end
+  redis.call('LREM', order, 1, run_id)
+  local next_run = redis.call('LINDEX', order, 0)
+  if next_run then
+    local due = redis.call('ZSCORE', queue, next_run)
+    if due and tonumber(due) > now then redis.call('ZADD', queue, now, next_run) end
+  end
+end
+"""
+
 # The run is over (handled, dead-lettered, skipped or unrouted): it leaves its subject's
 # order, wakes the run behind it, and its job, markers and claim go, atomically, so nothing
 # can run it again; arq's own finish has nothing left to do (workers.arq_worker). The same
@@ -551,6 +566,7 @@ return 0
 FINISH_RUN_SCRIPT = (
     _APPEND_LOG_LUA
     + _HOLDS_LUA
+    + _LEAVE_ORDER_LUA
     + _DUE_SINCE_LUA
     + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
@@ -558,14 +574,7 @@ if not holds(KEYS[8], KEYS[9], ARGV[6]) then
   if redis.call('EXISTS', KEYS[3]) == 0 then return 2 end -- over already (this call re-sent)
   return 0
 end
-if order ~= queue then
-  redis.call('LREM', order, 1, run_id) -- the head, unless the run was erased meanwhile
-  local next_run = redis.call('LINDEX', order, 0)
-  if next_run then
-    local due = redis.call('ZSCORE', queue, next_run)
-    if due and tonumber(due) > now then redis.call('ZADD', queue, now, next_run) end
-  end
-end
+leave_order(queue, order, run_id, now)
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[7], KEYS[8])
 redis.call('ZREM', queue, run_id)
 redis.call('ZREM', due_since, run_id)
@@ -613,14 +622,18 @@ end
 return released
 """
 
-# A run arq cannot start (its job expired or unreadable): it goes, as arq would drop it.
-# KEYS: queue, job, retry key, then the fence's keys. ARGV: run id, token.
+# A run arq cannot start (its job expired or unreadable): it goes, as arq would drop it, and
+# leaves its subject's order (a list with no run behind would stay for ever). KEYS: queue,
+# job, retry key, order list (or the queue again for an older job), then the fence's keys.
+# ARGV: run id, token, now ms.
 DROP_RUN_SCRIPT = (
     _HOLDS_LUA
     + _DUE_SINCE_LUA
+    + _LEAVE_ORDER_LUA
     + """
-if not holds(KEYS[4], KEYS[5], ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+if not holds(KEYS[5], KEYS[6], ARGV[2]) then return 0 end
+leave_order(KEYS[1], KEYS[4], ARGV[1], tonumber(ARGV[3]))
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', due_since, ARGV[1])
 return 1

@@ -279,3 +279,35 @@ async def test_arq_claims_through_our_start_jobs_a_run_behind_a_busy_one_waits(
     async with polling(worker):
         await eventually(parked, "the second run parked behind the busy one")
         assert handled == []  # not started: it waits behind the busy run
+
+
+async def test_a_run_arq_cannot_start_leaves_its_profiles_order_and_wakes_the_next(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """A job arq cannot read is dropped, as arq drops it; its run also leaves its profile's
+    order list, at once: the run behind it starts without waiting to be parked and looked
+    at again, and a profile with no run behind keeps no list for ever."""
+    settings = make_settings(redis_server.url)
+    registry = Registry()
+    handled = recorder(registry, "profile.parsing.update")
+    first, second, alone = await enqueue(
+        settings,
+        redis,
+        parsing_event("pk-unreadable"),
+        update_event("pk-unreadable"),
+        parsing_event("pk-unreadable-alone"),
+    )
+    [first_run, _] = await runs_of(redis, first)
+    [alone_run] = await runs_of(redis, alone)
+    for run_id in (first_run, alone_run):
+        await redis.set(f"arq:job:{run_id}", b"{not json")
+    worker = create_worker(settings, registry, handle_signals=False)
+
+    async def drained() -> bool:
+        return int(await redis.zcard(settings.queue_name)) == 0
+
+    async with polling(worker):
+        await eventually(drained, "the unreadable runs dropped and the next one handled")
+    assert [event.id for event in handled] == [second.id]
+    assert await runs_of(redis, first) == []
+    assert await runs_of(redis, alone) == []

@@ -217,9 +217,10 @@ class Worker(ArqWorker):
         claim = self.leases.claim_of(job_id)
         if claim is None or claim.settled:
             return
-        keys = [self.queue_name, self.keys.job(job_id), self.keys.retry(job_id)]
+        order = self.keys.order_of_run(job_id) or self.queue_name
+        keys = [self.queue_name, self.keys.job(job_id), self.keys.retry(job_id), order]
         await self._script(DROP_RUN_SCRIPT)(
-            keys=[*keys, *claim.fence.keys], args=[job_id, claim.fence.token]
+            keys=[*keys, *claim.fence.keys], args=[job_id, claim.fence.token, timestamp_ms()]
         )
         claim.settled = True
 
