@@ -32,7 +32,10 @@ from redis.exceptions import ResponseError
 
 from hrflow_webhooks.queue import LOG_FIELDS, SCAN_LOG_SCRIPT, QueueKeys, tag_of
 
-# Entries looked at per script call: about a millisecond of Redis' time.
+# A scan script call ends after this much of Redis' time (checked every SCAN_BATCH entries),
+# or this many entries, whichever comes first: a delivery waits at most about that long
+# behind a search (docs/benchmarks.md, P8).
+SCAN_SLICE_BUDGET_US = 1_000
 SCAN_SLICE = 2_000
 RECONCILE_RUNS_KEPT = 100
 # Redis memory per entry, measured by the load suite (278 B): for when MEMORY USAGE is refused.
@@ -267,7 +270,8 @@ class EventLog:
         self, start: str, end: str, direction: str, action: str, filters: list[str]
     ) -> tuple[str, Any]:
         last, result = await self._scan(
-            keys=[self.keys.log], args=[start, end, SCAN_SLICE, direction, action, *filters]
+            keys=[self.keys.log],
+            args=[start, end, SCAN_SLICE, direction, action, *filters, SCAN_SLICE_BUDGET_US],
         )
         return _text(last), result
 

@@ -761,24 +761,23 @@ return 1
 
 # The event log, read (or erased) a slice at a time so no call holds Redis long: entries of
 # KEYS[1] from ARGV[1] towards ARGV[2] (XRANGE order when ARGV[4] is '+', XREVRANGE when '-'),
-# at most ARGV[3] of them looked at. ARGV[5]: 'match' returns the matching entries; 'delete'
-# deletes them and returns how many, then the distinct subjects they were about; 'tally'
-# counts delivery and run entries per minute and outcome ('minute|outcome', count pairs).
-# Filters on the leading fields, '' for any: ARGV[6] kind, [7] event id, [8] subject suffix,
-# [9] type, [10] outcome, [11] subject prefix. Returns the id of the last entry looked at
-# ('' at the end of the range), then the result.
-SCAN_LOG_SCRIPT = """
-local from, to, count, direction, action = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+# in batches of SCAN_BATCH, until ARGV[3] entries were looked at or ARGV[12] microseconds of
+# Redis' time went (a slice is bounded by time, not entries: an entry's cost varies by
+# machine and action, and every delivery waits behind the slice). ARGV[5]: 'match' returns
+# the matching entries; 'delete' deletes them and returns how many, then the distinct
+# subjects they were about; 'tally' counts delivery and run entries per minute and outcome
+# ('minute|outcome', count pairs). Filters on the leading fields, '' for any: ARGV[6] kind,
+# [7] event id, [8] subject suffix, [9] type, [10] outcome, [11] subject prefix. Returns the
+# id of the last entry looked at ('' at the end of the range), then the result.
+SCAN_BATCH = 50
+SCAN_LOG_SCRIPT = (
+    f"local batch = {SCAN_BATCH}\n"
+    + """
+local from, to, most, direction, action = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local kind, event, suffix, type, outcome = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local prefix = ARGV[11]
-local entries
-if direction == '+' then
-  entries = redis.call('XRANGE', KEYS[1], from, to, 'COUNT', count)
-else
-  entries = redis.call('XREVRANGE', KEYS[1], from, to, 'COUNT', count)
-end
+local prefix, budget_us = ARGV[11], tonumber(ARGV[12])
 local found, deleted, tally, subjects = {}, 0, {}, {}
-for _, entry in ipairs(entries) do
+local function visit(entry)
   local f = entry[2]
   if (kind == '' or f[2] == kind) and (event == '' or f[4] == event)
       and (suffix == '' or string.sub(f[8], -#suffix) == suffix)
@@ -798,8 +797,28 @@ for _, entry in ipairs(entries) do
     end
   end
 end
-local last = ''
-if #entries == tonumber(count) then last = entries[#entries][1] end
+local function micros()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
+local started, looked, last = micros(), 0, ''
+while true do
+  local want, got = math.min(batch, most - looked), nil
+  if direction == '+' then
+    got = redis.call('XRANGE', KEYS[1], from, to, 'COUNT', want)
+  else
+    got = redis.call('XREVRANGE', KEYS[1], from, to, 'COUNT', want)
+  end
+  for _, entry in ipairs(got) do visit(entry) end
+  looked = looked + #got
+  if #got < want then
+    last = '' -- the end of the range
+    break
+  end
+  last = got[#got][1]
+  if looked >= most or micros() - started >= budget_us then break end
+  from = '(' .. last
+end
 if action == 'delete' then
   found[1] = deleted
   for subject in pairs(subjects) do found[#found + 1] = subject end
@@ -812,6 +831,7 @@ if action == 'tally' then
 end
 return {last, found}
 """
+)
 
 # The HrFlow API rate budget (workers.rate_budget), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
 RATE_BUDGET_SCRIPT = """

@@ -31,6 +31,7 @@ from control.console.access import (
 from control.console.serve import ConsoleSetupError, check_port, decide_token
 from control.runner import CONSOLE_TOKEN_FILE_NAME, RunOptions, banner, plan_run
 from hrflow_client.errors import BadRequest
+from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -335,6 +336,31 @@ async def test_the_search_finds_a_profiles_events_and_reads_times_like_the_cli(
     assert "0 entries" in nothing[1]
     assert wrong[0] == 200
     assert "since: &#39;yesterday&#39; is neither a duration" in wrong[1]
+
+
+async def test_operators_searches_scan_the_log_one_at_a_time(
+    redis: Redis,
+    redis_server: RedisServer,
+    sandbox: SandboxServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Every delivery waits behind a slice of a search: three operators searching at once
+    take turns (one scan at a time per console process), so Redis never has their slices
+    interleaved. Seen from Redis: the scans used one connection, not three."""
+    settings = console_settings(sandbox, redis_server.url)
+    events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(20_000)]
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        for start in range(0, len(events), 2_000):
+            await queue.enqueue_events(events[start : start + 2_000])
+    async with ConsoleServer(settings) as console:
+        searches = [
+            get(http, f"{console.url}/events?profile_key=nobody-{n}", BEARER) for n in range(3)
+        ]
+        answers = await asyncio.gather(*searches)
+        clients = await redis.client_list()
+    assert [status for status, _, _ in answers] == [200] * 3
+    scanners = [c for c in clients if c["cmd"] in ("evalsha", "eval")]
+    assert len(scanners) == 1, clients
 
 
 async def test_hrflow_messages_are_escaped_never_rendered_as_html(

@@ -18,7 +18,7 @@ from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.event_log import EventLog, LogEntry, LogQuery
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.queue import SCAN_BATCH, SCAN_LOG_SCRIPT, QueueKeys
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from sandbox.faults import Fault
 from tests.redis_server import RedisServer
@@ -210,6 +210,30 @@ async def test_search_filters_across_slices_newest_first(
     [minute_now] = [c for _, c in (await log.minutes(2))[-1:]]
     assert sum(c.get("queued", 0) for _, c in await log.minutes(2)) == 4_500
     assert minute_now.get("queued", 0) + (await log.minutes(2))[0][1].get("queued", 0) == 4_500
+
+
+async def test_a_scan_slice_ends_on_its_time_budget_not_its_entry_count(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """Every delivery waits behind a slice: a slice stops once its budget of Redis' time is
+    spent, checked every SCAN_BATCH entries; the entry count only bounds it from above."""
+    settings = make_settings(redis_server.url)
+    events = [Event.from_payload(parsing_event(f"pk-{n}")) for n in range(3 * SCAN_BATCH)]
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events(events)
+    scan = redis.register_script(SCAN_LOG_SCRIPT)
+    no_filter = ["delivery", "", "", "", "", ""]
+
+    async def looked_at(budget_us: int) -> tuple[str, int]:
+        last, found = await scan(
+            keys=[KEYS.log], args=["-", "+", 2_000, "+", "match", *no_filter, budget_us]
+        )
+        return last.decode(), len(found)
+
+    last, found = await looked_at(0)  # spent at once: one batch, and where to go on
+    assert found == SCAN_BATCH
+    assert last
+    assert await looked_at(10_000_000) == ("", 3 * SCAN_BATCH)  # to the end of the log
 
 
 async def test_the_log_is_capped_and_trimmed_past_its_retention(

@@ -74,7 +74,8 @@ async def events(request: Request, access: Access) -> Response:
     except FilterError as problem:
         error = str(problem)
     else:
-        entries, filtered = await stores_of(request).log.search(form.query), form.filtered
+        async with stores_of(request).scan_log() as log:
+            entries, filtered = await log.search(form.query), form.filtered
     return _page(
         request, access, "events.html", "events", kinds=KINDS, outcomes=OUTCOMES,
         fields=fields, entries=entries, filtered=filtered, error=error,
@@ -83,7 +84,8 @@ async def events(request: Request, access: Access) -> Response:
 
 async def timeline(request: Request, access: Access) -> Response:
     event_id = request.path_params["event_id"]
-    entries = await stores_of(request).log.timeline(event_id)
+    async with stores_of(request).scan_log() as log:
+        entries = await log.timeline(event_id)
     return _page(request, access, "timeline.html", "events", event_id=event_id, entries=entries)
 
 

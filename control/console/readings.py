@@ -12,8 +12,10 @@ code raised it (it may quote a profile: a validation error, say).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -102,19 +104,30 @@ class Count:
 
 @dataclass(frozen=True, slots=True)
 class Stores:
-    """The console's handles on Redis, made once in the app's lifespan."""
+    """The console's handles on Redis, made once in the app's lifespan.
+
+    Reading the event log (searches, timelines, the overview's charts) goes through
+    :meth:`scan_log`, one at a time per console process: each slice holds Redis about a
+    millisecond, and two operators' scans interleaved would double what every delivery
+    waits behind them (docs/benchmarks.md, P8)."""
 
     redis: Redis
     keys: QueueKeys
     settings: Settings
     log: EventLog
     letters: DeadLetters
+    scanning: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def over(cls, redis: Redis, settings: Settings) -> Stores:
         keys = QueueKeys(settings.queue_name)
         letters = DeadLetters(redis, keys, settings.event_log_max_entries)
         return cls(redis, keys, settings, EventLog(redis, keys), letters)
+
+    @contextlib.asynccontextmanager
+    async def scan_log(self) -> AsyncIterator[EventLog]:
+        async with self.scanning:
+            yield self.log
 
 
 # --- overview ---------------------------------------------------------------------------------
@@ -149,7 +162,8 @@ async def _appendfsync(stores: Stores) -> str | None:
 
 async def overview(stores: Stores) -> Overview:
     # One after the other: a dozen loopback round trips, every 10 s, by one operator.
-    minutes = await stores.log.minutes(CHART_MINUTES)
+    async with stores.scan_log() as log:
+        minutes = await log.minutes(CHART_MINUTES)
     runs = await stores.log.reconcile_runs(limit=1)
     return Overview(
         queue=await read_queue_stats(stores.redis, stores.keys),
