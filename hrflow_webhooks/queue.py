@@ -70,6 +70,7 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:reconcile:checkpoint:<s>`` the reconciler's checkpoint for a source tag
 ``<q>:reconcile:runs``           the reconciler's reports, newest first (100)
 ``<q>:reconcile:lock``           the reconciler's lock across workers
+``<q>:console:revoked:<nonce>``  a console session logged out, until it would have expired
 ================================ ===============================================
 
 **The event log** is one stream, written in the scripts that already run: the
@@ -178,6 +179,9 @@ class QueueKeys:
 
     def seen(self, event_id: str) -> str:
         return f"{self.queue}:seen:{event_id}"
+
+    def console_revoked(self, session_nonce: str) -> str:
+        return f"{self.queue}:console:revoked:{session_nonce}"
 
     def waiting(self, event_id: str) -> str:
         return f"{self.queue}:waiting:{event_id}"

@@ -7,6 +7,7 @@ workers and the CLI each build a ``Settings`` at their edge and pass it down.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -152,6 +153,9 @@ class Settings(BaseSettings):
     console_host: str = "127.0.0.1"
     console_port: int = Field(default=8100, ge=0, le=65535)
     console_token: SecretStr | None = None
+    # Where operators open the console when a proxy stands in front (https://ops.example.com):
+    # the only origin its forms are accepted from, and https makes its cookie Secure.
+    console_origin: str | None = None
 
     @field_validator(
         "webhook_secrets",
@@ -170,6 +174,19 @@ class Settings(BaseSettings):
     @classmethod
     def _tags(cls, value: object) -> object:
         return _parse_tags(value)
+
+    @field_validator("console_origin")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parsed = urllib.parse.urlsplit(value.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
+            raise ValueError(
+                "HRFLOW_CONSOLE_ORIGIN must be a scheme and a host, as a browser shows it "
+                "(https://console.example.com, or with :port), with no path"
+            )
+        return f"{parsed.scheme}://{parsed.netloc.lower()}"
 
     @model_validator(mode="after")
     def _redis_choices_agree(self) -> Settings:

@@ -8,6 +8,7 @@ The browser's view is tests/test_console_browser.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -23,12 +24,14 @@ from redis.asyncio import Redis
 from control.commands import console_argv
 from control.console.access import (
     COOKIE_NAME,
+    CSRF_FIELD,
     SESSION_LIFETIME_S,
     new_session_cookie,
     safe_next,
     session_is_valid,
 )
 from control.console.serve import ConsoleSetupError, check_port, decide_token
+from control.console.throttle import LOGIN_FAILURES_ALLOWED
 from control.runner import CONSOLE_TOKEN_FILE_NAME, RunOptions, banner, plan_run
 from hrflow_client.errors import BadRequest
 from hrflow_webhooks.enqueue import EventQueue
@@ -445,3 +448,110 @@ def test_run_starts_the_console_on_loopback_with_a_kept_token(tmp_path: Path) ->
     assert plan_run(Settings(), options).env["HRFLOW_CONSOLE_TOKEN"] == token  # kept
     shown = banner(plan, options, Settings())
     assert f"console         http://127.0.0.1:18123/  (token {token}" in shown
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+async def try_token(http: aiohttp.ClientSession, url: str, token: str) -> tuple[int, str, str]:
+    async with http.post(
+        f"{url}/login", data={"token": token, "next": "/"}, allow_redirects=False
+    ) as answer:
+        return answer.status, await answer.text(), answer.headers.get("Retry-After", "")
+
+
+async def test_wrong_tokens_are_throttled_per_client_address_and_logged_without_the_token(
+    redis: Redis,
+    redis_server: RedisServer,
+    sandbox: SandboxServer,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past a few wrong tokens an address is told to wait (429, Retry-After) and its tries
+    are not even checked, so guessing goes no faster than the throttle. Each wrong token,
+    and the start of the wait, is a log line with the address and the count, never what
+    was tried."""
+    settings = console_settings(sandbox, redis_server.url)
+    guesses = [f"guess-{n:02d}-{'x' * 20}" for n in range(LOGIN_FAILURES_ALLOWED + 3)]
+    with caplog.at_level(logging.INFO, logger="control.console"):
+        async with ConsoleServer(settings) as console:
+            answers = [await try_token(http, console.url, guess) for guess in guesses]
+            right = await try_token(http, console.url, CONSOLE_TOKEN)
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [401] * LOGIN_FAILURES_ALLOWED + [429] * 3
+    assert int(answers[-1][2]) > 0
+    assert "too many wrong tokens" in answers[-1][1]
+    assert right[0] == 429  # even the right token waits: a guess cannot learn it was right
+    failed = [r for r in caplog.records if r.getMessage() == "console login refused"]
+    assert [r.failures for r in failed] == list(range(1, LOGIN_FAILURES_ALLOWED + 1))  # type: ignore[attr-defined]
+    (throttled,) = [r for r in caplog.records if r.getMessage() == "console login throttled"]
+    assert {r.client for r in [*failed, throttled]} == {"127.0.0.1"}  # type: ignore[attr-defined]
+    logged = "\n".join(str(r.__dict__) for r in caplog.records)
+    assert not any(guess in logged for guess in guesses)
+    assert CONSOLE_TOKEN not in logged
+
+
+async def test_logging_out_revokes_the_session_on_the_server(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """A cookie copied before logout (another tab, a stolen copy) no longer opens a page."""
+    settings = console_settings(sandbox, redis_server.url)
+    async with ConsoleServer(settings) as console:
+        session = await log_in(http, console.url)
+        assert (await get(http, f"{console.url}/", session.headers))[0] == 200
+        status, _, location = await post(
+            http, f"{console.url}/logout", session, {CSRF_FIELD: session.csrf}
+        )
+        assert (status, location) == (303, "/login?notice=logged-out")
+        assert (await get(http, f"{console.url}/", session.headers))[0] == 401
+        other = await log_in(http, console.url)  # other sessions live on
+        assert (await get(http, f"{console.url}/", other.headers))[0] == 200
+
+
+async def test_the_same_origin_check_trusts_the_configured_origin_not_the_host_header(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """A page at a name rebound to the console's address (DNS rebinding) sends its own name
+    as both Host and Origin: a check built from Host lets it through. The console's origin
+    is configured (HRFLOW_CONSOLE_ORIGIN behind a proxy; its loopback addresses otherwise)."""
+    settings = console_settings(sandbox, redis_server.url)
+    async with ConsoleServer(settings) as console:
+        port = console.url.rsplit(":", 1)[1]
+        rebound = {"Host": f"rebound.example:{port}", "Origin": f"http://rebound.example:{port}"}
+        status, body, _ = await post(http, f"{console.url}/login", None, {"token": "x"}, rebound)
+        assert (status, "another site" in body) == (403, True)
+        own = {"Origin": f"http://localhost:{port}"}
+        assert (await post(http, f"{console.url}/login", None, {"token": "x"}, own))[0] == 401
+    proxied = console_settings(
+        sandbox, redis_server.url, console_origin="https://console.example.com"
+    )
+    async with ConsoleServer(proxied) as console:
+        behind = {"Origin": "https://console.example.com"}
+        form = {"token": CONSOLE_TOKEN, "next": "/"}
+        async with http.post(
+            f"{console.url}/login", data=form, headers=behind, allow_redirects=False
+        ) as answer:
+            assert answer.status == 303
+            assert "Secure" in answer.headers["Set-Cookie"]  # the operators' origin is https
+        port = console.url.rsplit(":", 1)[1]
+        local = {"Origin": f"http://127.0.0.1:{port}"}  # not where operators open it now
+        assert (await post(http, f"{console.url}/login", None, form, local))[0] == 403
+
+
+async def test_the_cookie_is_secure_when_a_trusted_proxy_says_https(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """Behind a TLS-terminating proxy the console itself speaks http: the proxy's
+    X-Forwarded-Proto (trusted from FORWARDED_ALLOW_IPS, loopback by default) decides."""
+    settings = console_settings(sandbox, redis_server.url)
+    form = {"token": CONSOLE_TOKEN, "next": "/"}
+    async with ConsoleServer(settings) as console:
+        for proto, secure in (("https", True), ("http", False)):
+            async with http.post(
+                f"{console.url}/login",
+                data=form,
+                headers={"X-Forwarded-Proto": proto},
+                allow_redirects=False,
+            ) as answer:
+                assert answer.status == 303
+                assert ("Secure" in answer.headers["Set-Cookie"]) is secure

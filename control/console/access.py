@@ -8,12 +8,17 @@ Pure functions of the request's headers and the token: no I/O, no globals.
 - **Session cookie**, for people: the login form checks the token once and sets
   ``<issued>.<nonce>.<mac>``, where the MAC is an HMAC-SHA256 keyed with the token. The
   cookie never holds the token, expires after :data:`SESSION_LIFETIME_S`, and every
-  session dies when the token is rotated. The cookie is HttpOnly and SameSite=Strict.
+  session dies when the token is rotated; logging out revokes the session in Redis
+  (``QueueKeys.console_revoked``, checked by ``guard``), so a copy of the cookie dies
+  with it. The cookie is HttpOnly, SameSite=Strict, and Secure whenever the console is
+  reached over https (its configured origin, or a trusted proxy's X-Forwarded-Proto).
 - **CSRF**: each session's token is the HMAC of its nonce (so it is per session and needs
   no server-side storage); every form carries it in a hidden field, checked with
   ``compare_digest``. Independently, a POST from another site's page (by its ``Origin``
   and ``Sec-Fetch-Site`` headers, :func:`origin_is_foreign`) is refused, whatever it
-  carries.
+  carries. The console's own origins are configured (``HRFLOW_CONSOLE_ORIGIN``) or its
+  loopback addresses, never read from the request's ``Host``: a page at a name rebound
+  to the console's address sends that name as both.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 COOKIE_NAME = "hrflow_console"
@@ -31,9 +36,11 @@ SESSION_LIFETIME_S = 12 * 3600  # a working day: long enough not to nag, short i
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """A request let in: its CSRF token, or None for a Bearer request (exempt, see above)."""
+    """A request let in: its CSRF token, or None for a Bearer request (exempt, see above),
+    and its session's nonce (what logging out revokes)."""
 
     csrf: str | None
+    session: str | None = None
 
     @property
     def via_session(self) -> bool:
@@ -50,9 +57,16 @@ def new_session_cookie(token: str, now_s: float) -> str:
     return f"{issued}.{nonce}.{_mac(token, 'session', issued, nonce)}"
 
 
+def session_nonce(cookie: str) -> str:
+    return cookie.split(".")[1]
+
+
+def session_ends_at(cookie: str) -> float:
+    return int(cookie.split(".")[0]) + SESSION_LIFETIME_S
+
+
 def csrf_token(token: str, cookie: str) -> str:
-    nonce = cookie.split(".")[1]
-    return _mac(token, "csrf", nonce)
+    return _mac(token, "csrf", session_nonce(cookie))
 
 
 def session_is_valid(token: str, cookie: str, now_s: float) -> bool:
@@ -85,11 +99,13 @@ def access_of(
         return Access(csrf=None)
     cookie = cookies.get(COOKIE_NAME, "")
     if cookie and session_is_valid(token, cookie, now_s):
-        return Access(csrf=csrf_token(token, cookie))
+        return Access(csrf=csrf_token(token, cookie), session=session_nonce(cookie))
     return None
 
 
-def origin_is_foreign(origin: str | None, fetch_site: str | None, own_origin: str) -> bool:
+def origin_is_foreign(
+    origin: str | None, fetch_site: str | None, own_origins: Collection[str]
+) -> bool:
     """A POST from another site's page: refused, whatever it carries.
 
     ``Origin`` must be the console's own when present. One exception: with
@@ -99,7 +115,7 @@ def origin_is_foreign(origin: str | None, fetch_site: str | None, own_origin: st
     is refused even without an Origin. Tools usually send neither: the token decides."""
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
         return True
-    if origin is None or origin == own_origin:
+    if origin is None or origin in own_origins:
         return False
     return not (origin == "null" and fetch_site == "same-origin")
 

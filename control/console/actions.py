@@ -7,6 +7,8 @@ script claims the letter and queues its run, so two operators clicking at once r
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -20,20 +22,25 @@ from control.console.access import (
     Access,
     new_session_cookie,
     safe_next,
+    session_ends_at,
     token_is_valid,
 )
 from control.console.filters import FilterError, letter_filter
 from control.console.guard import (
     FormError,
     is_foreign,
+    live_access,
     login_required,
     read_form,
     refused,
-    request_access,
+    served_over_https,
     token_of,
 )
 from control.console.pages import notice_of, stores_of
 from control.console.rendering import query, render
+from control.console.throttle import LoginThrottle
+
+logger = logging.getLogger(__name__)
 
 
 def _to(path: str, **params: str | int) -> RedirectResponse:
@@ -45,7 +52,7 @@ def _to(path: str, **params: str | int) -> RedirectResponse:
 
 
 async def login_page(request: Request) -> Response:
-    if request_access(request) is not None:
+    if await live_access(request) is not None:
         return _to(safe_next(request.query_params.get("next")))
     next_path = safe_next(request.query_params.get("next"))
     context = {"next": next_path, "message": None, "notice": notice_of(request)}
@@ -55,12 +62,19 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     if is_foreign(request):
         return refused(request, None, "this login came from another site's page")
+    throttle: LoginThrottle = request.app.state.login_throttle
+    client = request.client.host if request.client else "unknown"
+    if wait_s := throttle.wait_s(client):
+        return _told_to_wait(request, throttle, client, wait_s)
     try:
         form = await read_form(request)
     except FormError as error:
         return refused(request, None, error.reason, error.status)
     if not token_is_valid(token_of(request), form.get("token", "")):
+        failures = throttle.failed(client)
+        logger.warning("console login refused", extra={"client": client, "failures": failures})
         return login_required(request, "That token is not the console's.")
+    throttle.succeeded(client)
     response = _to(safe_next(form.get("next")))
     response.set_cookie(
         COOKIE_NAME,
@@ -69,12 +83,32 @@ async def login(request: Request) -> Response:
         path="/",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",  # plain http on loopback would drop it
+        secure=served_over_https(request),  # plain http on loopback would drop it
     )
     return response
 
 
+def _told_to_wait(
+    request: Request, throttle: LoginThrottle, client: str, wait_s: float
+) -> Response:
+    """429 without looking at the token: a guess learns nothing, the right one included."""
+    if throttle.starts_waiting(client):
+        failures = throttle.failures(client)
+        logger.warning("console login throttled", extra={"client": client, "failures": failures})
+    seconds = math.ceil(wait_s)
+    reason = f"too many wrong tokens from this address: try again in {seconds} s"
+    response = refused(request, None, reason, 429)
+    response.headers["retry-after"] = str(seconds)
+    return response
+
+
 async def logout(request: Request, access: Access, form: Mapping[str, str]) -> Response:
+    if access.session is not None:  # a Bearer request has no session to end
+        cookie = request.cookies[COOKIE_NAME]
+        remaining_s = math.ceil(session_ends_at(cookie) - time.time())
+        stores = stores_of(request)
+        if remaining_s > 0:
+            await stores.redis.set(stores.keys.console_revoked(access.session), 1, ex=remaining_s)
     response = _to("/login", notice="logged-out")
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
     return response

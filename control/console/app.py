@@ -20,6 +20,7 @@ from control.console import actions, pages
 from control.console.guard import SecurityHeaders, action, page
 from control.console.readings import Stores
 from control.console.rendering import STATIC_DIR
+from control.console.throttle import LoginThrottle
 from hrflow_webhooks.redis_setup import connect_redis
 from hrflow_webhooks.settings import Settings
 
@@ -60,4 +61,6 @@ def create_app(settings: Settings, token: str) -> Starlette:
 
     app = Starlette(routes=routes(), middleware=[Middleware(SecurityHeaders)], lifespan=lifespan)
     app.state.token = token
+    app.state.origin = settings.console_origin
+    app.state.login_throttle = LoginThrottle()
     return app

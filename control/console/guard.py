@@ -25,6 +25,7 @@ from control.console.access import (
     csrf_is_valid,
     origin_is_foreign,
 )
+from control.console.readings import Stores
 from control.console.rendering import render
 from hrflow_webhooks.redis_setup import unreachable_reason
 
@@ -90,15 +91,43 @@ def request_access(request: Request) -> Access | None:
     return access_of(token_of(request), request.headers, request.cookies, time.time())
 
 
-def own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.headers.get('host', '')}"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def own_origins(request: Request) -> frozenset[str]:
+    """Where the console's own pages are: ``HRFLOW_CONSOLE_ORIGIN`` when set (behind a
+    proxy), else the address it listens on and its loopback names, on the port the
+    connection came in on (the server's socket, not a header the client wrote)."""
+    configured: str | None = request.app.state.origin
+    if configured:
+        return frozenset((configured,))
+    host, port = request.scope.get("server") or ("127.0.0.1", 0)
+    names = {*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}
+    return frozenset(f"http://{name}:{port}" for name in names)
 
 
 def is_foreign(request: Request) -> bool:
     headers = request.headers
     return origin_is_foreign(
-        headers.get("origin"), headers.get("sec-fetch-site"), own_origin(request)
+        headers.get("origin"), headers.get("sec-fetch-site"), own_origins(request)
     )
+
+
+def served_over_https(request: Request) -> bool:
+    """The console's own origin is https, or the trusted proxy in front says so (uvicorn
+    applies X-Forwarded-Proto from FORWARDED_ALLOW_IPS only): its cookie must be Secure."""
+    configured: str | None = request.app.state.origin
+    return request.url.scheme == "https" or bool(configured and configured.startswith("https:"))
+
+
+async def live_access(request: Request) -> Access | None:
+    """The request's access, unless its session was logged out."""
+    access = request_access(request)
+    if access is None or access.session is None:
+        return access
+    stores: Stores = request.state.stores
+    revoked = await stores.redis.exists(stores.keys.console_revoked(access.session))
+    return None if revoked else access
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -136,7 +165,7 @@ def refused(request: Request, access: Access | None, reason: str, status: int = 
     return render(request, "error.html", {"reason": reason}, access, status=status)
 
 
-def unavailable(request: Request, access: Access, error: BaseException) -> Response:
+def unavailable(request: Request, access: Access | None, error: BaseException) -> Response:
     """Redis cannot be read: the page says why in one line (503), not a traceback (500)."""
     logger.warning(
         "console: redis unreachable",
@@ -147,7 +176,10 @@ def unavailable(request: Request, access: Access, error: BaseException) -> Respo
 
 def page(endpoint: PageEndpoint) -> Endpoint:
     async def guarded(request: Request) -> Response:
-        access = request_access(request)
+        try:
+            access = await live_access(request)
+        except (RedisError, OSError) as error:
+            return unavailable(request, None, error)
         if access is None:
             return login_required(request)
         try:
@@ -163,7 +195,10 @@ def action(endpoint: ActionEndpoint) -> Endpoint:
         # Origin first: a cross-site POST learns nothing, not even whether it was logged in.
         if is_foreign(request):
             return refused(request, None, "this action came from another site's page")
-        access = request_access(request)
+        try:
+            access = await live_access(request)
+        except (RedisError, OSError) as error:
+            return unavailable(request, None, error)
         if access is None:
             return login_required(request)
         try:
