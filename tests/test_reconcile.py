@@ -16,7 +16,11 @@ import pytest
 from redis.asyncio import Redis
 
 from hrflow_client import HrflowClient
+from hrflow_client.profiles import timestamp_of
+from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.errors import PermanentError, SubjectGoneError, TransientError
 from hrflow_webhooks.event_log import EventLog, LogQuery
+from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
@@ -24,9 +28,9 @@ from sandbox.faults import Fault
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
-from tests.service import WEBHOOK_SECRET, drain, receiver
+from tests.service import WEBHOOK_SECRET, drain, make_settings, receiver
 from workers.handlers import edit
-from workers.reconcile import Reconciler
+from workers.reconcile import Reconciler, listed_event
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -249,3 +253,78 @@ async def test_a_source_hrflow_refuses_is_reported_and_the_others_are_scanned(
     assert await redis.get(KEYS.reconcile_checkpoint("no-such-source")) is None
     [stored] = await EventLog(redis, KEYS).reconcile_runs()
     assert stored.stopped == report.stopped
+
+
+LISTED_AT = "2026-11-30T18:00:00+0000"
+
+
+async def _run_listed(redis: Redis, settings: Settings, registry: Registry) -> bytes | None:
+    """A never-handled profile (pk-1) as the reconciler queues it, run by a worker with
+    ``registry``: the handled state it leaves."""
+    listed = {"key": "pk-1", "updated_at": LISTED_AT}
+    event = Event.from_payload(listed_event(SOURCE, listed, handled=False))
+    assert event.type == "profile.storing.success"
+    async with EventQueue(redis, settings.queue_name, 60) as queue:
+        await queue.enqueue_events([event])
+    await drain(settings, registry)
+    state: bytes | None = await redis.get(KEYS.handled(SOURCE, "pk-1"))
+    return state
+
+
+async def _ok(event: Event, ctx: Any) -> None:
+    pass
+
+
+async def _gone(event: Event, ctx: Any) -> None:
+    raise SubjectGoneError("still 404 after the grace period")
+
+
+async def _broken(event: Event, ctx: Any) -> None:
+    raise PermanentError("cannot help")
+
+
+@pytest.mark.parametrize(
+    ("registered", "handler", "sources", "handled"),
+    [
+        ("profile.parsing.success", _ok, None, False),  # unrouted: nobody listens to storing
+        ("profile.storing.success", _ok, ["elsewhere"], False),  # not for this source
+        ("profile.storing.success", _gone, None, False),  # the run is a skip
+        ("profile.storing.success", _broken, None, False),  # dead-lettered
+        ("profile.storing.success", _ok, None, True),
+    ],
+    ids=["unrouted", "other-source", "gone", "dead-lettered", "ok"],
+)
+async def test_only_a_run_whose_handler_ran_to_ok_marks_the_profile_handled(
+    redis: Redis,
+    redis_server: RedisServer,
+    registered: str,
+    handler: Any,
+    sources: list[str] | None,
+    handled: bool,
+) -> None:
+    """The reconciler's mark means "a handler acted on this state": a run nobody acted in
+    must leave it unset, or the next scan calls the profile handled and never queues it."""
+    settings = make_settings(redis_server.url, max_tries=1)
+    registry = Registry()
+    registry.add(registered, handler, name="h", sources=sources)
+    state = await _run_listed(redis, settings, registry)
+    assert not await redis.zcard(KEYS.queue)
+    assert state == (str(int(timestamp_of(LISTED_AT) or 0)).encode() if handled else None)
+
+
+async def test_a_handler_ok_on_an_earlier_try_still_marks_the_profile_handled(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """The ok of try 1 is known on try 2 only by its completion marker."""
+    settings = make_settings(redis_server.url, max_tries=2)
+    registry = Registry()
+    tries: list[int] = []
+
+    async def flaky(event: Event, ctx: Any) -> None:
+        tries.append(ctx.job_try)
+        raise (TransientError if ctx.job_try == 1 else PermanentError)("HrFlow said no")
+
+    registry.add("profile.storing.success", _ok, name="a")
+    registry.add("profile.storing.success", flaky, name="b")
+    assert await _run_listed(redis, settings, registry) is not None
+    assert tries == [1, 2]
