@@ -106,6 +106,10 @@ def service_settings(state_dir: Path) -> Settings:
             "api_key": SecretStr(running.get("HRFLOW_API_KEY", "")),
             "api_user": running.get("HRFLOW_API_USER"),
         }
+        if not settings.edit_tags and running.get("HRFLOW_EDIT_TAGS"):  # the demo's handler
+            sandbox["edit_tags"] = Settings.model_validate(
+                {"edit_tags": running["HRFLOW_EDIT_TAGS"]}
+            ).edit_tags
     return settings.model_copy(update={"redis_url": running["REDIS_URL"], **sandbox})
 
 
@@ -609,8 +613,13 @@ def reconcile(
 
 async def _reconcile(settings: Settings, sources: list[str], since: float | None) -> Any:
     from workers.client import client_if_configured
+    from workers.plugins import build_registry
     from workers.reconcile import Reconciler
 
+    try:  # what the workers act on decides which events are queued (workers.reconcile)
+        registry = build_registry(settings)
+    except Exception as error:  # a plugin's own error too: one line, as a worker says it
+        raise fail(f"the handlers cannot be loaded as a worker loads them: {error}") from None
     redis = connect_redis(settings)
     try:
         async with aiohttp.ClientSession(
@@ -621,7 +630,7 @@ async def _reconcile(settings: Settings, sources: list[str], since: float | None
                 raise fail(
                     "reconcile lists HrFlow's profiles: set HRFLOW_API_KEY and HRFLOW_API_USER"
                 )
-            return await Reconciler(redis, client, settings).run(sources, since, "cli")
+            return await Reconciler(redis, client, settings, registry).run(sources, since, "cli")
     finally:
         await redis.aclose()
 

@@ -131,6 +131,7 @@ class ReconcileReport:
     pages: int
     stopped: str | None  # None: complete; else why it stopped early
     already_queued: int = 0  # found waiting already (merged into its run, or a duplicate)
+    no_handler: int = 0  # listed, but no handler acts on the event that would announce it
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

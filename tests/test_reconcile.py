@@ -28,7 +28,7 @@ from sandbox.faults import Fault
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
-from tests.service import WEBHOOK_SECRET, drain, make_settings, receiver
+from tests.service import WEBHOOK_SECRET, drain, make_settings, receiver, recorder
 from workers.handlers import edit
 from workers.reconcile import Reconciler, listed_event
 from workers.registry import Registry
@@ -65,9 +65,20 @@ def _worker_calls(sandbox: SandboxServer, since: int) -> Counter[tuple[str, str]
 
 
 def _registry(settings: Settings) -> Registry:
+    """The edit handler when HRFLOW_EDIT_TAGS is set; else a handler of the storing events
+    that does nothing (a reconciler queues nothing for a source no handler acts on)."""
     registry = Registry()
     edit.register(registry, settings)
+    if not settings.edit_tags:
+        for event_type in ("profile.storing.success", "profile.storing.update"):
+            registry.add(event_type, _ok, name="nothing")
     return registry
+
+
+def _reconciler(
+    redis: Redis, sandbox: SandboxServer, http: aiohttp.ClientSession, settings: Settings
+) -> Reconciler:
+    return Reconciler(redis, _client(sandbox, http), settings, _registry(settings))
 
 
 @asynccontextmanager
@@ -92,7 +103,7 @@ async def test_dropped_webhooks_are_found_handled_once_and_not_queued_again(
         keys = await _create_and_update(_client(sandbox, http), 200)
         assert len(sandbox.state.dropped_webhooks) == 400  # every delivery lost
         assert sandbox.state.webhooks == []
-        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        reconciler = _reconciler(redis, sandbox, http, settings)
 
         first = await reconciler.run([SOURCE], since=began - 1)
         assert (first.scanned, first.enqueued, first.already_handled) == (200, 200, 0)
@@ -138,7 +149,7 @@ async def test_with_webhooks_arriving_reconcile_finds_nothing_new(
 
             await eventually(all_handled)
             assert sandbox.state.dropped_webhooks == []
-            report = await Reconciler(redis, _client(sandbox, http), settings).run(
+            report = await _reconciler(redis, sandbox, http, settings).run(
                 [SOURCE], since=began - 1
             )
     assert (report.scanned, report.enqueued, report.already_handled) == (20, 0, 20)
@@ -151,7 +162,7 @@ async def test_a_429_or_5xx_stops_the_scan_and_the_next_resumes_from_the_checkpo
     async with _dropping() as sandbox:
         settings = sandbox.settings(redis_server.url)
         await _create_and_update(_client(sandbox, http), 3)
-        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        reconciler = _reconciler(redis, sandbox, http, settings)
         await redis.set(KEYS.reconcile_checkpoint(SOURCE), time.time() - 600)
         checkpoint = await redis.get(KEYS.reconcile_checkpoint(SOURCE))
         sandbox.state.faults.add(Fault(endpoint="GET /v1/storing/profiles", status=status, times=1))
@@ -176,7 +187,7 @@ async def test_a_changed_profile_is_queued_as_an_update_with_its_listed_state(
         client = _client(sandbox, http)
         began = time.time()
         [key] = await _create_and_update(client, 1)
-        reconciler = Reconciler(redis, client, settings)
+        reconciler = Reconciler(redis, client, settings, _registry(settings))
         await reconciler.run([SOURCE], since=began - 1)
         await drain(settings, _registry(settings))
         await asyncio.sleep(1.1)  # HrFlow stamps updated_at to the second
@@ -230,7 +241,7 @@ async def test_a_short_since_leaves_an_older_checkpoint_where_it_was(
     async with _dropping() as sandbox:
         settings = sandbox.settings(redis_server.url)
         await _create_and_update(_client(sandbox, http), 2)
-        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        reconciler = _reconciler(redis, sandbox, http, settings)
         three_hours_ago = str(time.time() - 3 * 3_600).encode()
         await redis.set(KEYS.reconcile_checkpoint(SOURCE), three_hours_ago)
         await reconciler.run([SOURCE], since=time.time() + 3_600)  # sees nothing
@@ -246,7 +257,7 @@ async def test_a_source_hrflow_refuses_is_reported_and_the_others_are_scanned(
     async with _dropping() as sandbox:
         settings = sandbox.settings(redis_server.url)
         await _create_and_update(_client(sandbox, http), 2)
-        reconciler = Reconciler(redis, _client(sandbox, http), settings)
+        reconciler = _reconciler(redis, sandbox, http, settings)
         report = await reconciler.run(["no-such-source", SOURCE], since=time.time() - 600)
     assert (report.scanned, report.enqueued) == (2, 2)
     assert report.stopped == "source no-such-source: HrFlow refused the listing (HTTP 400)"
@@ -262,7 +273,7 @@ async def _run_listed(redis: Redis, settings: Settings, registry: Registry) -> b
     """A never-handled profile (pk-1) as the reconciler queues it, run by a worker with
     ``registry``: the handled state it leaves."""
     listed = {"key": "pk-1", "updated_at": LISTED_AT}
-    event = Event.from_payload(listed_event(SOURCE, listed, handled=False))
+    event = Event.from_payload(listed_event(SOURCE, listed, "profile.storing.success"))
     assert event.type == "profile.storing.success"
     async with EventQueue(redis, settings.queue_name, 60) as queue:
         await queue.enqueue_events([event])
@@ -328,3 +339,51 @@ async def test_a_handler_ok_on_an_earlier_try_still_marks_the_profile_handled(
     registry.add("profile.storing.success", flaky, name="b")
     assert await _run_listed(redis, settings, registry) is not None
     assert tries == [1, 2]
+
+
+async def test_profiles_are_announced_in_the_family_the_handlers_listen_to(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """README's first example listens to profile.parsing.success only: a storing event would
+    run no handler, and must not be what the reconciler queues."""
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url)
+        registry = Registry()
+        seen = recorder(registry, "profile.parsing.success")
+        client = _client(sandbox, http)
+        began = time.time()
+        [key, *_] = await _create_and_update(client, 3)
+        reconciler = Reconciler(redis, client, settings, registry)
+
+        first = await reconciler.run([SOURCE], since=began - 1)
+        assert (first.enqueued, first.stopped) == (3, None)
+        await drain(settings, registry)
+        assert {e.type for e in seen} == {"profile.parsing.success"}
+        assert len(seen) == 3
+        again = await reconciler.run([SOURCE], since=began - 1)
+        assert (again.enqueued, again.already_handled) == (0, 3)
+
+        await asyncio.sleep(1.1)  # HrFlow stamps updated_at to the second
+        await client.profile_indexing_edit(SOURCE, {"info": {"summary": "third"}}, key=key)
+        changed = await reconciler.run([SOURCE], since=began - 1)
+        # Handled once: a first-time event again would be a lie, and no handler takes updates.
+        assert (changed.enqueued, changed.no_handler, changed.already_handled) == (0, 1, 2)
+    assert await redis.hgetall(KEYS.unrouted) == {}  # type: ignore[misc]
+
+
+async def test_a_source_no_handler_acts_on_is_not_listed_and_the_report_says_so(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    async with _dropping() as sandbox:
+        settings = sandbox.settings(redis_server.url)
+        await _create_and_update(_client(sandbox, http), 1)
+        registry = Registry()
+        registry.add("profile.parsing.success", _ok, sources=["another-source"])
+        listings_before = len(sandbox.state.calls_to("GET", "/v1/storing/profiles"))
+        report = await Reconciler(redis, _client(sandbox, http), settings, registry).run([SOURCE])
+        assert len(sandbox.state.calls_to("GET", "/v1/storing/profiles")) == listings_before
+    assert (report.pages, report.enqueued) == (0, 0)
+    assert report.stopped == (
+        f"source {SOURCE}: no handler acts on profile.storing.* or profile.parsing.* events of it"
+    )
+    assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) is None

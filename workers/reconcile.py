@@ -7,9 +7,30 @@ each source, most recently changed first, back to the source's checkpoint. For
 each profile, the service's handled state (``QueueKeys.handled``: the newest
 ``updated_at`` a finished run handled, kept as long as the event log) decides:
 
-- none: never handled → ``profile.storing.success``, as HrFlow would have sent;
-- older than the listed ``updated_at``: changed since → ``profile.storing.update``;
+- none: never handled → a first-time event (``profile.<family>.success``);
+- older than the listed ``updated_at``: changed since → ``profile.<family>.update``;
 - otherwise: already handled.
+
+A handled state is written only by a run in which a handler ran to ok
+(``workers.jobs``), so an event queued here that no handler takes is never "handled".
+
+**Which family.** HrFlow's listing tells of stored profiles, but handlers may listen to
+``profile.storing.*``, to ``profile.parsing.*`` (README's first example) or to both (the
+built-in ones). The reconciler announces each profile in the first family, storing then
+parsing, whose handlers act on that source (:class:`Announcements`), never in both: a
+handler of both families would run twice. A never-handled profile falls back to an update
+event when only updates are taken; a changed one is never announced as a first-time event
+(it was handled once), so with first-time handlers only it is counted as ``no_handler``. A
+source no handler acts on is not listed at all, and the report says so.
+
+The registry is the one of the process that runs the scan: a worker's own for the
+scheduled scan; for ``hrflow-webhooks reconcile``, the registry the CLI builds exactly as a
+worker does (installed plugins, ``HRFLOW_HANDLERS``, the built-in handlers' settings), so
+the CLI runs with the workers' configuration. The running workers could publish their
+routes in Redis instead; that is more state to keep true (workers come and go) for the one
+case of a CLI run configured unlike the workers, and that case fails safe: a registry with
+no handler for a source queues nothing and says why, and an event no worker routes is
+counted unrouted and never marks the profile handled.
 
 A queued event that merges into a waiting run, or is a duplicate of one queued
 earlier, counts as *already queued*.
@@ -47,6 +68,7 @@ from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QUEUED, QueueKeys
 from hrflow_webhooks.settings import Settings
 from workers import metrics
+from workers.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +76,9 @@ PAGE_SIZE = 100
 # HrFlow stamps updated_at with its own clock, to the second: a scan's checkpoint is its
 # start less this, so a change stamped by a clock running behind ours is not skipped.
 CHECKPOINT_MARGIN_S = 60.0
-NEVER_HANDLED, CHANGED = "profile.storing.success", "profile.storing.update"
+# The families a listed profile may be announced in, the first whose handlers act on it:
+# the listing tells of stored profiles (storing), and many plugins listen to parsing only.
+FAMILIES = ("storing", "parsing")
 
 
 @dataclass(slots=True)
@@ -64,11 +88,39 @@ class _Tally:
     already_handled: int = 0
     already_queued: int = 0
     pages: int = 0
+    no_handler: int = 0
 
 
-def listed_event(source_key: str, item: Mapping[str, Any], handled: bool) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Announcements:
+    """How a listed profile of one source is announced to the handlers: the event type for
+    one never handled, and for one changed since it was; None where no handler would act."""
+
+    never_handled: str | None
+    changed: str | None
+
+    @classmethod
+    def for_source(cls, registry: Registry, source_key: str) -> Announcements:
+        def first_routed(statuses: tuple[str, ...]) -> str | None:
+            for status in statuses:
+                for family in FAMILIES:
+                    event_type = f"profile.{family}.{status}"
+                    handlers = registry.handlers_for(event_type)
+                    if any(h.accepts_source(source_key) for h in handlers):
+                        return event_type
+            return None
+
+        # A first-time event for one never handled, else an update (its handler reads the
+        # current state all the same); never a first-time event for one handled before.
+        return cls(first_routed(("success", "update")), first_routed(("update",)))
+
+    @property
+    def none(self) -> bool:
+        return self.never_handled is None and self.changed is None
+
+
+def listed_event(source_key: str, item: Mapping[str, Any], event_type: str) -> dict[str, Any]:
     """The notification HrFlow would have sent for a listed profile (keys only, no content)."""
-    event_type = CHANGED if handled else NEVER_HANDLED
     return {
         "type": event_type,
         "origin": "reconciler",
@@ -83,10 +135,13 @@ def listed_event(source_key: str, item: Mapping[str, Any], handled: bool) -> dic
 
 
 class Reconciler:
-    def __init__(self, redis: Redis, client: HrflowClient, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, client: HrflowClient, settings: Settings, registry: Registry
+    ) -> None:
         self.redis = redis
         self.client = client
         self.settings = settings
+        self.registry = registry
         self.keys = QueueKeys(settings.queue_name)
 
     async def run(
@@ -103,8 +158,15 @@ class Reconciler:
         failures: list[str] = []
         async with queue:
             for source in sources:
+                announcements = Announcements.for_source(self.registry, source)
+                if announcements.none:  # queuing would only add unrouted runs: not listed
+                    failures.append(
+                        f"source {source}: no handler acts on profile.storing.* or "
+                        "profile.parsing.* events of it"
+                    )
+                    continue
                 try:
-                    stopped = await self._scan(queue, source, since, tally, started)
+                    stopped = await self._scan(queue, source, announcements, since, tally, started)
                 except ApiError as error:  # this source only (unknown, refused): the others go on
                     failures.append(
                         f"source {source}: HrFlow refused the listing ({_answer(error)})"
@@ -116,13 +178,20 @@ class Reconciler:
         report = ReconcileReport(
             started, time.time(), trigger, tuple(sources), since, tally.scanned,
             tally.enqueued, tally.already_handled, tally.pages, stopped, tally.already_queued,
+            tally.no_handler,
         )  # fmt: skip
         await EventLog(self.redis, self.keys).add_reconcile_run(report)
         _report(report)
         return report
 
     async def _scan(
-        self, queue: EventQueue, source: str, since: float | None, tally: _Tally, started: float
+        self,
+        queue: EventQueue,
+        source: str,
+        announcements: Announcements,
+        since: float | None,
+        tally: _Tally,
+        started: float,
     ) -> str | None:
         """One source, newest changes first; why it stopped early, or None when complete."""
         checkpoint = await self._checkpoint(source)
@@ -140,7 +209,7 @@ class Reconciler:
                 return f"HrFlow: {_answer(error)} on page {page} of source {source}"
             tally.pages += 1
             fresh, reached_floor = _since_floor(listed.profiles, floor)
-            await self._queue_unhandled(queue, source, fresh, tally)
+            await self._queue_unhandled(queue, source, announcements, fresh, tally)
             if reached_floor or page >= listed.max_page:
                 break
             page += 1
@@ -157,7 +226,12 @@ class Reconciler:
         return None if kept is None else float(kept)
 
     async def _queue_unhandled(
-        self, queue: EventQueue, source: str, items: list[Mapping[str, Any]], tally: _Tally
+        self,
+        queue: EventQueue,
+        source: str,
+        announcements: Announcements,
+        items: list[Mapping[str, Any]],
+        tally: _Tally,
     ) -> None:
         tally.scanned += len(items)
         if not items:
@@ -171,7 +245,11 @@ class Reconciler:
             if state is not None and int(state) >= int(updated_at):
                 tally.already_handled += 1
                 continue
-            events.append(Event.from_payload(listed_event(source, item, state is not None)))
+            event_type = announcements.never_handled if state is None else announcements.changed
+            if event_type is None:
+                tally.no_handler += 1  # e.g. handled once, and only first-time events are taken
+                continue
+            events.append(Event.from_payload(listed_event(source, item, event_type)))
         if events:
             request_id = f"reconcile-{int(time.time())}"
             outcomes = await queue.enqueue_events(events, request_id)
@@ -225,7 +303,9 @@ def _report(report: ReconcileReport) -> None:
 UPKEEP_INTERVAL_S = 60.0
 
 
-async def upkeep(redis: Redis, client: HrflowClient | None, settings: Settings) -> None:
+async def upkeep(
+    redis: Redis, client: HrflowClient | None, settings: Settings, registry: Registry
+) -> None:
     """Every worker, forever: trim the event log past its retention and, when sources are
     set, reconcile them once per interval, one worker at a time (a lock that outlives the
     run until the interval is over, so the next due worker takes it then)."""
@@ -235,21 +315,22 @@ async def upkeep(redis: Redis, client: HrflowClient | None, settings: Settings) 
         try:
             await log.trim(settings.event_log_retention_s)
             if settings.reconcile_sources and client is not None:
-                await _reconcile_if_due(redis, client, settings, keys)
+                await _reconcile_if_due(redis, client, settings, keys, registry)
         except Exception as error:  # Redis away, HrFlow refused: the next round tries again
             logger.warning("upkeep failed", extra={"error_type": type(error).__name__})
         await asyncio.sleep(min(UPKEEP_INTERVAL_S, settings.reconcile_interval_s))
 
 
 async def _reconcile_if_due(
-    redis: Redis, client: HrflowClient, settings: Settings, keys: QueueKeys
+    redis: Redis, client: HrflowClient, settings: Settings, keys: QueueKeys, registry: Registry
 ) -> None:
     lock = Lock(redis, keys.reconcile_lock, timeout=settings.reconcile_interval_s, blocking=False)
     if not await lock.acquire():
         return  # another worker ran it less than an interval ago, or runs it now
     keeper = asyncio.create_task(_hold(lock, settings.reconcile_interval_s))
     try:
-        await Reconciler(redis, client, settings).run(settings.reconcile_sources, None, "schedule")
+        reconciler = Reconciler(redis, client, settings, registry)
+        await reconciler.run(settings.reconcile_sources, None, "schedule")
     finally:
         keeper.cancel()
 
