@@ -132,6 +132,7 @@ class ReconcileReport:
     stopped: str | None  # None: complete; else why it stopped early
     already_queued: int = 0  # found waiting already (merged into its run, or a duplicate)
     no_handler: int = 0  # listed, but no handler acts on the event that would announce it
+    untrusted_dates: int = 0  # listed updated_at missing or ahead of the clock: taken as changed
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

@@ -25,6 +25,7 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
 from sandbox.faults import Fault
+from tests.hostile_listing import HostileListing, listed, page_of, stamp
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
@@ -387,3 +388,79 @@ async def test_a_source_no_handler_acts_on_is_not_listed_and_the_report_says_so(
         f"source {SOURCE}: no handler acts on profile.storing.* or profile.parsing.* events of it"
     )
     assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) is None
+
+
+# --- hostile listings (tests.hostile_listing) ----------------------------------------------
+
+FAR_FUTURE = "2999-01-01T00:00:00+0000"
+
+
+def _reading(profile: dict[str, Any]) -> Registry:
+    """Handlers of the storing events that read ``profile`` as fetch_profile reads HrFlow's:
+    they tell the run the updated_at they saw."""
+    registry = Registry()
+
+    async def read(event: Event, ctx: Any) -> None:
+        ctx.saw_state(profile.get("updated_at"))
+
+    for event_type in ("profile.storing.success", "profile.storing.update"):
+        registry.add(event_type, read, name="reader")
+    return registry
+
+
+async def _hostile_scan(
+    redis: Redis, http: aiohttp.ClientSession, redis_url: str, profile: dict[str, Any]
+) -> tuple[Any, Settings, Registry]:
+    """One listing of the profile ``profile`` describes (its key and updated_at, if any)."""
+    async with HostileListing(lambda page, limit: page_of([profile])) as hrflow:
+        settings = hrflow.settings(redis_url)
+        registry = _reading(profile)
+        reconciler = Reconciler(redis, hrflow.client(http), settings, registry)
+        report = await reconciler.run([SOURCE], since=time.time() - 600)
+    return report, settings, registry
+
+
+async def test_a_far_future_updated_at_is_taken_as_changed_and_never_kept_as_handled(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    profile = listed("pk-1", FAR_FUTURE)
+    report, settings, registry = await _hostile_scan(redis, http, redis_server.url, profile)
+    assert (report.enqueued, report.untrusted_dates) == (1, 1)
+    await drain(settings, registry)  # its handler reads the same date from HrFlow
+    assert await redis.get(KEYS.handled(SOURCE, "pk-1")) is None
+
+    honest = time.time() - 5
+    profile["updated_at"] = stamp(honest)  # a real change, later: it must be queued
+    report, settings, registry = await _hostile_scan(redis, http, redis_server.url, profile)
+    assert (report.enqueued, report.already_handled, report.untrusted_dates) == (1, 0, 0)
+    await drain(settings, registry)
+    assert await redis.get(KEYS.handled(SOURCE, "pk-1")) == str(int(honest)).encode()
+    report, _, _ = await _hostile_scan(redis, http, redis_server.url, profile)
+    assert (report.enqueued, report.already_handled) == (0, 1)
+
+
+async def test_a_kept_mark_ahead_of_the_clock_is_not_trusted_and_is_replaced(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """What an older version kept from a hostile listing heals with the next real change."""
+    await redis.set(KEYS.handled(SOURCE, "pk-1"), str(int(timestamp_of(FAR_FUTURE) or 0)))
+    honest = time.time() - 5
+    profile = listed("pk-1", stamp(honest))
+    report, settings, registry = await _hostile_scan(redis, http, redis_server.url, profile)
+    assert (report.enqueued, report.already_handled) == (1, 0)
+    [queued] = await EventLog(redis, KEYS).search(LogQuery(kind="delivery", limit=1))
+    assert queued.type == "profile.storing.update"  # it was handled once
+    await drain(settings, registry)
+    assert await redis.get(KEYS.handled(SOURCE, "pk-1")) == str(int(honest)).encode()
+
+
+async def test_a_listing_without_updated_at_is_taken_as_changed(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    handled = str(int(time.time() - 100)).encode()
+    await redis.set(KEYS.handled(SOURCE, "pk-1"), handled)
+    profile = listed("pk-1", None)
+    report, settings, registry = await _hostile_scan(redis, http, redis_server.url, profile)
+    assert (report.enqueued, report.already_handled, report.untrusted_dates) == (1, 0, 1)
+    await drain(settings, registry)
+    assert await redis.get(KEYS.handled(SOURCE, "pk-1")) == handled  # nothing new was learnt

@@ -56,6 +56,7 @@ from hrflow_webhooks.queue import (
     UNROUTED_TYPES_MAX,
     Fence,
     QueueKeys,
+    trusted_state,
 )
 from workers import metrics
 from workers.arq_worker import CLAIMS, RUNS_CLAIMED_IN_ORDER
@@ -537,14 +538,18 @@ class EventRun:
         and what the reconciler listed when it queued the event (the run started after that
         listing, so its handlers saw that state or a newer one). A run that learnt neither
         records nothing: a state made up from our clock could hide a change it never saw,
-        and the reconciler would rather queue a profile once more than miss it.
+        and the reconciler would rather queue a profile once more than miss it. Nor is a
+        state ahead of our clock kept (``trusted_state``): HrFlow's answer is not trusted
+        that far.
         """
         if not self.acted:
             return self.keys.queue, ""
         parts = profile_subject_parts(self.event.subject)
         hint = self.event.get("reconciler")
         listed = timestamp_of(hint.get("updated_at")) if isinstance(hint, Mapping) else None
-        seen = [s for s in (self.state_seen.updated_at, listed) if s is not None]
+        now = time.time()
+        candidates = (self.state_seen.updated_at, listed)
+        seen = [s for s in candidates if s is not None and trusted_state(s, now) is not None]
         if parts is None or not seen:
             return self.keys.queue, ""
         source_key, profile_key = parts

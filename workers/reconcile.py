@@ -65,7 +65,7 @@ from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue, ReplicaAck
 from hrflow_webhooks.event_log import EventLog, ReconcileReport
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QUEUED, QueueKeys
+from hrflow_webhooks.queue import QUEUED, QueueKeys, trusted_state
 from hrflow_webhooks.settings import Settings
 from workers import metrics
 from workers.registry import Registry
@@ -89,6 +89,7 @@ class _Tally:
     already_queued: int = 0
     pages: int = 0
     no_handler: int = 0
+    untrusted_dates: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +120,12 @@ class Announcements:
         return self.never_handled is None and self.changed is None
 
 
-def listed_event(source_key: str, item: Mapping[str, Any], event_type: str) -> dict[str, Any]:
-    """The notification HrFlow would have sent for a listed profile (keys only, no content)."""
+def listed_event(
+    source_key: str, item: Mapping[str, Any], event_type: str, *, trusted_date: bool = True
+) -> dict[str, Any]:
+    """The notification HrFlow would have sent for a listed profile (keys only, no content).
+    Its listed ``updated_at`` goes along only when ``trusted_date``: the run records it as
+    handled."""
     return {
         "type": event_type,
         "origin": "reconciler",
@@ -130,7 +135,7 @@ def listed_event(source_key: str, item: Mapping[str, Any], event_type: str) -> d
             "reference": item.get("reference"),
             "source": {"key": source_key},
         },
-        "reconciler": {"updated_at": item.get("updated_at")},
+        "reconciler": {"updated_at": item.get("updated_at") if trusted_date else None},
     }
 
 
@@ -178,7 +183,7 @@ class Reconciler:
         report = ReconcileReport(
             started, time.time(), trigger, tuple(sources), since, tally.scanned,
             tally.enqueued, tally.already_handled, tally.pages, stopped, tally.already_queued,
-            tally.no_handler,
+            tally.no_handler, tally.untrusted_dates,
         )  # fmt: skip
         await EventLog(self.redis, self.keys).add_reconcile_run(report)
         _report(report)
@@ -239,22 +244,43 @@ class Reconciler:
         states = await self.redis.mget(
             [self.keys.handled(source, str(item["key"])) for item in items]
         )
-        events = []
+        events, now, untrusted = [], time.time(), 0
         for item, state in zip(items, states, strict=True):
-            updated_at = timestamp_of(item.get("updated_at")) or 0.0
-            if state is not None and int(state) >= int(updated_at):
+            # A listed date missing, unreadable or ahead of the clock says nothing of whether
+            # the profile changed: it is taken as changed, and never kept as handled.
+            listed_at = trusted_state(timestamp_of(item.get("updated_at")), now)
+            handled_at = trusted_state(_seconds(state), now)
+            untrusted += listed_at is None
+            if listed_at is not None and handled_at is not None and handled_at >= int(listed_at):
                 tally.already_handled += 1
                 continue
             event_type = announcements.never_handled if state is None else announcements.changed
             if event_type is None:
                 tally.no_handler += 1  # e.g. handled once, and only first-time events are taken
                 continue
-            events.append(Event.from_payload(listed_event(source, item, event_type)))
+            trusted = listed_at is not None
+            events.append(
+                Event.from_payload(listed_event(source, item, event_type, trusted_date=trusted))
+            )
+        if untrusted:
+            tally.untrusted_dates += untrusted
+            logger.warning(
+                "listed updated_at missing or ahead of the clock: taken as changed",
+                extra={"source": source, "profiles": untrusted},
+            )
         if events:
             request_id = f"reconcile-{int(time.time())}"
             outcomes = await queue.enqueue_events(events, request_id)
             tally.enqueued += sum(1 for outcome in outcomes if outcome == QUEUED)
             tally.already_queued += sum(1 for outcome in outcomes if outcome != QUEUED)
+
+
+def _seconds(state: bytes | None) -> float | None:
+    """A kept handled state, or None when unreadable (not ours to trust)."""
+    try:
+        return None if state is None else float(state)
+    except ValueError:
+        return None
 
 
 def _since_floor(
@@ -281,6 +307,8 @@ def _report(report: ReconcileReport) -> None:
     metrics.RECONCILE_PROFILES.labels("enqueued").inc(report.enqueued)
     metrics.RECONCILE_PROFILES.labels("already_handled").inc(report.already_handled)
     metrics.RECONCILE_PROFILES.labels("already_queued").inc(report.already_queued)
+    metrics.RECONCILE_PROFILES.labels("no_handler").inc(report.no_handler)
+    metrics.RECONCILE_PROFILES.labels("untrusted_date").inc(report.untrusted_dates)
     metrics.RECONCILE_RUNS.labels("stopped" if report.stopped else "complete").inc()
     logger.log(
         logging.WARNING if report.stopped else logging.INFO,
@@ -291,6 +319,8 @@ def _report(report: ReconcileReport) -> None:
             "enqueued": report.enqueued,
             "already_handled": report.already_handled,
             "already_queued": report.already_queued,
+            "no_handler": report.no_handler,
+            "untrusted_dates": report.untrusted_dates,
             "pages": report.pages,
             "duration_ms": round((report.finished_at - report.started_at) * 1000, 1),
             "reason": report.stopped,
