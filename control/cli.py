@@ -600,15 +600,24 @@ def reconcile(
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
     """Queue the profile changes whose webhook never arrived, found by listing HrFlow."""
-    settings = service_settings(state_dir)
-    report = against_redis(_reconcile(settings, source, _since(since)))
+    settings, floor = service_settings(state_dir), _since(since)
+    try:
+        report = against_redis(_reconcile(settings, source, floor))
+    except typer.Exit:
+        raise
+    except Exception as error:  # never a traceback: the type says enough, the text may not
+        raise fail(f"reconcile failed: {type(error).__name__}") from None
     typer.echo(
         f"scanned {report.scanned} profile(s) on {report.pages} page(s): "
         f"enqueued {report.enqueued}, already handled {report.already_handled}, "
-        f"already queued {report.already_queued}"
+        f"already queued {report.already_queued}, no handler {report.no_handler}, "
+        f"untrusted dates {report.untrusted_dates}, truncated {report.truncated}"
     )
     if report.stopped:
-        raise fail(f"stopped early, the checkpoint is unchanged: {report.stopped}")
+        raise fail(
+            f"stopped early ({report.stop_reason}), an unfinished source's checkpoint is "
+            f"unchanged: {report.stopped}"
+        )
 
 
 async def _reconcile(settings: Settings, sources: list[str], since: float | None) -> Any:

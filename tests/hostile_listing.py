@@ -41,6 +41,12 @@ def page_of(items: list[dict[str, Any]], page: int = 1, max_page: int = 1) -> di
     return {"data": items, "meta": meta}
 
 
+def fresh_page(count: int, prefix: str = "fresh") -> dict[str, Any]:
+    """One page of ``count`` profiles changed now, and no page after it."""
+    now = stamp(time.time())
+    return page_of([listed(f"{prefix}-{n}", now) for n in range(count)])
+
+
 def endless(page: int, limit: int) -> Mapping[str, Any]:
     """Always another full page of fresh profiles, and always more pages to come."""
     now = stamp(time.time())

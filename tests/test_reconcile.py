@@ -25,13 +25,13 @@ from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
 from sandbox import DEFAULT_API_KEY, DEFAULT_API_USER
 from sandbox.faults import Fault
-from tests.hostile_listing import HostileListing, listed, page_of, stamp
+from tests.hostile_listing import HostileListing, endless, fresh_page, listed, page_of, stamp
 from tests.polling import eventually
 from tests.redis_server import RedisServer
 from tests.sandbox_fixtures import SandboxServer
 from tests.service import WEBHOOK_SECRET, drain, make_settings, receiver, recorder
 from workers.handlers import edit
-from workers.reconcile import Reconciler, listed_event
+from workers.reconcile import ENQUEUE_SLICE, Reconciler, listed_event
 from workers.registry import Registry
 from workers.settings import create_worker
 
@@ -464,3 +464,125 @@ async def test_a_listing_without_updated_at_is_taken_as_changed(
     assert (report.enqueued, report.already_handled, report.untrusted_dates) == (1, 0, 1)
     await drain(settings, registry)
     assert await redis.get(KEYS.handled(SOURCE, "pk-1")) == handled  # nothing new was learnt
+
+
+# --- the run's bounds ----------------------------------------------------------------------
+
+# An endless listing stops answering (503) after this many pages: without bounds, a run
+# would otherwise never end, and neither would its test.
+ENDLESS_MOST_PAGES = 60
+
+
+@pytest.mark.parametrize(
+    ("bounds", "delay_s", "reason"),
+    [
+        ({"reconcile_max_pages": 3}, 0.0, "page_limit"),
+        ({"reconcile_max_enqueued": 250}, 0.0, "enqueue_limit"),
+        ({"reconcile_max_duration_s": 1.0}, 0.3, "time_limit"),
+    ],
+    ids=["pages", "enqueued", "time"],
+)
+async def test_a_listing_that_never_runs_out_stops_at_a_bound_with_a_report(
+    redis: Redis,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    bounds: dict[str, Any],
+    delay_s: float,
+    reason: str,
+) -> None:
+    async with HostileListing(endless, delay_s, most_pages=ENDLESS_MOST_PAGES) as hrflow:
+        settings = hrflow.settings(redis_server.url, **bounds)
+        report = await _hostile_run(redis, hrflow, http, settings)
+    assert report.stop_reason == reason
+    assert report.stopped is not None
+    assert report.stopped.endswith(f"of source {SOURCE}")
+    assert len(hrflow.served) < ENDLESS_MOST_PAGES
+    assert await redis.zcard(KEYS.queue) == report.enqueued
+    if reason == "page_limit":
+        assert (report.pages, report.enqueued) == (3, 300)
+    if reason == "enqueue_limit":
+        assert report.enqueued == 250
+    assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) is None
+    [stored] = await EventLog(redis, KEYS).reconcile_runs()
+    assert stored == report
+
+
+async def _hostile_run(
+    redis: Redis, hrflow: HostileListing, http: aiohttp.ClientSession, settings: Settings
+) -> Any:
+    """One run over the last 10 minutes of ``hrflow``'s listing of SOURCE."""
+    reconciler = Reconciler(redis, hrflow.client(http), settings, _registry(settings))
+    return await reconciler.run([SOURCE], since=time.time() - 600)
+
+
+async def _script_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha")
+    )
+
+
+async def test_a_page_longer_than_asked_is_truncated_and_the_checkpoint_stays(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """One page of 100,000 profiles was one enqueue call that held Redis 3.3 s."""
+    huge = fresh_page(100_000)
+    async with HostileListing(lambda page, limit: huge) as hrflow:
+        settings = hrflow.settings(redis_server.url)
+        report = await _hostile_run(redis, hrflow, http, settings)
+    assert hrflow.limits == [settings.reconcile_page_size]
+    assert (report.scanned, report.enqueued, report.truncated) == (100, 100, 99_900)
+    assert report.stop_reason == "truncated"
+    assert await redis.get(KEYS.reconcile_checkpoint(SOURCE)) is None
+
+
+async def test_a_page_is_queued_in_slices_of_a_few_milliseconds_each(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    full = fresh_page(1_000)
+    async with HostileListing(lambda page, limit: full) as hrflow:
+        settings = hrflow.settings(redis_server.url, reconcile_page_size=1_000)
+        before = await _script_calls(redis)
+        report = await _hostile_run(redis, hrflow, http, settings)
+        calls = await _script_calls(redis) - before
+    assert (report.enqueued, report.stop_reason) == (1_000, None)
+    assert calls >= 1_000 // ENQUEUE_SLICE  # no call carries more than a slice
+
+
+async def test_the_scan_waits_while_redis_memory_is_near_the_receivers_mark(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    some = fresh_page(10)
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", str(int(used * 1.5)))  # 67%: over a 50% mark
+    try:
+        async with HostileListing(lambda page, limit: some) as hrflow:
+            settings = hrflow.settings(
+                redis_server.url, redis_memory_high_water=0.5, reconcile_max_duration_s=1.0
+            )
+            report = await _hostile_run(redis, hrflow, http, settings)
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert (report.stop_reason, report.enqueued, report.scanned) == ("redis_memory", 0, 10)
+    assert report.paused_s > 0
+    assert await redis.zcard(KEYS.queue) == 0
+
+
+async def test_the_workers_scheduled_scan_of_an_endless_listing_stops_and_reports(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    async with HostileListing(endless, most_pages=ENDLESS_MOST_PAGES) as hrflow:
+        settings = hrflow.settings(
+            redis_server.url, reconcile_sources=SOURCE, reconcile_max_pages=2
+        )
+        worker = create_worker(settings, _registry(settings), handle_signals=False)
+        running = asyncio.create_task(worker.main())
+        try:
+            runs = await eventually(lambda: EventLog(redis, KEYS).reconcile_runs())
+        finally:
+            await worker.close()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    [report] = runs
+    assert (report.trigger, report.stop_reason, report.pages) == ("schedule", "page_limit", 2)
+    assert len(hrflow.served) == 2

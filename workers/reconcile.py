@@ -57,9 +57,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, RedisError, ResponseError
 
-from hrflow_client.api import HrflowClient
+from hrflow_client.api import HrflowClient, ProfilePage
 from hrflow_client.errors import ApiError
 from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue, ReplicaAck
@@ -72,7 +72,16 @@ from workers.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 100
+# Events per enqueue script call: about 35 µs of Redis each, so a call holds it ~2 ms (a
+# 100,000-item page in one call held it 3.3 s, and deliveries got 503 meanwhile).
+ENQUEUE_SLICE = 50
+# The reconciler pauses this far below the receiver's memory mark, checking again each
+# MEMORY_PAUSE_S: the receiver keeps room for deliveries while a scan waits.
+MEMORY_MARGIN = 0.1
+MEMORY_PAUSE_S = 1.0
+# Stop reasons that end the whole run; the others (refused, no_handler, truncated) end a
+# source only.
+_ENDING = ("page_limit", "enqueue_limit", "time_limit", "redis_memory", "hrflow", "error")
 # HrFlow stamps updated_at with its own clock, to the second: a scan's checkpoint is its
 # start less this, so a change stamped by a clock running behind ours is not skipped.
 CHECKPOINT_MARGIN_S = 60.0
@@ -90,6 +99,17 @@ class _Tally:
     pages: int = 0
     no_handler: int = 0
     untrusted_dates: int = 0
+    truncated: int = 0
+    paused_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _SourceScan:
+    source: str
+    announcements: Announcements
+    tally: _Tally
+    budget: _Budget
+    truncated: int = 0  # this source's: its checkpoint stays when any
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +159,36 @@ def listed_event(
     }
 
 
+class _Stop(Exception):
+    """The run ends here: ``reason`` is the report's stop reason, ``text`` says it to people."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(slots=True)
+class _Budget:
+    """One run's bounds (HRFLOW_RECONCILE_*), on the loop's clock."""
+
+    deadline: float
+    max_pages: int
+    max_enqueued: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Budget:
+        deadline = asyncio.get_running_loop().time() + settings.reconcile_max_duration_s
+        return cls(deadline, settings.reconcile_max_pages, settings.reconcile_max_enqueued)
+
+    def remaining_s(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def check_time(self, where: str) -> None:
+        if self.remaining_s() <= 0:
+            raise _Stop("time_limit", f"time limit (HRFLOW_RECONCILE_MAX_DURATION_S) {where}")
+
+
 class Reconciler:
     def __init__(
         self, redis: Redis, client: HrflowClient, settings: Settings, registry: Registry
@@ -152,95 +202,137 @@ class Reconciler:
     async def run(
         self, sources: Sequence[str], since: float | None = None, trigger: str = "cli"
     ) -> ReconcileReport:
-        """Scan each source back to ``since`` (or its checkpoint, or one interval ago)."""
+        """Scan each source back to ``since`` (or its checkpoint, or one interval ago), within
+        the run's bounds. Always returns a report, and stores it when Redis takes it."""
         started = time.time()
-        tally, stopped = _Tally(), None
+        tally, problems = _Tally(), list[tuple[str, str]]()  # (stop reason, text)
+        try:
+            await self._scan_all(sources, since, started, tally, problems)
+        except _Stop as stop:
+            problems.append((stop.reason, stop.text))
+        except Exception as error:  # Redis away, an answer nothing expected: said, reported
+            problems.append(("error", f"{type(error).__name__} after {tally.pages} page(s)"))
+        # The reason that ended the run (the last), else the first source's problem.
+        ended = problems[-1] if problems and problems[-1][0] in _ENDING else None
+        reason = ended or (problems[0] if problems else None)
+        report = ReconcileReport(
+            started, time.time(), trigger, tuple(sources), since, tally.scanned,
+            tally.enqueued, tally.already_handled, tally.pages,
+            "; ".join(text for _, text in problems) or None, tally.already_queued,
+            tally.no_handler, tally.untrusted_dates, reason[0] if reason else None,
+            tally.truncated, round(tally.paused_s, 1),
+        )  # fmt: skip
+        try:
+            await EventLog(self.redis, self.keys).add_reconcile_run(report)
+        except RedisError as error:  # the log line and the caller still have it
+            logger.warning(
+                "reconcile report not stored", extra={"error_type": type(error).__name__}
+            )
+        _report(report)
+        return report
+
+    async def _scan_all(
+        self,
+        sources: Sequence[str],
+        since: float | None,
+        started: float,
+        tally: _Tally,
+        problems: list[tuple[str, str]],
+    ) -> None:
+        budget = _Budget.of(self.settings)
         queue = EventQueue(
             self.redis, self.settings.queue_name, self.settings.dedup_window_s,
             self.settings.event_log_max_entries, via="reconciler",
             replica_ack=ReplicaAck.required_by(self.settings),
         )  # fmt: skip
-        failures: list[str] = []
         async with queue:
             for source in sources:
                 announcements = Announcements.for_source(self.registry, source)
                 if announcements.none:  # queuing would only add unrouted runs: not listed
-                    failures.append(
+                    problems.append((
+                        "no_handler",
                         f"source {source}: no handler acts on profile.storing.* or "
-                        "profile.parsing.* events of it"
-                    )
+                        "profile.parsing.* events of it",
+                    ))  # fmt: skip
                     continue
+                scan = _SourceScan(source, announcements, tally, budget)
                 try:
-                    stopped = await self._scan(queue, source, announcements, since, tally, started)
+                    await self._scan(queue, scan, since, started)
                 except ApiError as error:  # this source only (unknown, refused): the others go on
-                    failures.append(
-                        f"source {source}: HrFlow refused the listing ({_answer(error)})"
-                    )
+                    problems.append((
+                        "refused", f"source {source}: HrFlow refused the listing ({_answer(error)})"
+                    ))  # fmt: skip
                     continue
-                if stopped is not None:
-                    break  # 429 or 5xx: HrFlow asks us to stop; the next scan resumes
-        stopped = "; ".join([*failures, *([stopped] if stopped else [])]) or None
-        report = ReconcileReport(
-            started, time.time(), trigger, tuple(sources), since, tally.scanned,
-            tally.enqueued, tally.already_handled, tally.pages, stopped, tally.already_queued,
-            tally.no_handler, tally.untrusted_dates,
-        )  # fmt: skip
-        await EventLog(self.redis, self.keys).add_reconcile_run(report)
-        _report(report)
-        return report
+                if scan.truncated:
+                    problems.append((
+                        "truncated",
+                        f"source {source}: HrFlow sent pages longer than the "
+                        f"{self.settings.reconcile_page_size} profiles asked for; "
+                        f"{scan.truncated} profile(s) not looked at, its checkpoint stays",
+                    ))  # fmt: skip
 
     async def _scan(
-        self,
-        queue: EventQueue,
-        source: str,
-        announcements: Announcements,
-        since: float | None,
-        tally: _Tally,
-        started: float,
-    ) -> str | None:
-        """One source, newest changes first; why it stopped early, or None when complete."""
+        self, queue: EventQueue, scan: _SourceScan, since: float | None, started: float
+    ) -> None:
+        """One source, newest changes first, until the floor, the last page or a bound."""
+        source, budget, tally = scan.source, scan.budget, scan.tally
         checkpoint = await self._checkpoint(source)
         default = started - self.settings.reconcile_interval_s
         floor = since if since is not None else checkpoint if checkpoint is not None else default
+        size = self.settings.reconcile_page_size
         page = 1
         while True:
-            try:
-                listed = await self.client.storing_profiles_list(
-                    [source], page=page, limit=PAGE_SIZE
-                )
-            except ApiError as error:
-                if not error.transient:
-                    raise
-                return f"HrFlow: {_answer(error)} on page {page} of source {source}"
+            where = f"on page {page} of source {source}"
+            if tally.pages >= budget.max_pages:
+                raise _Stop("page_limit", f"page limit (HRFLOW_RECONCILE_MAX_PAGES) {where}")
+            budget.check_time(where)
+            listed = await self._page(source, page, size, budget, where)
             tally.pages += 1
-            fresh, reached_floor = _since_floor(listed.profiles, floor)
-            await self._queue_unhandled(queue, source, announcements, fresh, tally)
+            items = listed.profiles
+            if len(items) > size:  # HrFlow ignored the page size: the rest is not looked at
+                scan.truncated += len(items) - size
+                tally.truncated += len(items) - size
+                items = items[:size]
+            fresh, reached_floor = _since_floor(items, floor)
+            await self._queue_unhandled(queue, scan, fresh, where)
             if reached_floor or page >= listed.max_page:
                 break
             page += 1
         # A scan that did not reach back to the checkpoint (a short --since) must not move it
-        # over the time it skipped: what changed there would never be looked at again.
-        if checkpoint is None or floor <= checkpoint:
+        # over the time it skipped: what changed there would never be looked at again. Nor
+        # one that did not look at every profile it was sent.
+        if not scan.truncated and (checkpoint is None or floor <= checkpoint):
             await self.redis.set(
                 self.keys.reconcile_checkpoint(source), started - CHECKPOINT_MARGIN_S
             )
-        return None
+
+    async def _page(
+        self, source: str, page: int, size: int, budget: _Budget, where: str
+    ) -> ProfilePage:
+        try:
+            async with asyncio.timeout(budget.remaining_s()):
+                return await self.client.storing_profiles_list([source], page=page, limit=size)
+        except TimeoutError:
+            raise _Stop(
+                "time_limit", f"time limit (HRFLOW_RECONCILE_MAX_DURATION_S) {where}"
+            ) from None
+        except ApiError as error:
+            if not error.transient:
+                raise
+            raise _Stop("hrflow", f"HrFlow: {_answer(error)} {where}") from error
 
     async def _checkpoint(self, source: str) -> float | None:
         kept = await self.redis.get(self.keys.reconcile_checkpoint(source))
         return None if kept is None else float(kept)
 
     async def _queue_unhandled(
-        self,
-        queue: EventQueue,
-        source: str,
-        announcements: Announcements,
-        items: list[Mapping[str, Any]],
-        tally: _Tally,
+        self, queue: EventQueue, scan: _SourceScan, items: list[Mapping[str, Any]], where: str
     ) -> None:
+        tally = scan.tally
         tally.scanned += len(items)
         if not items:
             return
+        source, announcements = scan.source, scan.announcements
         states = await self.redis.mget(
             [self.keys.handled(source, str(item["key"])) for item in items]
         )
@@ -268,11 +360,51 @@ class Reconciler:
                 "listed updated_at missing or ahead of the clock: taken as changed",
                 extra={"source": source, "profiles": untrusted},
             )
-        if events:
-            request_id = f"reconcile-{int(time.time())}"
-            outcomes = await queue.enqueue_events(events, request_id)
+        await self._enqueue(queue, scan, events, where)
+
+    async def _enqueue(
+        self, queue: EventQueue, scan: _SourceScan, events: list[Event], where: str
+    ) -> None:
+        """A slice per script call (each holds Redis a few ms at most), each once Redis'
+        memory is clear of the receiver's mark, until the enqueue limit."""
+        tally, budget = scan.tally, scan.budget
+        request_id = f"reconcile-{int(time.time())}"
+        start = 0
+        while start < len(events):
+            room = budget.max_enqueued - tally.enqueued
+            if room <= 0:
+                raise _Stop(
+                    "enqueue_limit", f"enqueue limit (HRFLOW_RECONCILE_MAX_ENQUEUED) {where}"
+                )
+            budget.check_time(where)
+            await self._wait_for_memory(tally, budget, where)
+            chunk = events[start : start + min(ENQUEUE_SLICE, room)]
+            outcomes = await queue.enqueue_events(chunk, request_id)
             tally.enqueued += sum(1 for outcome in outcomes if outcome == QUEUED)
             tally.already_queued += sum(1 for outcome in outcomes if outcome != QUEUED)
+            start += len(chunk)
+
+    async def _wait_for_memory(self, tally: _Tally, budget: _Budget, where: str) -> None:
+        """Pause while Redis' memory is within MEMORY_MARGIN of the receiver's high-water
+        mark (it answers deliveries 503 past it): deliveries come before recovery."""
+        pause_at = self.settings.redis_memory_high_water - MEMORY_MARGIN
+        while True:
+            try:
+                memory = await self.redis.info("memory")
+            except ResponseError:  # INFO refused (managed Redis ACL): the receiver's watch knows
+                return
+            used, most = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+            if not most or used / most < pause_at:
+                return
+            if budget.remaining_s() <= 0:
+                raise _Stop(
+                    "redis_memory",
+                    f"redis memory stayed near the high-water mark (HRFLOW_REDIS_MEMORY_HIGH_WATER) "
+                    f"until the time limit, {where}",
+                )
+            pause_s = min(MEMORY_PAUSE_S, budget.remaining_s())
+            tally.paused_s += pause_s
+            await asyncio.sleep(pause_s)
 
 
 def _seconds(state: bytes | None) -> float | None:
@@ -309,6 +441,7 @@ def _report(report: ReconcileReport) -> None:
     metrics.RECONCILE_PROFILES.labels("already_queued").inc(report.already_queued)
     metrics.RECONCILE_PROFILES.labels("no_handler").inc(report.no_handler)
     metrics.RECONCILE_PROFILES.labels("untrusted_date").inc(report.untrusted_dates)
+    metrics.RECONCILE_PROFILES.labels("truncated").inc(report.truncated)
     metrics.RECONCILE_RUNS.labels("stopped" if report.stopped else "complete").inc()
     logger.log(
         logging.WARNING if report.stopped else logging.INFO,
@@ -321,8 +454,11 @@ def _report(report: ReconcileReport) -> None:
             "already_queued": report.already_queued,
             "no_handler": report.no_handler,
             "untrusted_dates": report.untrusted_dates,
+            "truncated": report.truncated,
             "pages": report.pages,
+            "paused_s": report.paused_s,
             "duration_ms": round((report.finished_at - report.started_at) * 1000, 1),
+            "stop_reason": report.stop_reason,
             "reason": report.stopped,
         },
     )
