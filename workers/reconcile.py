@@ -40,6 +40,15 @@ per-profile order, the event log), with ``origin: "reconciler"`` and the listed
 ``updated_at`` (so the run that handles them records that state), and the built-in
 handlers and plugins act on them exactly as on a delivery.
 
+**Bounds.** HrFlow's listing is untrusted input. A run asks for
+``HRFLOW_RECONCILE_PAGE_SIZE`` profiles a page and looks at no more (a longer page is
+truncated and counted, and the source's checkpoint stays); it ends at
+``HRFLOW_RECONCILE_MAX_PAGES`` pages, ``HRFLOW_RECONCILE_MAX_ENQUEUED`` runs queued or
+``HRFLOW_RECONCILE_MAX_DURATION_S``, whichever comes first; it queues
+:data:`ENQUEUE_SLICE` events per script call, and before each slice waits while Redis'
+memory is near the receiver's high-water mark. Every run, however it ends, leaves a report
+with its ``stop_reason``.
+
 Calls to HrFlow take the shared rate budget. A 429 or a 5xx stops the scan cleanly:
 the checkpoint stays where it was, and the next scan starts from it again (what this
 one queued is then found queued, merged or handled). A complete scan moves the
