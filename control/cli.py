@@ -106,6 +106,10 @@ def service_settings(state_dir: Path) -> Settings:
             "api_key": SecretStr(running.get("HRFLOW_API_KEY", "")),
             "api_user": running.get("HRFLOW_API_USER"),
         }
+        if not settings.edit_tags and running.get("HRFLOW_EDIT_TAGS"):  # the demo's handler
+            sandbox["edit_tags"] = Settings.model_validate(
+                {"edit_tags": running["HRFLOW_EDIT_TAGS"]}
+            ).edit_tags
     return settings.model_copy(update={"redis_url": running["REDIS_URL"], **sandbox})
 
 
@@ -596,21 +600,35 @@ def reconcile(
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
     """Queue the profile changes whose webhook never arrived, found by listing HrFlow."""
-    settings = service_settings(state_dir)
-    report = against_redis(_reconcile(settings, source, _since(since)))
+    settings, floor = service_settings(state_dir), _since(since)
+    try:
+        report = against_redis(_reconcile(settings, source, floor))
+    except typer.Exit:
+        raise
+    except Exception as error:  # never a traceback: the type says enough, the text may not
+        raise fail(f"reconcile failed: {type(error).__name__}") from None
     typer.echo(
         f"scanned {report.scanned} profile(s) on {report.pages} page(s): "
         f"enqueued {report.enqueued}, already handled {report.already_handled}, "
-        f"already queued {report.already_queued}"
+        f"already queued {report.already_queued}, no handler {report.no_handler}, "
+        f"untrusted dates {report.untrusted_dates}, truncated {report.truncated}"
     )
     if report.stopped:
-        raise fail(f"stopped early, the checkpoint is unchanged: {report.stopped}")
+        raise fail(
+            f"stopped early ({report.stop_reason}), an unfinished source's checkpoint is "
+            f"unchanged: {report.stopped}"
+        )
 
 
 async def _reconcile(settings: Settings, sources: list[str], since: float | None) -> Any:
     from workers.client import client_if_configured
+    from workers.plugins import build_registry
     from workers.reconcile import Reconciler
 
+    try:  # what the workers act on decides which events are queued (workers.reconcile)
+        registry = build_registry(settings)
+    except Exception as error:  # a plugin's own error too: one line, as a worker says it
+        raise fail(f"the handlers cannot be loaded as a worker loads them: {error}") from None
     redis = connect_redis(settings)
     try:
         async with aiohttp.ClientSession(
@@ -621,7 +639,7 @@ async def _reconcile(settings: Settings, sources: list[str], since: float | None
                 raise fail(
                     "reconcile lists HrFlow's profiles: set HRFLOW_API_KEY and HRFLOW_API_USER"
                 )
-            return await Reconciler(redis, client, settings).run(sources, since, "cli")
+            return await Reconciler(redis, client, settings, registry).run(sources, since, "cli")
     finally:
         await redis.aclose()
 

@@ -587,6 +587,9 @@ def write_service_env(fd: int, plan: Plan) -> None:
             f"HRFLOW_API_KEY={SANDBOX_API_KEY}",
             f"HRFLOW_API_USER={SANDBOX_API_USER}",
         ]
+        # ... and queues what the workers' handlers act on: the demo's edit handler too.
+        if plan.env.get("HRFLOW_EDIT_TAGS"):
+            lines.append(f"HRFLOW_EDIT_TAGS={plan.env['HRFLOW_EDIT_TAGS']}")
     os.ftruncate(fd, 0)
     os.pwrite(fd, ("\n".join(lines) + "\n").encode(), 0)
 

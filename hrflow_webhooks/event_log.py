@@ -134,6 +134,14 @@ class ReconcileReport:
     pages: int
     stopped: str | None  # None: complete; else why it stopped early
     already_queued: int = 0  # found waiting already (merged into its run, or a duplicate)
+    no_handler: int = 0  # listed, but no handler acts on the event that would announce it
+    untrusted_dates: int = 0  # listed updated_at missing or ahead of the clock: taken as changed
+    # Why it stopped, for machines (``stopped`` says it to people): page_limit, enqueue_limit,
+    # time_limit, redis_memory, hrflow (a 429 or 5xx), error; or, a source left unfinished,
+    # refused, no_handler, truncated. None: complete.
+    stop_reason: str | None = None
+    truncated: int = 0  # listed beyond the page size asked for: not looked at
+    paused_s: float = 0.0  # waiting for Redis' memory to clear the receiver's mark
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

@@ -120,6 +120,17 @@ PARK_MS = 2_000
 RUN_MARKERS_LIFETIME_S = 86_400
 # Completion-marker values of a run's handlers: a retry of the run skips every one of them.
 DONE, DEAD, SKIPPED = "ok", "dead", "skip"
+# How far ahead of our clock a profile's state (HrFlow's updated_at) may be and still be
+# trusted: clocks disagree by seconds; a state years ahead (a broken or hostile listing) kept
+# as the handled mark would hide every real change until then.
+HANDLED_STATE_MAX_AHEAD_S = 60
+
+
+def trusted_state(state_s: float | None, now_s: float) -> float | None:
+    """A profile's state (epoch s) if it can be kept as a handled mark, else None."""
+    return state_s if state_s is not None and state_s <= now_s + HANDLED_STATE_MAX_AHEAD_S else None
+
+
 # Outcomes of the enqueue script, per event.
 DUPLICATE, QUEUED, COALESCED = 0, 1, 2
 _TAG_HEX = 24  # 96 bits: a collision would only serialise (or merge) two subjects' runs
@@ -560,7 +571,9 @@ end
 # The run is over (handled, dead-lettered, skipped or unrouted): it leaves its subject's
 # order, wakes the run behind it, and its job, markers and claim go, atomically, so nothing
 # can run it again; arq's own finish has nothing left to do (workers.arq_worker). The same
-# call keeps the profile's handled state (the newest wins) and appends the run's log entries.
+# call keeps the profile's handled state (the newest wins, but a kept one further ahead of
+# the clock than HANDLED_STATE_MAX_AHEAD_S is replaced: an older version could keep a hostile
+# listing's) and appends the run's log entries.
 # Refused (0) when the writer no longer holds the run (Fence): its new holder finishes it;
 # 2 when the run is over already (the client re-sent a call that had run).
 # KEYS: queue, order list (or the queue again for an older job), job, done hash, event log,
@@ -572,6 +585,7 @@ FINISH_RUN_SCRIPT = (
     + _HOLDS_LUA
     + _LEAVE_ORDER_LUA
     + _DUE_SINCE_LUA
+    + f"local max_ahead_s = {HANDLED_STATE_MAX_AHEAD_S}"
     + """
 local queue, order, run_id, now = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2])
 if not holds(KEYS[8], KEYS[9], ARGV[6]) then
@@ -585,7 +599,7 @@ redis.call('ZREM', due_since, run_id)
 local state = tonumber(ARGV[4])
 if state and KEYS[6] ~= queue then
   local kept = tonumber(redis.call('GET', KEYS[6]))
-  if not kept or state > kept then kept = state end
+  if not kept or state > kept or kept > now / 1000 + max_ahead_s then kept = state end
   redis.call('SET', KEYS[6], string.format('%d', kept), 'EX', ARGV[5])
 end
 append_log(KEYS[5], ARGV[3], ARGV, 7)

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     event_log_max_entries: int = Field(default=EVENT_LOG_MAX_ENTRIES, ge=1_000)
     reconcile_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
     reconcile_interval_s: float = Field(default=900.0, ge=10)
+    # One run's bounds (workers.reconcile): whichever comes first ends it, with a report.
+    reconcile_page_size: int = Field(default=100, ge=1, le=1_000)
+    reconcile_max_pages: int = Field(default=200, ge=1)
+    reconcile_max_enqueued: int = Field(default=10_000, ge=1)
+    reconcile_max_duration_s: float = Field(default=300.0, gt=0)
 
     # --- operations ---------------------------------------------------------------------------
     log_level: str = "INFO"

@@ -58,7 +58,8 @@ def pages(john: Event, letter_id: str) -> dict[str, str]:
 async def reconcile(settings: Settings, redis: Redis, http: aiohttp.ClientSession) -> None:
     client = client_if_configured(settings, http, redis)
     assert client is not None
-    await Reconciler(redis, client, settings).run([SAMPLE_SOURCE_KEY], None, "cli")
+    reconciler = Reconciler(redis, client, settings, edit_registry(settings))
+    await reconciler.run([SAMPLE_SOURCE_KEY], None, "cli")
 
 
 async def shoot(workdir: Path) -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from aiohttp import web
@@ -15,20 +15,18 @@ from sandbox.app import SandboxState
 from tests.service import make_settings
 
 
-class SandboxServer:
-    def __init__(self, **options: Any) -> None:
-        self.app = create_app(random_seed=1234, **options)
+class LoopbackServer:
+    """An aiohttp app on a free loopback port, inside the test's event loop."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.api_url = f"{self.url}/v1"
         self.runner = web.AppRunner(self.app, shutdown_timeout=1)
 
-    @property
-    def state(self) -> SandboxState:
-        return self.app[STATE]
-
-    async def __aenter__(self) -> SandboxServer:
+    async def __aenter__(self) -> Self:
         await self.runner.setup()
         await web.SockSite(self.runner, self.socket).start()
         return self
@@ -36,6 +34,15 @@ class SandboxServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.runner.cleanup()
         self.socket.close()
+
+
+class SandboxServer(LoopbackServer):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(create_app(random_seed=1234, **options))
+
+    @property
+    def state(self) -> SandboxState:
+        return self.app[STATE]
 
     def settings(self, redis_url: str, **overrides: Any) -> Settings:
         """Service settings pointing at this sandbox with its credentials."""

@@ -21,9 +21,13 @@ from redis.asyncio import Redis
 from control.cli import parse_since, redacted_letter
 from control.erasure import erase_profile, glob_escape
 from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.event_log import EventLog
 from hrflow_webhooks.events import Event, event_id_of
 from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
 from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
+from tests.hostile_listing import API_KEY as HOSTILE_API_KEY
+from tests.hostile_listing import API_USER as HOSTILE_API_USER
+from tests.hostile_listing import HostileListing, fresh_page, listed
 from tests.polling import eventually
 from tests.redis_server import RedisServer, free_port
 from tests.service import (
@@ -437,3 +441,38 @@ async def test_help_marks_required_options_and_has_no_type_noise() -> None:
         assert "<bool>" not in out, command
     _, erase_help, _ = await cli("erase", "--help")
     assert "[required]" in erase_help
+
+
+# --- reconcile ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listing", "reason"),
+    [
+        ("huge", "truncated"),  # one page of 100,000 profiles, when 100 were asked for
+        ("garbled", "error"),  # a meta whose page count is not a number
+    ],
+)
+async def test_reconcile_on_a_hostile_listing_ends_in_one_line_and_a_report(
+    redis: Redis, redis_server: RedisServer, listing: str, reason: str
+) -> None:
+    huge = fresh_page(100_000)
+    garbled = {"data": [listed("pk-1", None)], "meta": {"page": 1, "maxPage": "many"}}
+    answer = huge if listing == "huge" else garbled
+    async with HostileListing(lambda page, limit: answer) as hrflow:
+        env = {
+            "REDIS_URL": redis_server.url,
+            "HRFLOW_API_URL": hrflow.api_url,
+            "HRFLOW_API_KEY": HOSTILE_API_KEY,
+            "HRFLOW_API_USER": HOSTILE_API_USER,
+            "HRFLOW_EDIT_TAGS": "reviewed=yes",  # a handler of the storing events
+        }
+        code, out, err = await cli("reconcile", "--source", "sk-1", "--since", "1h", env=env)
+    assert code == 1
+    assert out.startswith("scanned ")
+    assert "Traceback" not in err
+    [line] = [text for text in err.splitlines() if text.startswith("error: ")]
+    assert line.startswith(f"error: stopped early ({reason})")
+    [report] = await EventLog(redis, QueueKeys("hrflow:queue")).reconcile_runs()
+    assert report.stop_reason == reason
+    assert await redis.zcard("hrflow:queue") == (100 if listing == "huge" else 0)

@@ -56,6 +56,7 @@ from hrflow_webhooks.queue import (
     UNROUTED_TYPES_MAX,
     Fence,
     QueueKeys,
+    trusted_state,
 )
 from workers import metrics
 from workers.arq_worker import CLAIMS, RUNS_CLAIMED_IN_ORDER
@@ -246,6 +247,9 @@ class EventRun:
         self.fence = claim.fence if claim else Fence.unfenced(info.run_id, services.keys)
         self.handlers: dict[str, Handler | None] = {}  # set by execute()
         self.markers_written = 0  # this try's completion markers (done, dead or skip)
+        # A handler ran to ok in this run (this try, or an earlier one's marker): only then
+        # is the profile's state recorded as handled (see _handled_state).
+        self.acted = False
         self.started_at = time.time()
         self.state_seen = StateSeen()
         self.log_entries: list[str] = []  # this try's event-log entries, packed
@@ -318,7 +322,9 @@ class EventRun:
     async def _pending(self, names: list[str]) -> list[str]:
         if self.info.job_try == 1:  # a run's first try has no markers: one round trip less
             return names
-        finished = await self.services.redis.hkeys(self.keys.done(self.info.run_id))  # type: ignore[misc]
+        # HGETALL, not HKEYS: the same one command, and an earlier try's ok counts as acted.
+        finished = await self.services.redis.hgetall(self.keys.done(self.info.run_id))  # type: ignore[misc]
+        self.acted = self.acted or DONE.encode() in finished.values()
         finished_names = {name.decode() for name in finished}
         return [name for name in names if name not in finished_names]
 
@@ -331,6 +337,7 @@ class EventRun:
             if error is not None:
                 failures.append(Failure(name, error))
                 continue
+            self.acted = True
             finishes_now = position == len(pending) - 1 and not failures
             if not finishes_now:  # the finish removes the run with its markers: none needed
                 await self._mark(name, DONE)
@@ -523,16 +530,29 @@ class EventRun:
     def _handled_state(self) -> tuple[str, str]:
         """The profile's handled-state key and the state this run handled ('' for none).
 
-        The newest of what the handlers read or wrote (HrFlow's ``updated_at``) and what the
-        reconciler listed when it queued the event (the run started after that listing, so
-        its handlers saw that state or a newer one). A run that learnt neither records
-        nothing: a state made up from our clock could hide a change it never saw, and the
-        reconciler would rather queue a profile once more than miss it.
+        Only a run in which a handler ran to ok handled anything: an unrouted run, one no
+        handler takes for its source, one whose handlers all failed, were dead-lettered or
+        found the profile gone acted on no state, and recording one would have the
+        reconciler call the profile handled when nobody handled it. (A handler that returned
+        after choosing to do nothing, ``ctx.skipped``, did act: it decided on the state it
+        saw, and would decide the same again.)
+
+        The state is the newest of what the handlers read or wrote (HrFlow's ``updated_at``)
+        and what the reconciler listed when it queued the event (the run started after that
+        listing, so its handlers saw that state or a newer one). A run that learnt neither
+        records nothing: a state made up from our clock could hide a change it never saw,
+        and the reconciler would rather queue a profile once more than miss it. Nor is a
+        state ahead of our clock kept (``trusted_state``): HrFlow's answer is not trusted
+        that far.
         """
+        if not self.acted:
+            return self.keys.queue, ""
         parts = profile_subject_parts(self.event.subject)
         hint = self.event.get("reconciler")
         listed = timestamp_of(hint.get("updated_at")) if isinstance(hint, Mapping) else None
-        seen = [s for s in (self.state_seen.updated_at, listed) if s is not None]
+        now = time.time()
+        candidates = (self.state_seen.updated_at, listed)
+        seen = [s for s in candidates if s is not None and trusted_state(s, now) is not None]
         if parts is None or not seen:
             return self.keys.queue, ""
         source_key, profile_key = parts

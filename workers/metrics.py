@@ -41,7 +41,7 @@ LEASE_LAPSES = Counter(
 RECONCILE_PROFILES = Counter(
     "hrflow_reconcile_profiles",
     "Profiles the reconciler listed, by result (scanned, enqueued, already_handled, "
-    "already_queued).",
+    "already_queued, no_handler, untrusted_date, truncated).",
     ["result"],
 )
 RECONCILE_RUNS = Counter(

@@ -86,7 +86,9 @@ def _make_startup(settings: Settings, registry: Registry | None) -> Any:
         )
         ctx["metrics_server"] = start_worker_metrics(settings)
         services = ctx["services"]
-        ctx["upkeep"] = asyncio.create_task(upkeep(services.redis, services.hrflow, settings))
+        ctx["upkeep"] = asyncio.create_task(
+            upkeep(services.redis, services.hrflow, settings, services.registry)
+        )
 
     return on_startup
 
