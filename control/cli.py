@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from control import runner
 from control.erasure import NOT_REACHED, erase_profile, rewrite_files
+from hrflow_webhooks.event_log import RebuildRefusedError
 from hrflow_webhooks.events import UnknownEventNameError, canonical_event_name, checked_event_name
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
@@ -660,7 +661,10 @@ def erase(
         finally:
             await redis.aclose()
 
-    report, files = against_redis(main())
+    try:
+        report, files = against_redis(main())
+    except RebuildRefusedError as refused:
+        raise fail(f"erase stopped at the event log ({refused}): run it again") from None
     typer.echo(
         f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
         f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s), "

@@ -175,6 +175,15 @@ def _bound(at: float | None, default: str) -> str:
     return default if at is None else str(int(at * 1000))
 
 
+class RebuildRefusedError(RuntimeError):
+    """The log cannot be rebuilt now: another erasure is rebuilding it, its copy expired
+    mid-rebuild, or the log has consumer groups."""
+
+
+# The rebuild script's refusals start with one of these words (redis.error_reply).
+_REFUSALS = ("ERASING ", "GROUPS ")
+
+
 class LogRebuild:
     """One erasure's copy of the log without the erased entries, a slice a call; appends
     go on meanwhile, and :meth:`finish` copies them too before the copy replaces the log."""
@@ -204,7 +213,13 @@ class LogRebuild:
 
     async def _call(self) -> int:
         args = [self._step, self._start, self._slice, REBUILD_COPY_LIFETIME_MS, *self._filter]
-        last, looked, dropped, *subjects = await self._script(keys=self._keys, args=args)
+        try:
+            last, looked, dropped, *subjects = await self._script(keys=self._keys, args=args)
+        except ResponseError as error:
+            refusal = str(error)
+            if not refusal.startswith(_REFUSALS):
+                raise
+            raise RebuildRefusedError(refusal.partition(" ")[2]) from None
         self._dropped += int(dropped)
         self._subjects.update(_text(subject) for subject in subjects)
         if last:

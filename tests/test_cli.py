@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from control.cli import parse_since, redacted_letter
 from control.erasure import erase_profile, glob_escape
 from hrflow_webhooks.enqueue import EventQueue
+from hrflow_webhooks.event_log import EventLog
 from hrflow_webhooks.events import Event, event_id_of
 from hrflow_webhooks.queue import QueueKeys, deserialize_job, tag_of
 from sandbox import JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
@@ -371,6 +372,24 @@ async def test_erase_needs_a_profile_key_or_a_reference(redis_server: RedisServe
         code, _, err = await cli("erase", *args, env=env)
         assert code == 1
         assert "--profile-key, --reference or both" in err or "is empty" in err
+
+
+async def test_erase_says_when_another_erasure_is_rebuilding_the_log(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    async with EventQueue(redis, "hrflow:queue", 60) as queue:
+        await queue.enqueue_events([Event.from_payload(parsing_event(f"pk-{n}")) for n in range(3)])
+    other = EventLog(redis, QueueKeys("hrflow:queue")).rebuild(profile_key="pk-0", slice_entries=1)
+    await other.copy_slice()
+    code, out, err = await cli(
+        "erase", "--profile-key", "pk-1", env={"REDIS_URL": redis_server.url}
+    )
+    assert (code, out) == (1, "")
+    assert err.strip() == (
+        "error: erase stopped at the event log (another erasure is rebuilding the event log): "
+        "run it again"
+    )
+    await other.finish()
 
 
 def test_glob_escape_matches_keys_literally() -> None:

@@ -12,12 +12,17 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from control.erasure import erase_profile
 from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue
-from hrflow_webhooks.event_log import REBUILD_COPY_LIFETIME_MS, EventLog, LogEntry, LogQuery
+from hrflow_webhooks.event_log import (
+    REBUILD_COPY_LIFETIME_MS,
+    EventLog,
+    LogEntry,
+    LogQuery,
+    RebuildRefusedError,
+)
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
@@ -319,7 +324,7 @@ async def test_a_second_erasure_waits_for_the_first_rebuild_and_a_dead_ones_copy
     log = EventLog(redis, KEYS)
     first = log.rebuild(profile_key="pk-0", slice_entries=2)
     await first.copy_slice()
-    with pytest.raises(ResponseError, match="another erasure is rebuilding the event log"):
+    with pytest.raises(RebuildRefusedError, match=r"^another erasure is rebuilding the event log$"):
         await log.erase(profile_key="pk-1")
     assert 0 < await redis.pttl(KEYS.log_copy) <= REBUILD_COPY_LIFETIME_MS
     assert (await first.finish()).entries == 1
