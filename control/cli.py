@@ -34,7 +34,8 @@ from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from control import runner
-from control.erasure import erase_profile
+from control.erasure import NOT_REACHED, erase_profile, rewrite_files
+from hrflow_webhooks.event_log import RebuildRefusedError
 from hrflow_webhooks.events import UnknownEventNameError, canonical_event_name, checked_event_name
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.redis_setup import connect_redis, unreachable_reason
@@ -649,28 +650,46 @@ async def _reconcile(settings: Settings, sources: list[str], since: float | None
 
 @app.command()
 def erase(
-    profile_key: Annotated[str, typer.Option(help="The profile to forget.")],
+    profile_key: Annotated[
+        str | None, typer.Option(help="The key of the profile to forget.")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Its reference (an e-mail address, an ATS id), as events carry it."),
+    ] = None,
     state_dir: StateDir = runner.DEFAULT_STATE_DIR,
 ) -> None:
-    """Remove every trace of a profile from Redis: jobs, dead letters, markers, fingerprints,
-    its event-log entries and handled states."""
-    if not profile_key.strip():
-        raise fail("--profile-key is empty: it would match every profile")
+    """Remove every trace of a profile from Redis and its files: jobs, dead letters, markers,
+    fingerprints, its event-log entries and handled states, then the AOF is rewritten (and
+    the snapshot taken again when RDB is on). Give --profile-key, --reference or both."""
+    given = {"--profile-key": profile_key, "--reference": reference}
+    if profile_key is None and reference is None:
+        raise fail("give --profile-key, --reference or both")
+    for option, value in given.items():
+        if value is not None and not value.strip():
+            raise fail(f"{option} is empty: it would match every profile")
     settings = service_settings(state_dir)
 
-    async def main() -> Any:
+    async def main() -> tuple[Any, Any]:
         redis = connect_redis(settings)
         try:
-            return await erase_profile(redis, QueueKeys(settings.queue_name), profile_key)
+            keys = QueueKeys(settings.queue_name)
+            report = await erase_profile(redis, keys, profile_key, reference)
+            return report, await rewrite_files(redis)
         finally:
             await redis.aclose()
 
-    report = against_redis(main())
+    try:
+        report, files = against_redis(main())
+    except RebuildRefusedError as refused:
+        raise fail(f"erase stopped at the event log ({refused}): run it again") from None
     typer.echo(
         f"erased {report.jobs} queued job(s), {report.dead_letters} dead letter(s), "
         f"{report.markers} marker(s), {report.fingerprints} write fingerprint(s), "
         f"{report.log_entries} event-log entries, {report.handled_states} handled state(s)"
     )
+    typer.echo(files.line)
+    typer.echo(NOT_REACHED)
 
 
 # --- check ------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ written by the scripts that already run, so it costs no round trip of its own:
 Every entry holds keys (event id, run id, subject: source and profile keys), types,
 outcomes, timings and error classes, never a profile's content or an error's message.
 Reading is a slice at a time (:data:`~hrflow_webhooks.queue.SCAN_LOG_SCRIPT`), so a search
-over the whole log never holds Redis for long.
+over the whole log never holds Redis for long. Erasing a subject rebuilds the log without
+its entries, a slice at a time too (:data:`~hrflow_webhooks.queue.REBUILD_LOG_SCRIPT`):
+``XDEL`` would only flag them, and their bytes would stay in memory and in every file Redis
+writes.
 """
 
 from __future__ import annotations
@@ -30,13 +33,24 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from hrflow_webhooks.queue import LOG_FIELDS, SCAN_LOG_SCRIPT, QueueKeys, tag_of
+from hrflow_webhooks.queue import (
+    LOG_FIELDS,
+    REBUILD_LOG_SCRIPT,
+    SCAN_LOG_SCRIPT,
+    QueueKeys,
+    tag_of,
+)
 
 # A scan script call ends after this much of Redis' time (checked every SCAN_BATCH entries),
 # or this many entries, whichever comes first: a delivery waits at most about that long
 # behind a search (docs/benchmarks.md, P8).
 SCAN_SLICE_BUDGET_US = 1_000
 SCAN_SLICE = 2_000
+# Entries copied per call of an erasure's rebuild: about a millisecond of Redis' time too (5 µs
+# an entry, most of it Lua turning the entry into a reply and back into an XADD).
+REBUILD_SLICE = 200
+# How long the copy outlives its last slice: a rebuild that died leaves it this long.
+REBUILD_COPY_LIFETIME_MS = 60_000
 RECONCILE_RUNS_KEPT = 100
 # Redis memory per entry, measured by the load suite (278 B): for when MEMORY USAGE is refused.
 MEASURED_ENTRY_BYTES = 280.0
@@ -48,7 +62,12 @@ def logged_subject(subject: str) -> str:
     if "/reference:" not in subject:
         return subject
     head, _, reference = subject.partition("/reference:")
-    return f"{head}/reference#{tag_of(reference)}"
+    return head + logged_reference(reference)
+
+
+def logged_reference(reference: str) -> str:
+    """How a subject by reference ends in the log."""
+    return f"/reference#{tag_of(reference)}"
 
 
 def packed_entry(
@@ -167,11 +186,64 @@ def _bound(at: float | None, default: str) -> str:
     return default if at is None else str(int(at * 1000))
 
 
+class RebuildRefusedError(RuntimeError):
+    """The log cannot be rebuilt now: another erasure is rebuilding it, its copy expired
+    mid-rebuild, or the log has consumer groups."""
+
+
+# The rebuild script's refusals start with one of these words (redis.error_reply).
+_REFUSALS = ("ERASING ", "GROUPS ")
+
+
+class LogRebuild:
+    """One erasure's copy of the log without the erased entries, a slice a call; appends
+    go on meanwhile, and :meth:`finish` copies them too before the copy replaces the log."""
+
+    def __init__(
+        self, script: Any, keys: QueueKeys, suffix: str, prefix: str, slice_entries: int
+    ) -> None:
+        self._script = script  # redis-py's AsyncScript of REBUILD_LOG_SCRIPT
+        self._keys = [keys.log, keys.log_copy]
+        self._filter = [suffix, prefix]
+        self._slice = slice_entries
+        self._step, self._start = "first", "-"
+        self._dropped, self._subjects = 0, set[str]()
+
+    async def copy_slice(self) -> bool:
+        """Copy the next slice; True once caught up with the log's end."""
+        looked = await self._call()
+        self._step = "last" if looked < self._slice else "next"
+        return self._step == "last"
+
+    async def finish(self) -> Erased:
+        """Copy until caught up, then, in one call, what was appended since, and swap."""
+        while self._step != "last":
+            await self.copy_slice()
+        await self._call()
+        return Erased(self._dropped, frozenset(self._subjects))
+
+    async def _call(self) -> int:
+        args = [self._step, self._start, self._slice, REBUILD_COPY_LIFETIME_MS, *self._filter]
+        try:
+            last, looked, dropped, *subjects = await self._script(keys=self._keys, args=args)
+        except ResponseError as error:
+            refusal = str(error)
+            if not refusal.startswith(_REFUSALS):
+                raise
+            raise RebuildRefusedError(refusal.partition(" ")[2]) from None
+        self._dropped += int(dropped)
+        self._subjects.update(_text(subject) for subject in subjects)
+        if last:
+            self._start = "(" + _text(last)
+        return int(looked)
+
+
 class EventLog:
     def __init__(self, redis: Redis, keys: QueueKeys) -> None:
         self.redis = redis
         self.keys = keys
         self._scan = redis.register_script(SCAN_LOG_SCRIPT)
+        self._rebuild = redis.register_script(REBUILD_LOG_SCRIPT)
 
     async def search(self, query: LogQuery) -> list[LogEntry]:
         """The entries matching every filter given, newest first, at most ``query.limit``."""
@@ -212,21 +284,25 @@ class EventLog:
         first = now_minute - minutes + 1
         return [(m * 60.0, counts.get(m, {})) for m in range(first, now_minute + 1)]
 
-    async def erase(self, subject: str | None = None, profile_key: str | None = None) -> Erased:
-        """Delete every entry about ``subject``, or about ``profile_key`` in any source."""
-        if not (subject or profile_key):  # no filter would erase the whole log
-            raise ValueError("erase needs a subject or a profile key")
-        filters = _filters(LogQuery(profile_key=profile_key))
-        if subject is not None:
-            filters[2], filters[5] = subject, ""  # the subject "suffix" is the whole subject
-        deleted, subjects, cursor = 0, set[str](), "-"
-        while True:
-            last, result = await self._slice(cursor, "+", "+", "delete", filters)
-            deleted += int(result[0])
-            subjects.update(_text(found) for found in result[1:])
-            if not last:
-                return Erased(deleted, frozenset(subjects))
-            cursor = "(" + last
+    async def erase(
+        self,
+        subject: str | None = None,
+        profile_key: str | None = None,
+        reference: str | None = None,
+    ) -> Erased:
+        """Rebuild the log without the entries about ``subject``, or about a profile named by
+        ``profile_key`` or by ``reference`` in any source (one of the three)."""
+        return await self.rebuild(subject, profile_key, reference).finish()
+
+    def rebuild(
+        self,
+        subject: str | None = None,
+        profile_key: str | None = None,
+        reference: str | None = None,
+        slice_entries: int = REBUILD_SLICE,
+    ) -> LogRebuild:
+        suffix, prefix = _erased_subjects(subject, profile_key, reference)
+        return LogRebuild(self._rebuild, self.keys, suffix, prefix, slice_entries)
 
     async def trim(self, retention_s: float) -> int:
         """Drop entries older than the retention; returns how many went."""
@@ -282,6 +358,22 @@ class EventLog:
             args=[start, end, SCAN_SLICE, direction, action, *filters, SCAN_SLICE_BUDGET_US],
         )
         return _text(last), result
+
+
+def _erased_subjects(
+    subject: str | None, profile_key: str | None, reference: str | None
+) -> tuple[str, str]:
+    """(suffix, prefix) of the subjects an erasure drops: one subject exactly, or a
+    profile's in every source (never a job's of the same key)."""
+    given = [value for value in (subject, profile_key, reference) if value is not None]
+    if len(given) != 1 or not given[0].strip():  # no filter would erase the whole log
+        raise ValueError("erase needs one of a subject, a profile key or a reference")
+    if subject is not None:
+        logged = logged_subject(subject)
+        return logged, logged
+    if profile_key is not None:
+        return f"/key:{profile_key}", "profile/"
+    return logged_reference(str(reference)), "profile/"
 
 
 def _filters(query: LogQuery) -> list[str]:

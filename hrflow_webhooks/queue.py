@@ -66,6 +66,7 @@ Key layout (``<q>`` is the queue name, ``hrflow:queue`` by default):
 ``<q>:health-check``             arq's worker health key
 ``<q>:workers``                  hash worker id → its last heartbeat (JSON)
 ``<q>:log``                      the event log (a stream, capped; see below)
+``<q>:log:erasing``              the log's copy while an erasure rebuilds it (seconds)
 ``<q>:handled:<key>:<source>``   the newest state of a profile the service handled (tags)
 ``<q>:reconcile:checkpoint:<s>`` the reconciler's checkpoint for a source tag
 ``<q>:reconcile:runs``           the reconciler's reports, newest first (100)
@@ -80,7 +81,8 @@ entry; a retry writes its entries in one call (:data:`APPEND_LOG_SCRIPT`). Each
 entry starts with the same six fields (:data:`LOG_FIELDS`), so the search script
 filters by position, and holds keys, types, outcomes, timings and error classes,
 never a profile's content. ``XADD ... MAXLEN ~`` caps it; the workers' upkeep
-trims what is older than the retention (``XTRIM MINID``).
+trims what is older than the retention (``XTRIM MINID``). Erasure rebuilds it without
+the erased entries (:data:`REBUILD_LOG_SCRIPT`): ``XDEL`` would leave their bytes behind.
 
 Tags are sha256 prefixes, and event ids sha256 digests: key names stay short and
 hold no profile key.
@@ -269,6 +271,10 @@ class QueueKeys:
     @property
     def log(self) -> str:
         return f"{self.queue}:log"
+
+    @property
+    def log_copy(self) -> str:
+        return f"{self.queue}:log:erasing"
 
     def handled(self, source_key: str, profile_key: str) -> str:
         """Named by the profile key's tag first, so erasure finds every source's by pattern."""
@@ -777,13 +783,12 @@ return 1
 """
 )
 
-# The event log, read (or erased) a slice at a time so no call holds Redis long: entries of
+# The event log, read a slice at a time so no call holds Redis long: entries of
 # KEYS[1] from ARGV[1] towards ARGV[2] (XRANGE order when ARGV[4] is '+', XREVRANGE when '-'),
 # in batches of SCAN_BATCH, until ARGV[3] entries were looked at or ARGV[12] microseconds of
 # Redis' time went (a slice is bounded by time, not entries: an entry's cost varies by
 # machine and action, and every delivery waits behind the slice). ARGV[5]: 'match' returns
-# the matching entries; 'delete' deletes them and returns how many, then the distinct
-# subjects they were about; 'tally' counts delivery and run entries per minute and outcome
+# the matching entries; 'tally' counts delivery and run entries per minute and outcome
 # ('minute|outcome', count pairs). Filters on the leading fields, '' for any: ARGV[6] kind,
 # [7] event id, [8] subject suffix, [9] type, [10] outcome, [11] subject prefix. Returns the
 # id of the last entry looked at ('' at the end of the range), then the result.
@@ -794,17 +799,14 @@ SCAN_LOG_SCRIPT = (
 local from, to, most, direction, action = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local kind, event, suffix, type, outcome = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local prefix, budget_us = ARGV[11], tonumber(ARGV[12])
-local found, deleted, tally, subjects = {}, 0, {}, {}
+local found, tally = {}, {}
 local function visit(entry)
   local f = entry[2]
   if (kind == '' or f[2] == kind) and (event == '' or f[4] == event)
       and (suffix == '' or string.sub(f[8], -#suffix) == suffix)
       and (prefix == '' or string.sub(f[8], 1, #prefix) == prefix)
       and (type == '' or f[10] == type) and (outcome == '' or f[12] == outcome) then
-    if action == 'delete' then
-      deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
-      subjects[f[8]] = true
-    elseif action == 'tally' then
+    if action == 'tally' then
       if f[2] == 'delivery' or f[2] == 'run' then
         local minute = math.floor(tonumber(string.match(entry[1], '^(%d+)')) / 60000)
         local name = minute .. '|' .. f[12]
@@ -837,10 +839,6 @@ while true do
   if looked >= most or micros() - started >= budget_us then break end
   from = '(' .. last
 end
-if action == 'delete' then
-  found[1] = deleted
-  for subject in pairs(subjects) do found[#found + 1] = subject end
-end
 if action == 'tally' then
   for name, n in pairs(tally) do
     found[#found + 1] = name
@@ -850,6 +848,78 @@ end
 return {last, found}
 """
 )
+
+# The event log rebuilt without an erased subject's entries (hrflow_webhooks.event_log). XDEL
+# only flags an entry in its node: its bytes stay in memory, in snapshots and in a rewritten
+# AOF. So the survivors are copied, a slice a call, into a stream of their own with their ids,
+# and the last call copies what was appended meanwhile, replays on the copy the trims the log
+# had meanwhile (they only ever drop the oldest entries), keeps the log's last id (new ids
+# stay after every id it gave) and renames the copy over the log: nothing appended is lost.
+# The log has no consumer groups; a rebuild would lose them, so it refuses a log with any.
+# KEYS: the log, its copy. ARGV: 'first' | 'next' | 'last' (all that remain), where to start
+# (an XRANGE start), most entries to look at, the copy's lifetime ms (a rebuild that died
+# leaves no copy behind for long), subject suffix, subject prefix (an entry is dropped when
+# its subject has both). Returns the last id looked at ('' for none), how many looked at,
+# how many dropped, then the distinct subjects dropped.
+REBUILD_LOG_SCRIPT = """
+local log, copy, step, from, most = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
+local suffix, prefix = ARGV[5], ARGV[6]
+local function stream_info(key)
+  local flat, info = redis.call('XINFO', 'STREAM', key), {}
+  for i = 1, #flat, 2 do info[flat[i]] = flat[i + 1] end
+  return info
+end
+if step == 'first' then
+  if redis.call('EXISTS', copy) == 1 then
+    return redis.error_reply('ERASING another erasure is rebuilding the event log')
+  end
+  if redis.call('EXISTS', log) == 1 and stream_info(log)['groups'] > 0 then
+    return redis.error_reply('GROUPS the event log has consumer groups: a rebuild loses them')
+  end
+  redis.call('XADD', copy, 'MAXLEN', '0', '0-1', 'k', '') -- an empty stream, before any id
+elseif redis.call('EXISTS', copy) == 0 then
+  return redis.error_reply('ERASING the copy of the event log expired mid-rebuild')
+end
+local entries
+if step == 'last' then
+  entries = redis.call('XRANGE', log, from, '+')
+else
+  entries = redis.call('XRANGE', log, from, '+', 'COUNT', most)
+end
+local dropped, subjects, found = 0, {}, {}
+for _, entry in ipairs(entries) do
+  local subject = entry[2][8] or ''
+  if string.sub(subject, -#suffix) == suffix and string.sub(subject, 1, #prefix) == prefix then
+    dropped = dropped + 1
+    if not subjects[subject] then
+      subjects[subject] = true
+      found[#found + 1] = subject
+    end
+  else
+    redis.call('XADD', copy, entry[1], unpack(entry[2]))
+  end
+end
+local last = ''
+if #entries > 0 then last = entries[#entries][1] end
+if step ~= 'last' then
+  redis.call('PEXPIRE', copy, ARGV[4])
+elseif redis.call('EXISTS', log) == 0 then
+  redis.call('DEL', copy)
+else
+  local info = stream_info(log)
+  local oldest = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+  if oldest then
+    redis.call('XTRIM', copy, 'MINID', oldest[1])
+  else
+    redis.call('XTRIM', copy, 'MAXLEN', '0')
+  end
+  redis.call('XSETID', copy, info['last-generated-id'], 'ENTRIESADDED', info['entries-added'],
+    'MAXDELETEDID', info['max-deleted-entry-id'])
+  redis.call('RENAME', copy, log)
+  redis.call('PERSIST', log)
+end
+return {last, #entries, dropped, unpack(found)}
+"""
 
 # The HrFlow API rate budget (workers.rate_budget), a token bucket. KEYS: bucket. ARGV: rate per s, burst, key TTL ms. Returns 0 (token taken) or ms to wait.
 RATE_BUDGET_SCRIPT = """

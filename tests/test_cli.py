@@ -359,11 +359,40 @@ async def test_erase_command_reports_what_it_removed(
         await queue.enqueue_events([Event.from_payload(parsing_event("pk-x"))])
     code, out, _ = await cli("erase", "--profile-key", "pk-x", env={"REDIS_URL": redis_server.url})
     assert code == 0
-    assert out.strip() == (
+    assert out.splitlines() == [
         "erased 1 queued job(s), 0 dead letter(s), 1 marker(s), 0 write fingerprint(s), "
-        "1 event-log entries, 0 handled state(s)"
-    )
+        "1 event-log entries, 0 handled state(s)",
+        "files: AOF rewritten; RDB snapshots off, none written",  # the test Redis: save ""
+        "not reached: snapshots and backups taken before, the files of replicas, "
+        "and the disk blocks the old files freed",
+    ]
     assert await redis.zcard("hrflow:queue") == 0
+
+
+async def test_erase_needs_a_profile_key_or_a_reference(redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": redis_server.url}
+    for args in ([], ["--reference", " "], ["--profile-key", "pk-1", "--reference", ""]):
+        code, _, err = await cli("erase", *args, env=env)
+        assert code == 1
+        assert "--profile-key, --reference or both" in err or "is empty" in err
+
+
+async def test_erase_says_when_another_erasure_is_rebuilding_the_log(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    async with EventQueue(redis, "hrflow:queue", 60) as queue:
+        await queue.enqueue_events([Event.from_payload(parsing_event(f"pk-{n}")) for n in range(3)])
+    other = EventLog(redis, QueueKeys("hrflow:queue")).rebuild(profile_key="pk-0", slice_entries=1)
+    await other.copy_slice()
+    code, out, err = await cli(
+        "erase", "--profile-key", "pk-1", env={"REDIS_URL": redis_server.url}
+    )
+    assert (code, out) == (1, "")
+    assert err.strip() == (
+        "error: erase stopped at the event log (another erasure is rebuilding the event log): "
+        "run it again"
+    )
+    await other.finish()
 
 
 def test_glob_escape_matches_keys_literally() -> None:
@@ -439,8 +468,8 @@ async def test_help_marks_required_options_and_has_no_type_noise() -> None:
         code, out, _ = await cli(*command, "--help")
         assert code == 0
         assert "<bool>" not in out, command
-    _, erase_help, _ = await cli("erase", "--help")
-    assert "[required]" in erase_help
+    _, reconcile_help, _ = await cli("reconcile", "--help")
+    assert "[required]" in reconcile_help
 
 
 # --- reconcile ---------------------------------------------------------------------------------

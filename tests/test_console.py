@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ from control.runner import CONSOLE_TOKEN_FILE_NAME, RunOptions, banner, plan_run
 from hrflow_client.errors import BadRequest
 from hrflow_webhooks.enqueue import EventQueue
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.queue import QueueKeys, tag_of
 from hrflow_webhooks.settings import Settings
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
 from tests.console_fixtures import (
@@ -366,12 +367,12 @@ async def test_operators_searches_scan_the_log_one_at_a_time(
     assert len(scanners) == 1, clients
 
 
-async def test_hrflow_messages_are_escaped_never_rendered_as_html(
+async def test_a_letters_source_key_is_escaped_and_hrflow_messages_are_not_shown(
     redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     settings = make_settings(redis_server.url)
-    [event] = await enqueue(settings, redis, parsing_event("pk-x", "sk-x"))
-    error = BadRequest(400, "<script>alert(1)</script>", "PUT /v1/profile/indexing")
+    [event] = await enqueue(settings, redis, parsing_event("pk-x", "<script>alert(1)</script>"))
+    error = BadRequest(400, "<i>quoting a profile</i>", "PUT /v1/profile/indexing")
     store = DeadLetters(redis, QueueKeys(settings.queue_name))
     letter_id = await store.add(event, "run-x", "builtin.edit", error, 1, "permanent error")
     async with ConsoleServer(settings) as console:
@@ -380,6 +381,40 @@ async def test_hrflow_messages_are_escaped_never_rendered_as_html(
     for body in (listing, one):
         assert "<script>" not in body
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+        assert "quoting a profile" not in body
+        assert "<b>400</b>" in body or "<dd>400</dd>" in body
+
+
+async def test_a_dead_letter_by_e_mail_reference_never_shows_an_e_mail_on_any_page(
+    redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(redis_server.url)
+    by_email = parsing_event("unused", "sk-x")
+    by_email["profile"] = {"reference": "luna.lovegood@example.com", "source": {"key": "sk-x"}}
+    [event] = await enqueue(settings, redis, by_email)
+    quoted = (
+        "Invalid source fields: email luna.lovegood@example.com, cc x.lovegood@quibbler.example"
+    )
+    error = BadRequest(400, quoted, "PUT /v1/profile/indexing")
+    store = DeadLetters(redis, QueueKeys(settings.queue_name))
+    letter_id = await store.add(event, "run-x", "builtin.edit", error, 1, "permanent error")
+    async with ConsoleServer(settings) as console:
+        paths = [
+            *PAGES,
+            f"/dead-letters/{letter_id}",
+            f"/events/{event.id}",
+            "/events?kind=delivery",
+        ]
+        pages = {path: await get(http, console.url + path, BEARER) for path in paths}
+    assert all(status == 200 for status, _, _ in pages.values())
+    for path, (_, body, _) in pages.items():
+        assert not re.search(r"[\w.+-]+(@|&#64;)[\w-]+\.\w", body), path
+        assert "lovegood" not in body, path
+    for path in ("/dead-letters", f"/dead-letters/{letter_id}"):
+        body = pages[path][1]
+        assert f"profile/sk-x/reference#{tag_of('luna.lovegood@example.com')}" in body
+        assert "BadRequest" in body
+        assert "400" in body
 
 
 async def test_replay_all_matching_replays_only_the_filtered_letters(

@@ -16,7 +16,13 @@ from redis.asyncio import Redis
 from control.erasure import erase_profile
 from hrflow_client.profiles import timestamp_of
 from hrflow_webhooks.enqueue import EventQueue
-from hrflow_webhooks.event_log import EventLog, LogEntry, LogQuery
+from hrflow_webhooks.event_log import (
+    REBUILD_COPY_LIFETIME_MS,
+    EventLog,
+    LogEntry,
+    LogQuery,
+    RebuildRefusedError,
+)
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import SCAN_BATCH, SCAN_LOG_SCRIPT, QueueKeys
 from sandbox import HARRY_POTTER_KEY, JOHN_DOE_KEY, SAMPLE_SOURCE_KEY
@@ -296,9 +302,72 @@ async def test_an_empty_profile_key_erases_nothing(redis: Redis, redis_server: R
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="empty"):
             await erase_profile(redis, KEYS, empty)
-    with pytest.raises(ValueError, match="needs a subject or a profile key"):
-        await EventLog(redis, KEYS).erase()
+    for empty_filter in ({}, {"profile_key": " "}, {"reference": ""}):
+        with pytest.raises(ValueError, match="needs one of a subject, a profile key or"):
+            await EventLog(redis, KEYS).erase(**empty_filter)
     assert await redis.xlen(KEYS.log) == 1
+
+
+async def test_an_erasure_copies_what_is_appended_and_trimmed_during_its_rebuild(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    first = [parsing_event(f"pk-{n}") for n in range(6)] + [parsing_event("pk-gone")]
+    await enqueue(settings, redis, *first)
+    await redis.xadd(KEYS.log, {"k": "other"})  # an entry without the six fields
+    second_oldest = (await redis.xrange(KEYS.log, count=2))[1][0]
+    rebuild = EventLog(redis, KEYS).rebuild(profile_key="pk-gone", slice_entries=3)
+    assert not await rebuild.copy_slice()  # three of eight copied
+    # Meanwhile the receiver appends, some for the erased profile, and upkeep trims.
+    later = [parsing_event("pk-gone", "sk-2"), parsing_event("pk-late"), update_event("pk-gone")]
+    await enqueue(settings, redis, *later)
+    assert await redis.xtrim(KEYS.log, minid=second_oldest, approximate=False) == 1
+    expected = [
+        (ident, fields) for ident, fields in await redis.xrange(KEYS.log)
+        if not fields.get(b"s", b"").endswith(b"/key:pk-gone")
+    ]  # fmt: skip
+    last_id = (await redis.xinfo_stream(KEYS.log))["last-generated-id"]
+    assert not await rebuild.copy_slice()
+
+    erased = await rebuild.finish()
+
+    assert await redis.xrange(KEYS.log) == expected
+    assert erased.entries == 3
+    assert erased.subjects == {"profile/sk-1/key:pk-gone", "profile/sk-2/key:pk-gone"}
+    assert (await redis.xinfo_stream(KEYS.log))["last-generated-id"] == last_id
+    assert await redis.exists(KEYS.log_copy) == 0
+    await enqueue(settings, redis, parsing_event("pk-after"))  # the log goes on, ids ascending
+    assert (await redis.xrange(KEYS.log))[-1][0] > last_id
+
+
+async def test_a_second_erasure_waits_for_the_first_rebuild_and_a_dead_ones_copy_expires(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    await enqueue(settings, redis, *[parsing_event(f"pk-{n}") for n in range(4)])
+    log = EventLog(redis, KEYS)
+    first = log.rebuild(profile_key="pk-0", slice_entries=2)
+    await first.copy_slice()
+    with pytest.raises(RebuildRefusedError, match=r"^another erasure is rebuilding the event log$"):
+        await log.erase(profile_key="pk-1")
+    assert 0 < await redis.pttl(KEYS.log_copy) <= REBUILD_COPY_LIFETIME_MS
+    assert (await first.finish()).entries == 1
+    assert (await log.erase(profile_key="pk-1")).entries == 1
+    assert await redis.xlen(KEYS.log) == 2
+
+
+async def test_erasing_every_entry_leaves_an_empty_log_that_keeps_its_last_id(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    settings = make_settings(redis_server.url)
+    await enqueue(settings, redis, parsing_event("pk-only"), update_event("pk-only"))
+    last_id = (await redis.xinfo_stream(KEYS.log))["last-generated-id"]
+    assert (await EventLog(redis, KEYS).erase(profile_key="pk-only")).entries == 2
+    assert await redis.xlen(KEYS.log) == 0
+    assert (await redis.xinfo_stream(KEYS.log))["last-generated-id"] == last_id
+    await redis.delete(KEYS.log)
+    assert (await EventLog(redis, KEYS).erase(profile_key="pk-only")).entries == 0
+    assert await redis.exists(KEYS.log, KEYS.log_copy) == 0
 
 
 async def test_a_profile_named_by_reference_is_logged_by_its_hash(

@@ -5,9 +5,13 @@ Each page's data is one frozen dataclass built from the stores that own it: queu
 and reconciliation reports (``hrflow_webhooks.event_log``), dead letters
 (``workers.dead_letters``). Nothing here knows a key string: ``QueueKeys`` does.
 
-What leaves this module is keys, types, outcomes, counts, error classes, HrFlow status codes
-and HrFlow's own error message: never an event's payload, never the error's message as our
-code raised it (it may quote a profile: a validation error, say).
+What leaves this module is keys, types, outcomes, counts, error classes and HrFlow status
+codes: never an event's payload, never an error's message, ours or HrFlow's (either may quote
+a profile: "Invalid source fields" with the e-mail it refused, say), and a subject by
+reference (often an e-mail address) only by its hash, as the event log keeps it. Redacting
+a message instead (e-mail-like strings, long digit runs) would still show names, postal
+addresses and phone numbers written with spaces: no pattern knows every shape of personal
+data. ``hrflow-webhooks dead-letters show`` prints HrFlow's message to whoever holds Redis.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from control.console.chart import DELIVERY_OUTCOMES, RUN_OUTCOMES, Chart, stacked_chart
 from hrflow_webhooks.durability import RedisState, inspect_once
-from hrflow_webhooks.event_log import EventLog, ReconcileReport
+from hrflow_webhooks.event_log import EventLog, ReconcileReport, logged_subject
 from hrflow_webhooks.events import Event
 from hrflow_webhooks.queue import QueueKeys
 from hrflow_webhooks.settings import Settings
@@ -33,7 +37,6 @@ from workers.queue_stats import QueueStats, read_queue_stats
 
 CHART_MINUTES = 60
 LETTERS_SHOWN = 500  # one GET per letter: a page of thousands would hold Redis for long
-HRFLOW_MESSAGE_SHOWN = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +85,6 @@ class LetterRow:
     tries: int
     error_type: str
     status: int | None
-    hrflow_message: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,19 +187,17 @@ async def overview(stores: Stores) -> Overview:
 def letter_row(letter: Mapping[str, Any]) -> LetterRow:
     event = Event.from_dict(letter["event"])
     error = letter.get("error") or {}
-    message = error.get("hrflow_message")
     return LetterRow(
         id=str(letter["id"]),
         dead_at=float(letter["dead_at"]),
         event_id=event.id,
         type=event.canonical_type,
-        subject=event.subject,
+        subject=logged_subject(event.subject),
         handler=str(letter["handler"]),
         reason=str(letter["reason"]),
         tries=int(letter["tries"]),
         error_type=str(error.get("type", "?")),
         status=error.get("status"),
-        hrflow_message=None if message is None else str(message)[:HRFLOW_MESSAGE_SHOWN],
     )
 
 
