@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from bench import ha_rows, hostile_rows, rows
+from bench import console_rows, ha_rows, hostile_rows, rows
 from bench.procs import processes
 
 RESULTS = Path(__file__).with_name("results")
-ROWS = ("P1", "P5", "P3", "P4", "P2", "P6", "P7")
+ROWS = ("P1", "P5", "P3", "P4", "P2", "P6", "P8", "P7")
 
 
 def run(config: rows.Config, selected: set[str], log_level: str | None) -> dict[str, Any]:
@@ -45,6 +45,8 @@ def run(config: rows.Config, selected: set[str], log_level: str | None) -> dict[
         if "P6" in selected:
             redis.flushall()
             results["P6"] = hostile_rows.p6_hostile(procs, config)
+        if "P8" in selected:
+            results["P8"] = console_rows.p8_console_search(procs, redis, config)
         if "P7" in selected:  # last: it attaches a replica for a while
             redis.flushall()
             results["P7"] = ha_rows.p7_availability(procs, redis, config)

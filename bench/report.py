@@ -106,7 +106,20 @@ def table_rows(rows: dict[str, Any]) -> list[str]:
                 )
     lines += _p6_rows(rows.get("P6"))
     lines += _p7_rows(rows.get("P7"))
+    lines += _p8_rows(rows.get("P8"))
     return lines
+
+
+def _p8_rows(p8: dict[str, Any] | None) -> list[str]:
+    if p8 is None:
+        return []
+    return [
+        f"| P8 console | receiver p99 while {p8['operators']} operators search the whole event "
+        f"log ({p8['log_entries']:,} entries; {p8['searches']} searches; Redis "
+        f"{p8['redis_us_per_script_call']:,.0f} µs per slice) | alone: "
+        f"{p8['p99_ms_alone']:.1f} ms | {p8['p99_ms_searching']:.1f} ms | {p8['ratio']:.2f}x "
+        f"| ≤ {p8['target']:g}x | {_met(p8['ratio'], p8['target'], lower_is_better=True)} |"
+    ]
 
 
 def _p7_rows(p7: dict[str, Any] | None) -> list[str]:
