@@ -257,7 +257,8 @@ async def test_index_waits_while_another_worker_indexes_the_same_profile(
 async def test_429_with_retry_after_then_success(
     redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
 ) -> None:
-    settings = sandbox.settings(redis_server.url, edit_tags=TAGS)
+    # Retry-After is a floor up to HRFLOW_RETRY_MAX_S, which caps it (test_reliability).
+    settings = sandbox.settings(redis_server.url, edit_tags=TAGS, retry_max_s=5)
     sandbox.state.faults.add(
         Fault(endpoint="GET /v1/profile/indexing", status=429, retry_after_s=0.4, times=1)
     )
