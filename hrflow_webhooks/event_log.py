@@ -22,6 +22,7 @@ writes.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
@@ -239,9 +240,12 @@ class LogRebuild:
 
 
 class EventLog:
-    def __init__(self, redis: Redis, keys: QueueKeys) -> None:
+    def __init__(self, redis: Redis, keys: QueueKeys, slice_pause_s: float = 0.0) -> None:
+        """``slice_pause_s``: a rest between a scan's slices, for readers that must leave
+        Redis to deliveries most of the time (the console's searches)."""
         self.redis = redis
         self.keys = keys
+        self.slice_pause_s = slice_pause_s
         self._scan = redis.register_script(SCAN_LOG_SCRIPT)
         self._rebuild = redis.register_script(REBUILD_LOG_SCRIPT)
 
@@ -258,6 +262,7 @@ class EventLog:
             if not last:
                 break
             cursor = "(" + last
+            await asyncio.sleep(self.slice_pause_s)
         return found[: query.limit]
 
     async def timeline(self, event_id: str, limit: int = 1_000) -> list[LogEntry]:
@@ -281,6 +286,7 @@ class EventLog:
             if not last:
                 break
             cursor = "(" + last
+            await asyncio.sleep(self.slice_pause_s)
         first = now_minute - minutes + 1
         return [(m * 60.0, counts.get(m, {})) for m in range(first, now_minute + 1)]
 

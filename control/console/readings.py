@@ -36,6 +36,9 @@ from workers.heartbeats import WorkerBeat, read_heartbeats
 from workers.queue_stats import QueueStats, read_queue_stats
 
 CHART_MINUTES = 60
+# After each slice of a search (about 1 ms of Redis' time) the console rests this long, so a
+# search leaves Redis to deliveries about two thirds of the time (docs/benchmarks.md, P8).
+SEARCH_PAUSE_S = 0.002
 LETTERS_SHOWN = 500  # one GET per letter: a page of thousands would hold Redis for long
 
 
@@ -124,7 +127,7 @@ class Stores:
     def over(cls, redis: Redis, settings: Settings) -> Stores:
         keys = QueueKeys(settings.queue_name)
         letters = DeadLetters(redis, keys, settings.event_log_max_entries)
-        return cls(redis, keys, settings, EventLog(redis, keys), letters)
+        return cls(redis, keys, settings, EventLog(redis, keys, SEARCH_PAUSE_S), letters)
 
     @contextlib.asynccontextmanager
     async def scan_log(self) -> AsyncIterator[EventLog]:
