@@ -29,7 +29,7 @@ from control.console.chart import DELIVERY_OUTCOMES, RUN_OUTCOMES, Chart, stacke
 from hrflow_webhooks.durability import RedisState, inspect_once
 from hrflow_webhooks.event_log import EventLog, ReconcileReport, logged_subject
 from hrflow_webhooks.events import Event
-from hrflow_webhooks.queue import QueueKeys
+from hrflow_webhooks.queue import QueueKeys, long_wait_problems
 from hrflow_webhooks.settings import Settings
 from workers.dead_letters import DeadLetters
 from workers.heartbeats import WorkerBeat, read_heartbeats
@@ -67,7 +67,7 @@ class Overview:
     queue: QueueStats
     workers: list[WorkerRow]
     heartbeat_interval_s: int
-    max_run_wait_s: float
+    long_waits: list[str]  # check's sentence for a run waiting past HRFLOW_MAX_RUN_WAIT_S
     durability: Durability
     deliveries: Chart
     runs: Chart
@@ -170,11 +170,12 @@ async def overview(stores: Stores) -> Overview:
     async with stores.scan_log() as log:
         minutes = await log.minutes(CHART_MINUTES)
     runs = await stores.log.reconcile_runs(limit=1)
+    queue = await read_queue_stats(stores.redis, stores.keys)
     return Overview(
-        queue=await read_queue_stats(stores.redis, stores.keys),
+        queue=queue,
         workers=await workers(stores),
         heartbeat_interval_s=stores.settings.health_check_interval_s,
-        max_run_wait_s=stores.settings.max_run_wait_s,
+        long_waits=long_wait_problems(queue.oldest_wait_s, stores.settings.max_run_wait_s),
         durability=await durability(stores),
         deliveries=stacked_chart("Deliveries per minute", minutes, DELIVERY_OUTCOMES),
         runs=stacked_chart("Runs per minute", minutes, RUN_OUTCOMES),
