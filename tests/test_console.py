@@ -45,6 +45,7 @@ from tests.console_fixtures import (
     CONSOLE_TOKEN,
     PERSONAL_DATA,
     UNROUTED_TYPE,
+    ConsoleProcess,
     ConsoleServer,
     console_settings,
     deliver,
@@ -85,9 +86,15 @@ async def test_without_the_token_every_page_is_refused_with_the_login_form(
     redis: Redis, redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     async with ConsoleServer(make_settings(redis_server.url)) as console:
+        wrong_bearers = 0
         for path in [*PAGES, "/events/abc", "/dead-letters/abc"]:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Cookie": "hrflow_console=x"}):
                 status, body, answer = await get(http, console.url + path, headers)
+                if "Authorization" in headers:  # a token try: past a few, the address waits
+                    wrong_bearers += 1
+                    if wrong_bearers > LOGIN_FAILURES_ALLOWED:
+                        assert status == 429, (path, headers)
+                        continue
                 assert status == 401, (path, headers)
                 assert 'action="/login"' in body
                 assert answer["WWW-Authenticate"].startswith("Bearer")
@@ -590,3 +597,39 @@ async def test_the_cookie_is_secure_when_a_trusted_proxy_says_https(
             ) as answer:
                 assert answer.status == 303
                 assert ("Secure" in answer.headers["Set-Cookie"]) is secure
+
+
+async def test_wrong_bearer_tokens_are_throttled_with_the_login_form(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """A Bearer header is a token try like the login form's: guessing through it goes no
+    faster, and a waiting address is answered 429 before its token is looked at."""
+    settings = console_settings(sandbox, redis_server.url)
+    async with ConsoleServer(settings) as console:
+        statuses = []
+        for n in range(LOGIN_FAILURES_ALLOWED + 1):
+            wrong = {"Authorization": f"Bearer guess-{n}-{'x' * 20}"}
+            statuses.append((await get(http, f"{console.url}/", wrong))[0])
+        right = (await get(http, f"{console.url}/", BEARER))[0]
+        form = (await try_token(http, console.url, CONSOLE_TOKEN))[0]
+    assert statuses == [401] * LOGIN_FAILURES_ALLOWED + [429]
+    assert (right, form) == (429, 429)
+
+
+async def test_the_deployed_console_throttles_the_socket_address_not_a_forwarded_one(
+    redis: Redis, redis_server: RedisServer, sandbox: SandboxServer, http: aiohttp.ClientSession
+) -> None:
+    """X-Forwarded-For is trusted only from FORWARDED_ALLOW_IPS, and the console trusts no
+    proxy unless that is set: a client on loopback (a port-forward, a tunnel) cannot pick a
+    new address per guess."""
+    settings = console_settings(sandbox, redis_server.url)
+    console = ConsoleProcess(settings)
+    try:
+        statuses = []
+        for n in range(LOGIN_FAILURES_ALLOWED + 1):
+            forged = {"X-Forwarded-For": f"10.0.0.{n}"}
+            form = {"token": f"guess-{n}-{'x' * 20}"}
+            statuses.append((await post(http, f"{console.url}/login", None, form, forged))[0])
+    finally:
+        console.stop()
+    assert statuses == [401] * LOGIN_FAILURES_ALLOWED + [429]

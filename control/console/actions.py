@@ -7,7 +7,6 @@ script claims the letter and queues its run, so two operators clicking at once r
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -28,19 +27,20 @@ from control.console.access import (
 from control.console.filters import FilterError, letter_filter
 from control.console.guard import (
     FormError,
+    client_of,
     is_foreign,
     live_access,
     login_required,
     read_form,
     refused,
     served_over_https,
+    throttle_of,
     token_of,
+    told_to_wait,
+    wrong_token,
 )
 from control.console.pages import notice_of, stores_of
 from control.console.rendering import query, render
-from control.console.throttle import LoginThrottle
-
-logger = logging.getLogger(__name__)
 
 
 def _to(path: str, **params: str | int) -> RedirectResponse:
@@ -62,19 +62,16 @@ async def login_page(request: Request) -> Response:
 async def login(request: Request) -> Response:
     if is_foreign(request):
         return refused(request, None, "this login came from another site's page")
-    throttle: LoginThrottle = request.app.state.login_throttle
-    client = request.client.host if request.client else "unknown"
-    if wait_s := throttle.wait_s(client):
-        return _told_to_wait(request, throttle, client, wait_s)
+    if (waiting := told_to_wait(request)) is not None:
+        return waiting
     try:
         form = await read_form(request)
     except FormError as error:
         return refused(request, None, error.reason, error.status)
     if not token_is_valid(token_of(request), form.get("token", "")):
-        failures = throttle.failed(client)
-        logger.warning("console login refused", extra={"client": client, "failures": failures})
+        wrong_token(request)
         return login_required(request, "That token is not the console's.")
-    throttle.succeeded(client)
+    throttle_of(request).succeeded(client_of(request))
     response = _to(safe_next(form.get("next")))
     response.set_cookie(
         COOKIE_NAME,
@@ -85,20 +82,6 @@ async def login(request: Request) -> Response:
         samesite="strict",
         secure=served_over_https(request),  # plain http on loopback would drop it
     )
-    return response
-
-
-def _told_to_wait(
-    request: Request, throttle: LoginThrottle, client: str, wait_s: float
-) -> Response:
-    """429 without looking at the token: a guess learns nothing, the right one included."""
-    if throttle.starts_waiting(client):
-        failures = throttle.failures(client)
-        logger.warning("console login throttled", extra={"client": client, "failures": failures})
-    seconds = math.ceil(wait_s)
-    reason = f"too many wrong tokens from this address: try again in {seconds} s"
-    response = refused(request, None, reason, 429)
-    response.headers["retry-after"] = str(seconds)
     return response
 
 

@@ -8,6 +8,7 @@ Endpoints are wrapped explicitly in the route list (``page(overview)``,
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,7 @@ from control.console.access import (
 )
 from control.console.readings import Stores
 from control.console.rendering import render
+from control.console.throttle import LoginThrottle
 from hrflow_webhooks.redis_setup import unreachable_reason
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,53 @@ class FormError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def throttle_of(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def told_to_wait(request: Request) -> Response | None:
+    """429 for an address past its wrong tokens (control.console.throttle), before any token
+    of it is looked at: a guess learns nothing, the right one included. None: it may try."""
+    throttle, client = throttle_of(request), client_of(request)
+    wait_s = throttle.wait_s(client)
+    if not wait_s:
+        return None
+    if throttle.starts_waiting(client):
+        failures = throttle.failures(client)
+        logger.warning("console login throttled", extra={"client": client, "failures": failures})
+    seconds = math.ceil(wait_s)
+    reason = f"too many wrong tokens from this address: try again in {seconds} s"
+    response = refused(request, None, reason, 429)
+    response.headers["retry-after"] = str(seconds)
+    return response
+
+
+def wrong_token(request: Request) -> None:
+    client = client_of(request)
+    failures = throttle_of(request).failed(client)
+    logger.warning("console login refused", extra={"client": client, "failures": failures})
+
+
+async def admitted(request: Request) -> Access | Response:
+    """The request's access, or the answer to give it: a Bearer header is a token try like
+    the login form's, throttled and counted the same way (a cookie is not: it holds no
+    token to guess)."""
+    guessing = "authorization" in request.headers
+    if guessing and (waiting := told_to_wait(request)) is not None:
+        return waiting
+    access = await live_access(request)
+    if access is not None:
+        return access
+    if guessing:
+        wrong_token(request)
+    return login_required(request)
 
 
 def token_of(request: Request) -> str:
@@ -177,11 +226,11 @@ def unavailable(request: Request, access: Access | None, error: BaseException) -
 def page(endpoint: PageEndpoint) -> Endpoint:
     async def guarded(request: Request) -> Response:
         try:
-            access = await live_access(request)
+            access = await admitted(request)
         except (RedisError, OSError) as error:
             return unavailable(request, None, error)
-        if access is None:
-            return login_required(request)
+        if isinstance(access, Response):
+            return access
         try:
             return await endpoint(request, access)
         except (RedisError, OSError) as error:
@@ -196,11 +245,11 @@ def action(endpoint: ActionEndpoint) -> Endpoint:
         if is_foreign(request):
             return refused(request, None, "this action came from another site's page")
         try:
-            access = await live_access(request)
+            access = await admitted(request)
         except (RedisError, OSError) as error:
             return unavailable(request, None, error)
-        if access is None:
-            return login_required(request)
+        if isinstance(access, Response):
+            return access
         try:
             form = await read_form(request)
         except FormError as error:

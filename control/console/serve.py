@@ -13,6 +13,7 @@ The rules, checked before anything listens:
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,4 +104,8 @@ def serve(settings: Settings, public_port: str | None, say: Callable[[str], None
         access_log=False,  # the overview refreshes itself: its log lines would be noise
         server_header=False,
         lifespan="on",
+        # X-Forwarded-For/-Proto only from the proxies an operator named: uvicorn's default
+        # trusts loopback, where a port-forward or tunnel would let any client pick a new
+        # address per guess (control.console.throttle).
+        proxy_headers="FORWARDED_ALLOW_IPS" in os.environ,
     )
